@@ -1,0 +1,24 @@
+# Short names for the README's commands. Everything runs offline on the CPU with the tiny model.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench-data clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA one
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv with the pinned CPU stack and the test tools
+
+demo: setup  ## the whole pipeline on the tiny model, offline, in demo/
+	PYTHON=$(abspath $(PY)) bash scripts/demo_cpu.sh
+
+test: setup  ## the test suite, offline, on the CPU
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+
+clean:
+	rm -rf demo .pytest_cache

@@ -1,0 +1,187 @@
+"""Model loading for every stage: the backend choice, the base model (hub id, local folder or `tiny`), LoRA.
+
+The backend is Unsloth when CUDA and `unsloth` are both present, otherwise transformers + PEFT, with
+bitsandbytes 4-bit where requested. Unsloth must be imported before transformers to patch it, so nothing here
+imports transformers at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from .cli import UserError
+from .tiny import TINY_NAME, tiny_path
+
+BACKENDS = ("auto", "unsloth", "hf")
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_MANIFEST = "manifest.json"
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    """'auto' means Unsloth when CUDA and unsloth are both present, else 'hf'."""
+    if requested not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "unsloth" and not (cuda_available() and has_unsloth):
+        raise UserError(
+            "--backend unsloth needs a CUDA GPU and `pip install -r requirements-gpu.txt`; use --backend hf or auto"
+        )
+    if requested == "auto":
+        return "unsloth" if has_unsloth and cuda_available() else "hf"
+    return requested
+
+
+def resolve_model_path(name: str) -> str:
+    """`tiny` -> its cached folder; an existing folder -> itself; anything else is taken as a hub id."""
+    if name == TINY_NAME:
+        return str(tiny_path())
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"base model folder {name} not found; give a hub id, a local model folder, or `tiny`")
+    return name
+
+
+def _unreachable(name: str, error: Exception) -> UserError:
+    return UserError(
+        f"could not load model {name!r} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+        "without hub access, download it elsewhere and pass the local folder (e.g. --base_model /models/Qwen2.5-7B-Instruct), "
+        "or use --base_model tiny"
+    )
+
+
+def compute_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(load_in_4bit: bool):
+    if not load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype(),
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def device_map():
+    """Each process (one per GPU under a launcher) loads its own copy onto its own device."""
+    if cuda_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return None
+
+
+def load_base_model(name: str, backend: str, load_in_4bit: bool, max_seq_length: int):
+    """Load the base model and its tokenizer with the chosen backend."""
+    path = resolve_model_path(name)
+    try:
+        if backend == "unsloth":
+            from unsloth import FastLanguageModel
+
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=path,
+                max_seq_length=max_seq_length,
+                dtype=None,
+                load_in_4bit=load_in_4bit,
+                device_map=device_map(),
+            )
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=compute_dtype(),
+                quantization_config=quantization_config(load_in_4bit),
+                device_map=device_map(),
+            )
+    except OSError as error:
+        raise _unreachable(name, error) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def add_lora(model, backend: str, rank: int, alpha: int, dropout: float, target_modules: list[str], seed: int,
+             gradient_checkpointing: bool):
+    """Wrap the base model with trainable LoRA adapters; the base weights stay frozen."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules,
+            bias="none",
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=seed,
+        )
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def read_adapter_manifest(adapter_dir: str) -> dict:
+    """The training manifest of an adapter folder; a missing or incomplete folder is a UserError."""
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"{folder}: no LoRA adapter there; run Qwen_finetuning.py first (or pass --adapter_dir)")
+    manifest_file = folder / ADAPTER_MANIFEST
+    if manifest_file.is_file():
+        return json.loads(manifest_file.read_text(encoding="utf-8"))
+    adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    return {"base_model": adapter_config["base_model_name_or_path"], "load_in_4bit": True}
+
+
+def load_adapter_model(adapter_dir: str, backend: str = "auto", load_in_4bit: bool | None = None,
+                       max_seq_length: int = 2048):
+    """Load base + adapter for evaluation, inference or chat; the base is named by the adapter's manifest.
+
+    Returns (model, tokenizer, manifest). The tokenizer, with its chat template, comes from the adapter folder.
+    """
+    from .template import require_chat_template
+
+    manifest = read_adapter_manifest(adapter_dir)
+    backend = choose_backend(backend)
+    four_bit = manifest.get("load_in_4bit", True) if load_in_4bit is None else load_in_4bit
+    model, _ = load_base_model(manifest["base_model"], backend, four_bit, max_seq_length)
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    require_chat_template(tokenizer, adapter_dir)
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    manifest["backend_loaded"] = backend
+    return model, tokenizer, manifest

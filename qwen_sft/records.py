@@ -1,0 +1,95 @@
+"""Reading and validating instruction records: {"instruction", "input", "output"} plus an optional "source".
+
+Files are a JSON array or JSONL. Every bad row is reported with its file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .cli import UserError
+
+RECORD_HELP = 'each row needs a non-empty "instruction" and "output" string and, optionally, an "input" string'
+
+
+def validate_record(row, where: str) -> dict:
+    """Return the row as a clean record, or raise UserError naming `where` (file:line)."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {RECORD_HELP}")
+    for field in ("instruction", "output"):
+        value = row.get(field)
+        if not isinstance(value, str) or not value.strip():
+            problem = "is missing" if field not in row else "must be a non-empty string"
+            raise UserError(f'{where}: field "{field}" {problem}; {RECORD_HELP}')
+    extra = row.get("input", "")
+    if extra is None:
+        extra = ""
+    if not isinstance(extra, str):
+        raise UserError(f'{where}: field "input" must be a string; {RECORD_HELP}')
+    record = {"instruction": row["instruction"], "input": extra, "output": row["output"]}
+    if isinstance(row.get("source"), str):
+        record["source"] = row["source"]
+    return record
+
+
+def iter_json_rows(path: str | os.PathLike):
+    """Yield (line_number, parsed_row) from a JSON array or JSONL file; malformed JSON raises UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if text.lstrip().startswith("["):
+        yield from _iter_json_array(path, text)
+        return
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield line_number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})") from None
+
+
+def _iter_json_array(path: Path, text: str):
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+
+    def skip_space(index: int) -> int:
+        while index < len(text) and text[index].isspace():
+            index += 1
+        return index
+
+    def line_at(index: int) -> int:
+        return text.count("\n", 0, index) + 1
+
+    position = skip_space(position)
+    if position < len(text) and text[position] == "]":
+        return
+    while True:
+        try:
+            row, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        yield line_at(position), row
+        position = skip_space(end)
+        if position < len(text) and text[position] == ",":
+            position = skip_space(position + 1)
+        elif position < len(text) and text[position] == "]":
+            if text[position + 1 :].strip():
+                raise UserError(f"{path}:{line_at(position + 1)}: unexpected text after the JSON array")
+            return
+        else:
+            raise UserError(f"{path}:{line_at(position)}: malformed JSON array (expected ',' or ']')")
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Read and validate every row of an instruction file; the first bad row raises UserError."""
+    records = [validate_record(row, f"{path}:{line}") for line, row in iter_json_rows(path)]
+    if not records:
+        raise UserError(f"{path}: holds no rows; {RECORD_HELP}")
+    return records

@@ -1,0 +1,264 @@
+"""The training stage: records -> tokenized prompt/completion rows -> TRL SFTTrainer with LoRA -> adapter folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
+from .cli import UserError
+from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
+from .records import read_records
+from .template import tokenize_example
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Files without which a checkpoint cannot resume; trainer_state.json is written last, so it marks completion.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def split_records(records: list[dict], eval_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """The seeded train/eval split that training and evaluation share (datasets' train_test_split)."""
+    if not 0 <= eval_ratio < 1:
+        raise UserError(f"--eval_ratio must be in [0, 1), got {eval_ratio}")
+    if eval_ratio == 0 or len(records) < 2:
+        return records, []
+    from datasets import Dataset
+
+    indices = Dataset.from_dict({"index": list(range(len(records)))})
+    split = indices.train_test_split(test_size=max(1, round(len(records) * eval_ratio)), seed=seed)
+    return [records[i] for i in split["train"]["index"]], [records[i] for i in split["test"]["index"]]
+
+
+def tokenize_records(tokenizer, records: list[dict], system_prompt: str, max_seq_length: int):
+    """Tokenize once: rows of input_ids + completion_mask, and counts of truncated prompts and dropped rows."""
+    rows, truncated, dropped = [], 0, 0
+    for record in records:
+        example, prompt_cut = tokenize_example(tokenizer, record, system_prompt, max_seq_length)
+        if example is None:
+            dropped += 1
+            continue
+        truncated += prompt_cut
+        rows.append(example)
+    return rows, {"prompt_truncated": truncated, "dropped_answer_too_long": dropped}
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    if not all((folder / name).is_file() and (folder / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
+        return False
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def checkpoint_step(folder: Path) -> int:
+    suffix = folder.name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def find_resume_checkpoint(setting: str, output_dir: str) -> str | None:
+    """`false` -> None; a path -> that checkpoint (validated); `auto` -> the latest complete one, if any."""
+    if setting.lower() in ("", "false", "no", "none"):
+        return None
+    if setting.lower() != "auto":
+        folder = Path(setting)
+        if not is_complete_checkpoint(folder):
+            raise UserError(f"{folder}: not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})")
+        return str(folder)
+    candidates = sorted(
+        (path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(path) >= 0),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    for folder in candidates:
+        if is_complete_checkpoint(folder):
+            return str(folder)
+        print(f"skipping {folder}: incomplete or corrupt checkpoint (an interrupted save)")
+    print(f"no complete checkpoint in {output_dir}; starting from scratch")
+    return None
+
+
+def sft_trainer_class():
+    """TRL's SFTTrainer; off CUDA its Triton-only fused loss kernel is replaced by the model's own loss."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class PortableSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.args.device.type in ("cuda", "xpu"):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PortableSFTTrainer
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(row["step"], row["loss"]) for row in log_history if "loss" in row]
+    evaluation = [(row["step"], row["eval_loss"]) for row in log_history if "eval_loss" in row]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train loss")
+    if evaluation:
+        axes.plot(*zip(*evaluation), marker="o", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("Qwen2.5 LoRA SFT")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def train(cfg, script_name: str) -> None:
+    backend = choose_backend(cfg.backend)
+    if cfg.packing and not (backend == "unsloth" or cuda_available()):
+        raise UserError(
+            "--packing true needs a CUDA GPU: on this machine attention cannot keep packed examples apart, "
+            "so packed rows would attend across example boundaries; use --packing false"
+        )
+    records = read_records(cfg.dataset_path)
+    train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
+
+    # Unsloth patches transformers and TRL when imported, so the backend is loaded before TRL.
+    model, tokenizer = load_base_model(cfg.base_model, backend, cfg.load_in_4bit, cfg.max_seq_length)
+    print(f"backend: {backend} (base model {cfg.base_model}, 4-bit {cfg.load_in_4bit})")
+
+    train_rows, train_stats = tokenize_records(tokenizer, train_records, cfg.system_prompt, cfg.max_seq_length)
+    eval_rows, eval_stats = tokenize_records(tokenizer, eval_records, cfg.system_prompt, cfg.max_seq_length)
+    for name, stats in (("train", train_stats), ("eval", eval_stats)):
+        if any(stats.values()):
+            print(
+                f"{name}: {stats['prompt_truncated']} prompts cut from the left to fit --max_seq_length "
+                f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long)"
+            )
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rows_per_step = cfg.per_device_train_batch_size * world_size
+    if len(train_rows) < rows_per_step:
+        raise UserError(
+            f"{cfg.dataset_path}: {len(train_rows)} training rows after the split is fewer than one batch "
+            f"({cfg.per_device_train_batch_size} per device x {world_size} devices); add rows or lower "
+            "--per_device_train_batch_size"
+        )
+
+    model = add_lora(
+        model, backend, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
+        cfg.gradient_checkpointing,
+    )
+
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    set_seed(cfg.seed)
+    has_eval = bool(eval_rows)
+    on_gpu = cuda_available()
+    bf16 = on_gpu and __import__("torch").cuda.is_bf16_supported()
+    args = SFTConfig(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=cfg.load_best_model_at_end and has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        neftune_noise_alpha=cfg.neftune_noise_alpha or None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        fp16=on_gpu and not bf16,
+        max_length=cfg.max_seq_length,
+        completion_only_loss=True,
+        packing=cfg.packing,
+        padding_free=cfg.packing,
+        report_to=["tensorboard"],
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        use_cpu=not on_gpu,
+    )
+    from .progress import ProgressCallback, StopOnSignal, TokenCountingCollator
+
+    stop_on_signal = StopOnSignal()
+    trainer = sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if has_eval else None,
+        processing_class=tokenizer,
+        callbacks=[stop_on_signal],
+    )
+    token_counter = TokenCountingCollator(trainer.data_collator)
+    trainer.data_collator = token_counter
+    trainer.add_callback(ProgressCallback(token_counter))
+
+    resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if resume:
+        print(f"resuming from {resume}")
+    started = time.time()
+    with stop_on_signal.installed():
+        trainer.train(resume_from_checkpoint=resume)
+    wall_time = time.time() - started
+
+    if stop_on_signal.received:
+        saved = find_resume_checkpoint("auto", cfg.output_dir)
+        where = f"checkpoint {saved} is saved" if saved else "no checkpoint was saved yet"
+        print(
+            f"stopped by {stop_on_signal.received} at step {trainer.state.global_step}; {where}. "
+            f"Resume with: python {script_name} --resume_from_checkpoint auto (and the same flags)"
+        )
+        raise SystemExit(130)
+
+    if not trainer.is_world_process_zero():
+        return
+    final_eval = trainer.evaluate() if has_eval else {}
+    manifest = build_manifest(
+        "train",
+        {key: value for key, value in cfg.items()},
+        base_model=cfg.base_model,
+        backend=backend,
+        load_in_4bit=cfg.load_in_4bit,
+        dataset={"path": str(cfg.dataset_path), "sha256": sha256_file(cfg.dataset_path), "rows": len(records)},
+        rows={"train": len(train_rows), "eval": len(eval_rows), "train_stats": train_stats, "eval_stats": eval_stats},
+        world_size=world_size,
+        effective_batch_size=rows_per_step * cfg.gradient_accumulation_steps,
+        resumed_from=resume,
+        global_step=trainer.state.global_step,
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        final_eval_loss=final_eval.get("eval_loss"),
+        final_eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
+        wall_time_s=round(wall_time, 2),
+        tokens=token_counter.summary(),
+        log_history=trainer.state.log_history,
+    )
+    with atomic_directory(cfg.adapter_dir) as folder:
+        trainer.model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        plot_loss_curve(trainer.state.log_history, folder / "loss_curve.png")
+        write_json_atomic(folder / ADAPTER_MANIFEST, manifest)
+    with atomic_directory(cfg.tokenizer_dir) as folder:
+        tokenizer.save_pretrained(folder)
+    print(f"adapter, tokenizer, loss curve and manifest written to {cfg.adapter_dir}/ (tokenizer also in {cfg.tokenizer_dir}/)")
+    if final_eval:
+        print(f"final eval_loss {final_eval['eval_loss']:.4f}, perplexity {manifest['final_eval_perplexity']:.3f}")

@@ -1,0 +1,63 @@
+"""Shared test setup: offline hub, a private tiny-model cache, and one trained tiny adapter for the later stages."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("QWEN_SFT_CACHE", str(ROOT / ".pytest_cache" / "qwen_sft"))
+sys.path.insert(0, str(ROOT))
+
+# The settings that make the tiny model learn 20 rows exactly (see DESIGN: the learning proof).
+LEARNING_FLAGS = [
+    "--base_model", "tiny", "--load_in_4bit", "false", "--max_steps", "300",
+    "--per_device_train_batch_size", "20", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
+    "--warmup_steps", "0", "--weight_decay", "0", "--optim", "adamw_torch", "--neftune_noise_alpha", "0",
+    "--eval_ratio", "0", "--gradient_checkpointing", "false", "--logging_steps", "50", "--save_steps", "1000",
+]
+
+
+def run_script(script: str, *args, cwd=None, input_text=None, timeout=600, env=None):
+    """Run a stage script as a user would; returns the CompletedProcess (text mode)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd or ROOT,
+        input=input_text,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def learned_adapter(tmp_path_factory):
+    """The tiny model trained on tests/fixtures/learning_20.jsonl until it reproduces every answer.
+
+    Returns the folder that holds `Qwen_finetuning_model/` (and the rest of the run's outputs).
+    """
+    workdir = tmp_path_factory.mktemp("learned")
+    result = run_script(
+        "Qwen_finetuning.py", *LEARNING_FLAGS, "--dataset_path", FIXTURES / "learning_20.jsonl", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
