@@ -113,13 +113,15 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     axes.set_ylabel("loss")
     axes.set_title("Qwen2.5 LoRA SFT")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if train or evaluation:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def train(cfg, script_name: str) -> None:
+def train(cfg, script_name: str):
+    """Run the stage; returns the trainer (its model holds the trained adapter)."""
     backend = choose_backend(cfg.backend)
     if cfg.packing and not (backend == "unsloth" or cuda_available()):
         raise UserError(
@@ -150,17 +152,24 @@ def train(cfg, script_name: str) -> None:
             "--per_device_train_batch_size"
         )
 
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the LoRA initialisation draws from the global RNG
     model = add_lora(
         model, backend, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
         cfg.gradient_checkpointing,
     )
 
     from datasets import Dataset
-    from transformers import set_seed
     from trl import SFTConfig
 
-    set_seed(cfg.seed)
     has_eval = bool(eval_rows)
+    load_best = cfg.load_best_model_at_end and has_eval
+    if load_best and cfg.save_steps % cfg.eval_steps:
+        raise UserError(
+            f"--save_steps {cfg.save_steps} must be a multiple of --eval_steps {cfg.eval_steps} when "
+            "--load_best_model_at_end is true (the best checkpoint is chosen at evaluations)"
+        )
     on_gpu = cuda_available()
     bf16 = on_gpu and __import__("torch").cuda.is_bf16_supported()
     args = SFTConfig(
@@ -181,7 +190,7 @@ def train(cfg, script_name: str) -> None:
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        load_best_model_at_end=cfg.load_best_model_at_end and has_eval,
+        load_best_model_at_end=load_best,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         neftune_noise_alpha=cfg.neftune_noise_alpha or None,
@@ -226,12 +235,12 @@ def train(cfg, script_name: str) -> None:
         where = f"checkpoint {saved} is saved" if saved else "no checkpoint was saved yet"
         print(
             f"stopped by {stop_on_signal.received} at step {trainer.state.global_step}; {where}. "
-            f"Resume with: python {script_name} --resume_from_checkpoint auto (and the same flags)"
+            f"Resume with: python {os.path.basename(script_name)} --resume_from_checkpoint auto (and the same flags)"
         )
         raise SystemExit(130)
 
     if not trainer.is_world_process_zero():
-        return
+        return trainer
     final_eval = trainer.evaluate() if has_eval else {}
     manifest = build_manifest(
         "train",
@@ -262,3 +271,4 @@ def train(cfg, script_name: str) -> None:
     print(f"adapter, tokenizer, loss curve and manifest written to {cfg.adapter_dir}/ (tokenizer also in {cfg.tokenizer_dir}/)")
     if final_eval:
         print(f"final eval_loss {final_eval['eval_loss']:.4f}, perplexity {manifest['final_eval_perplexity']:.3f}")
+    return trainer
