@@ -5,7 +5,7 @@ Every path stops at the end-of-turn token(s) and never shows special tokens.
 
 from __future__ import annotations
 
-from .template import END_OF_TURN, render_prompt
+from .template import END_OF_TURN, prompt_ids, render_prompt
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -40,38 +40,76 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def generate_batch(model, tokenizer, conversations: list[list[dict]], **decoding) -> list[dict]:
-    """Generate one answer per conversation in a single left-padded batch.
+def left_padded_batch(prompts: list[list[int]], pad_token_id: int, device) -> dict:
+    """input_ids and attention_mask of token-id prompts, padded on the left so every row ends where generation
+    starts."""
+    import torch
+
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def generate_token_ids(model, prompts: list[list[int]], generate_kwargs: dict, batch_size: int = 0,
+                       progress: str | None = None) -> list[dict]:
+    """Generate for each prompt (a list of token ids) in left-padded batches of `batch_size` (0 = one batch).
+
+    Prompts are batched longest first, so rows of similar length share a batch and little is padding; results
+    come back in input order, each {"ids": the answer's token ids up to the first stop token, "stopped": whether
+    a stop token ended it before the length limit}. `generate_kwargs` are generate() arguments and must hold
+    `eos_token_id` (the stop ids) and `pad_token_id`. With `progress` set, a tqdm bar of that name shows rows
+    done and answer tokens generated per second.
+    """
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    stops = generate_kwargs["eos_token_id"]
+    stops = set(stops) if isinstance(stops, (list, tuple)) else {stops}
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]), reverse=True)
+    batch_size = batch_size if batch_size > 0 else max(len(prompts), 1)
+    results: list[dict | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=progress, unit="row", disable=progress is None)
+    started, generated = time.perf_counter(), 0
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        batch = left_padded_batch([prompts[index] for index in rows], generate_kwargs["pad_token_id"],
+                                  model_device(model))
+        with torch.inference_mode():
+            output = model.generate(**batch, **generate_kwargs)
+        for index, new_tokens in zip(rows, output[:, batch["input_ids"].shape[1]:].tolist()):
+            end = next((position for position, token in enumerate(new_tokens) if token in stops), None)
+            answer = new_tokens if end is None else new_tokens[:end]
+            results[index] = {"ids": answer, "stopped": end is not None}
+            generated += len(answer)
+        bar.update(len(rows))
+        bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+    bar.close()
+    return results
+
+
+def decode_answer(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], batch_size: int = 0,
+                   progress: str | None = None, **decoding) -> list[dict]:
+    """Generate one answer per conversation, in left-padded batches of `batch_size` (0 = all in one batch).
 
     Returns, per row, the answer text (special tokens removed), its token count and whether it stopped at an
     end-of-turn token rather than at the length limit.
     """
-    import torch
-
-    prompts = [render_prompt(tokenizer, messages) for messages in conversations]
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = previous_side
-    batch = batch.to(model_device(model))
-    kwargs = decoding_kwargs(tokenizer, **decoding)
-    with torch.inference_mode():
-        output = model.generate(**batch, **kwargs)
-    stops = set(kwargs["eos_token_id"])
-    results = []
-    for row in output[:, batch["input_ids"].shape[1]:].tolist():
-        length = next((index for index, token in enumerate(row) if token in stops), None)
-        answer_tokens = row if length is None else row[:length]
-        results.append(
-            {
-                "text": tokenizer.decode(answer_tokens, skip_special_tokens=True).strip(),
-                "tokens": len(answer_tokens),
-                "stopped": length is not None,
-            }
-        )
-    return results
+    prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
+    generated = generate_token_ids(model, prompts, decoding_kwargs(tokenizer, **decoding), batch_size, progress)
+    return [
+        {"text": decode_answer(tokenizer, row["ids"]), "tokens": len(row["ids"]), "stopped": row["stopped"]}
+        for row in generated
+    ]
 
 
 def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decoding) -> str:

@@ -1,0 +1,43 @@
+"""Evaluate the fine-tuned adapter on the eval split training held out, beside its base model (adapter off).
+
+Teacher-forced eval_loss and perplexity (loss on the answer and <|im_end|> only, as in training), length
+statistics and truncation_rate, then answers generated from system + user in batches: empty_rate, exact_match,
+lengths, distinct-1/2 and, with --rouge, ROUGE-1/2/L. Writes OUTPUT_DIR/metrics.json (every metric, the
+per-source breakdown, config and versions) and OUTPUT_DIR/predictions.jsonl, then prints base vs tuned.
+
+  python evaluate.py                                   # the seed defaults: 2048 tokens, 512 new tokens, 10% split
+  python evaluate.py --rouge --max_gen_samples 200     # ROUGE too, answers for 200 seeded eval rows only
+  python evaluate.py --compare_base false              # the adapter alone
+"""
+
+from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
+
+ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
+DATASET_PATH = "mixed_finetune_dataset.jsonl"  # the dataset training used; its eval split is evaluated
+OUTPUT_DIR = "evaluation_results"  # metrics.json and predictions.jsonl are written here
+SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message of every example (keep it as in training)
+MAX_SEQ_LENGTH = 2048  # tokens per example, as in training; longer prompts are cut from the left
+EVAL_RATIO = 0.1  # share of rows held out, as in training (the same seeded split)
+SEED = 42  # split seed (training's SPLIT_SEED); also picks the MAX_GEN_SAMPLES rows
+EVAL_BATCH_SIZE = 8  # rows per teacher-forced forward pass
+MAX_NEW_TOKENS = 512  # length limit of each generated answer
+GEN_BATCH_SIZE = 32  # rows per generate() call, left-padded; lower it if the GPU runs out of memory
+MAX_GEN_SAMPLES = 0  # eval rows to generate answers for (a seeded choice); 0 or -1 = all
+TEMPERATURE = 0.0  # 0 = greedy (reproducible); above 0 samples
+TOP_P = 1.0  # nucleus sampling share (only when TEMPERATURE > 0)
+COMPARE_BASE = True  # also evaluate the base model (adapter switched off) on the same rows
+ROUGE = False  # ROUGE-1/2/L of the answers (needs `pip install rouge-score`)
+LOAD_IN_4BIT = "auto"  # auto (as the adapter was trained, from its manifest), true or false
+BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
+
+
+def main():
+    cfg = parse_config(globals())
+    from qwen_sft.evaluation import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,404 @@
+"""The evaluation stage: did fine-tuning help? Teacher-forced loss, length statistics and generated answers,
+for the adapter and (with the adapter switched off) for its base model, on the eval split training held out.
+
+Metric definitions (README, "evaluate.py"):
+- eval_loss: mean negative log-likelihood per answer token under teacher forcing, over every answer token of the
+  split (token-weighted: a long answer counts per token, not once). Only the answer and its closing <|im_end|>
+  carry loss, exactly as in training (template.tokenize_example). perplexity = exp(eval_loss).
+- length statistics: tokens of each full sample (system + user + reference answer + <|im_end|>, as training
+  tokenizes it); truncation_rate is the share longer than MAX_SEQ_LENGTH.
+- generation, from system + user only: empty_rate (share of empty answers), exact_match (answer == reference
+  after trimming whitespace), stop_rate (share ended by <|im_end|> within MAX_NEW_TOKENS), avg_pred_len_tokens
+  and avg_ref_len_tokens (model tokens, stop token excluded), len_ratio_pred_over_ref (ratio of those means),
+  distinct-1/2 (unique n-grams / all n-grams over all answers, in text units, see `text_units`) and, on request,
+  ROUGE-1/2/L F1 in the same text units.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+from .artifacts import atomic_file, build_manifest, sha256_file, write_json_atomic
+from .cli import UserError
+from .records import read_records
+
+NO_SOURCE = "unspecified"
+# Metrics computed per model; `base` and `delta` carry the same keys (ROUGE keys only with --rouge).
+LOSS_METRICS = ("eval_loss", "perplexity")
+GENERATION_METRICS = (
+    "exact_match", "stop_rate", "empty_rate", "avg_pred_len_tokens", "avg_ref_len_tokens",
+    "len_ratio_pred_over_ref", "distinct-1", "distinct-2",
+)
+ROUGE_METRICS = ("rouge1", "rouge2", "rougeL")
+
+# CJK ideographs and Japanese kana: these scripts do not separate words by spaces, so each character is a unit.
+_CJK_CHARACTERS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TEXT_UNIT = re.compile(f"[{_CJK_CHARACTERS}]|[^\\W_{_CJK_CHARACTERS}]+")
+
+
+def text_units(text: str) -> list[str]:
+    """The units distinct-n and ROUGE count: each CJK character, and each run of other letters or digits
+    (lower-cased). Punctuation and whitespace are not units. Independent of the model's tokenizer, so base and
+    tuned answers (and different models) are measured alike."""
+    return _TEXT_UNIT.findall(text.lower())
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique n-grams / all n-grams over every text (n-grams never cross texts); 0.0 when there are none."""
+    ngrams = [
+        tuple(units[start:start + n])
+        for units in map(text_units, texts)
+        for start in range(len(units) - n + 1)
+    ]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    """Linear interpolation between the closest ranks (numpy.percentile's default)."""
+    position = share * (len(sorted_values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def length_stats(lengths: list[int]) -> dict:
+    ordered = sorted(lengths)
+    return {
+        "min": ordered[0],
+        "mean": statistics.fmean(ordered),
+        "median": statistics.median(ordered),
+        "p90": percentile(ordered, 0.9),
+        "max": ordered[-1],
+    }
+
+
+def loss_metrics(nll_sum: float, answer_tokens: int) -> dict:
+    if not answer_tokens:
+        return {"eval_loss": None, "perplexity": None}
+    loss = nll_sum / answer_tokens
+    return {"eval_loss": loss, "perplexity": math.exp(loss)}
+
+
+def generation_metrics(predictions: list[dict], references: list[str], reference_tokens: list[int]) -> dict:
+    """Metrics of generated answers ({"text", "tokens", "stopped"}) against their references."""
+    if not predictions:
+        return dict.fromkeys(GENERATION_METRICS)
+    texts = [row["text"] for row in predictions]
+    count = len(predictions)
+    average_prediction = sum(row["tokens"] for row in predictions) / count
+    average_reference = sum(reference_tokens) / count
+    return {
+        "exact_match": sum(text == reference.strip() for text, reference in zip(texts, references)) / count,
+        "stop_rate": sum(row["stopped"] for row in predictions) / count,
+        "empty_rate": sum(not text for text in texts) / count,
+        "avg_pred_len_tokens": average_prediction,
+        "avg_ref_len_tokens": average_reference,
+        "len_ratio_pred_over_ref": average_prediction / average_reference if average_reference else None,
+        "distinct-1": distinct_n(texts, 1),
+        "distinct-2": distinct_n(texts, 2),
+    }
+
+
+def rouge_scorer():
+    """rouge_score's scorer with the CJK-aware `text_units` (its own tokenizer drops non-ASCII text entirely).
+
+    `evaluate.load("rouge")` would fetch its metric script from the hub, which fails offline, and it wraps this
+    same scorer, so the scorer is used directly.
+    """
+    try:
+        from rouge_score import rouge_scorer as scoring
+    except ImportError:
+        raise UserError("--rouge needs the rouge-score package: pip install rouge-score (or run without --rouge)") from None
+
+    class TextUnitTokenizer:
+        def tokenize(self, text):
+            return text_units(text)
+
+    return scoring.RougeScorer(list(ROUGE_METRICS), tokenizer=TextUnitTokenizer())
+
+
+def rouge_metrics(scorer, predictions: list[str], references: list[str]) -> dict:
+    """Mean ROUGE-1/2/L F1 over the rows."""
+    if not predictions:
+        return dict.fromkeys(ROUGE_METRICS)
+    scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+    return {name: statistics.fmean(score[name].fmeasure for score in scores) for name in ROUGE_METRICS}
+
+
+def delta(tuned: dict, base: dict) -> dict:
+    """tuned - base for every metric both have a number for."""
+    return {
+        name: tuned[name] - base[name] if tuned.get(name) is not None and base.get(name) is not None else None
+        for name in tuned
+    }
+
+
+def choose_generation_rows(count: int, limit: int, seed: int) -> list[int]:
+    """Indices of the eval rows to generate for: all when `limit` <= 0 or >= count, else a seeded sample."""
+    if limit <= 0 or limit >= count:
+        return list(range(count))
+    return sorted(random.Random(seed).sample(range(count), limit))
+
+
+def answer_nll(model, examples: list[dict], batch_size: int, pad_token_id: int, progress: str | None = None):
+    """Teacher forcing: per example, the summed negative log-likelihood of its completion tokens (the answer and
+    <|im_end|>, `completion_mask`) and how many there are.
+
+    Examples are batched longest first and padded on the right, so real tokens never attend to padding. Logits
+    are kept only from the shortest prompt's end onwards, which spares the vocabulary-wide logits of the prompts.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .generation import model_device
+
+    device = model_device(model)
+    order = sorted(range(len(examples)), key=lambda index: len(examples[index]["input_ids"]), reverse=True)
+    per_example = [(0.0, 0)] * len(examples)
+    for first in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None):
+        rows = [examples[index] for index in order[first:first + batch_size]]
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for position, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[position, :length] = torch.tensor(row["input_ids"])
+            attention_mask[position, :length] = 1
+            completion_mask[position, :length] = torch.tensor(row["completion_mask"], dtype=torch.bool)
+        # The first logit needed predicts the first answer token, from the last prompt position.
+        start = min(row["completion_mask"].index(1) for row in rows) - 1
+        with torch.inference_mode():
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=width - start
+            ).logits
+        targets = input_ids[:, start + 1:].to(logits.device)
+        scored = completion_mask[:, start + 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+        row_of_token = scored.nonzero()[:, 0]
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=logits.device).index_add_(0, row_of_token, nll.double())
+        for index, total, count in zip(order[first:first + batch_size], sums.tolist(), scored.sum(1).tolist()):
+            per_example[index] = (total, count)
+    return per_example
+
+
+def evaluation_split(cfg) -> tuple[list[dict], list[dict]]:
+    """All rows and the eval split (training's split_records), or a UserError naming the file and what to do."""
+    from .training import split_records
+
+    path = Path(cfg.dataset_path)
+    if not path.is_file():
+        raise UserError(
+            f"{path}: dataset not found; run data_integration.py (or data_set_generation.py) first, or pass --dataset_path"
+        )
+    try:
+        records = read_records(path)
+    except UserError as error:
+        raise UserError(f"{error}; fix that row, or rebuild the file with data_integration.py") from None
+    _, eval_records = split_records(records, cfg.eval_ratio, cfg.seed)
+    if not eval_records:
+        raise UserError(
+            f"{path}: the eval split is empty ({len(records)} rows at --eval_ratio {cfg.eval_ratio}); "
+            "use --eval_ratio > 0 (training's default is 0.1) and a dataset of at least 2 rows"
+        )
+    return records, eval_records
+
+
+def split_warnings(adapter_manifest: dict, cfg, dataset_sha256: str) -> list[str]:
+    """Where this evaluation differs from how the adapter was trained, so its eval rows may be training rows."""
+    trained = adapter_manifest.get("config", {})
+    warnings = []
+    for flag, trained_key, value in (
+        ("--eval_ratio", "EVAL_RATIO", cfg.eval_ratio),
+        ("--seed", "SPLIT_SEED", cfg.seed),
+        ("--system_prompt", "SYSTEM_PROMPT", cfg.system_prompt),
+    ):
+        if trained_key in trained and trained[trained_key] != value:
+            warnings.append(f"{flag} is {value!r} here but the adapter was trained with {trained[trained_key]!r}")
+    trained_sha = adapter_manifest.get("dataset", {}).get("sha256")
+    if trained_sha and trained_sha != dataset_sha256:
+        warnings.append(f"{cfg.dataset_path} is not the file the adapter was trained on (its sha256 differs)")
+    return warnings
+
+
+def resolve_load_in_4bit(setting: str) -> bool | None:
+    """`auto` -> None (as the adapter was trained); true/false -> that."""
+    word = setting.strip().lower()
+    if word == "auto":
+        return None
+    if word in ("true", "false"):
+        return word == "true"
+    raise UserError(f"--load_in_4bit must be auto, true or false, got {setting!r}")
+
+
+def evaluate_model(model, tokenizer, cfg, examples, generation_prompts, label: str) -> dict:
+    """Per-example loss terms and generated answers of the model as it is now (adapter on or off)."""
+    from .generation import decode_answer, decoding_kwargs, generate_token_ids
+
+    losses = answer_nll(model, examples, cfg.eval_batch_size, tokenizer.pad_token_id, progress=f"eval_loss {label}")
+    decoding = decoding_kwargs(tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    started = time.perf_counter()
+    generated = generate_token_ids(model, generation_prompts, decoding, cfg.gen_batch_size, progress=f"generate {label}")
+    seconds = time.perf_counter() - started
+    tokens = sum(len(row["ids"]) for row in generated)
+    answers = [
+        {"text": decode_answer(tokenizer, row["ids"]), "tokens": len(row["ids"]), "stopped": row["stopped"]}
+        for row in generated
+    ]
+    throughput = {"generated_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / max(seconds, 1e-9)}
+    return {"losses": losses, "answers": answers, "throughput": throughput}
+
+
+def model_metrics(run: dict, loss_rows: list[int], answer_rows: list[int], references: list[str],
+                  reference_tokens: list[int], scorer) -> dict:
+    """The metrics of one model over a subset: `loss_rows` index run["losses"], `answer_rows` run["answers"]."""
+    nll = sum(run["losses"][index][0] for index in loss_rows)
+    tokens = sum(run["losses"][index][1] for index in loss_rows)
+    answers = [run["answers"][index] for index in answer_rows]
+    refs = [references[index] for index in answer_rows]
+    metrics = {**loss_metrics(nll, tokens),
+               **generation_metrics(answers, refs, [reference_tokens[index] for index in answer_rows])}
+    if scorer is not None:
+        metrics.update(rouge_metrics(scorer, [row["text"] for row in answers], refs))
+    return metrics
+
+
+def summary_table(metrics: dict) -> str:
+    """Key metrics side by side: base, tuned and their difference (tuned only without COMPARE_BASE)."""
+    names = [name for name in (*LOSS_METRICS, *GENERATION_METRICS, *ROUGE_METRICS) if name in metrics]
+    has_base = "base" in metrics
+
+    def cell(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    header = f"{'metric':<26}" + (f"{'base':>12}{'tuned':>12}{'delta':>12}" if has_base else f"{'tuned':>12}")
+    lines = [header, "-" * len(header)]
+    for name in names:
+        row = f"{name:<26}"
+        if has_base:
+            row += f"{cell(metrics['base'][name]):>12}{cell(metrics[name]):>12}{cell(metrics['delta'][name]):>12}"
+        else:
+            row += f"{cell(metrics[name]):>12}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def evaluate(cfg) -> dict:
+    """Run the whole stage and write OUTPUT_DIR/metrics.json and predictions.jsonl; returns the metrics."""
+    from .modeling import load_adapter_model, read_adapter_manifest
+    from .template import answer_ids, build_messages, prompt_ids, tokenize_example
+
+    for name in ("eval_batch_size", "gen_batch_size", "max_new_tokens", "max_seq_length"):
+        if cfg[name.upper()] < 1:
+            raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
+    load_in_4bit = resolve_load_in_4bit(cfg.load_in_4bit)
+    adapter_manifest = read_adapter_manifest(cfg.adapter_dir)
+    records, eval_records = evaluation_split(cfg)
+    scorer = rouge_scorer() if cfg.rouge else None
+    dataset_sha256 = sha256_file(cfg.dataset_path)
+    warnings = split_warnings(adapter_manifest, cfg, dataset_sha256)
+    for warning in warnings:
+        print(f"warning: {warning}")
+
+    model, tokenizer, adapter_manifest = load_adapter_model(
+        cfg.adapter_dir, cfg.backend, load_in_4bit, cfg.max_seq_length
+    )
+    backend = adapter_manifest["backend_loaded"]
+    four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    print(f"backend: {backend} (base model {adapter_manifest['base_model']}, 4-bit {four_bit}); "
+          f"{len(eval_records)} eval rows of {len(records)}")
+    if cfg.temperature > 0:
+        from transformers import set_seed
+
+        set_seed(cfg.seed)
+
+    # Teacher forcing sees exactly what training saw: prompt cut from the left, answer never cut.
+    examples, example_rows, prompts_cut, dropped = [], [], 0, 0
+    for row, record in enumerate(eval_records):
+        example, cut = tokenize_example(tokenizer, record, cfg.system_prompt, cfg.max_seq_length)
+        if example is None:
+            dropped += 1
+            continue
+        prompts_cut += cut
+        examples.append(example)
+        example_rows.append(row)
+    prompts = [prompt_ids(tokenizer, build_messages(record, cfg.system_prompt)) for record in eval_records]
+    full_lengths = [len(prompt) + len(answer_ids(tokenizer, record["output"])) for prompt, record in zip(prompts, eval_records)]
+    reference_tokens = [len(tokenizer(record["output"], add_special_tokens=False)["input_ids"]) for record in eval_records]
+
+    generation_rows = choose_generation_rows(len(eval_records), cfg.max_gen_samples, cfg.seed)
+    # A prompt longer than MAX_SEQ_LENGTH keeps its end, as in training.
+    generation_prompts = [prompts[row][-cfg.max_seq_length:] for row in generation_rows]
+    generation_prompts_cut = sum(len(prompts[row]) > cfg.max_seq_length for row in generation_rows)
+
+    runs = {"tuned": evaluate_model(model, tokenizer, cfg, examples, generation_prompts, "tuned")}
+    if cfg.compare_base:
+        with model.disable_adapter():
+            runs["base"] = evaluate_model(model, tokenizer, cfg, examples, generation_prompts, "base")
+
+    references = [eval_records[row]["output"] for row in generation_rows]
+    generated_reference_tokens = [reference_tokens[row] for row in generation_rows]
+    sources = [record.get("source", NO_SOURCE) for record in eval_records]
+
+    def metrics_for(loss_positions, answer_positions) -> dict:
+        per_model = {
+            label: model_metrics(run, loss_positions, answer_positions, references, generated_reference_tokens, scorer)
+            for label, run in runs.items()
+        }
+        result = dict(per_model["tuned"])
+        if "base" in per_model:
+            result["base"] = per_model["base"]
+            result["delta"] = delta(per_model["tuned"], per_model["base"])
+        return result
+
+    by_source = {}
+    for source in sorted(set(sources)):
+        loss_positions = [i for i, row in enumerate(example_rows) if sources[row] == source]
+        answer_positions = [i for i, row in enumerate(generation_rows) if sources[row] == source]
+        by_source[source] = {
+            "eval_rows": sources.count(source),
+            "generated_rows": len(answer_positions),
+            **metrics_for(loss_positions, answer_positions),
+        }
+
+    metrics = build_manifest(
+        "evaluate",
+        dict(cfg),
+        adapter={"path": str(cfg.adapter_dir), "base_model": adapter_manifest["base_model"]},
+        backend=backend,
+        load_in_4bit=four_bit,
+        dataset={"path": str(cfg.dataset_path), "sha256": dataset_sha256, "rows": len(records),
+                 "eval_rows": len(eval_records), "generated_rows": len(generation_rows)},
+        warnings=warnings,
+        length_stats=length_stats(full_lengths),
+        truncation_rate=sum(length > cfg.max_seq_length for length in full_lengths) / len(full_lengths),
+        teacher_forcing={"rows": len(examples), "answer_tokens": sum(count for _, count in runs["tuned"]["losses"]),
+                         "prompts_cut_from_left": prompts_cut, "rows_dropped_answer_too_long": dropped},
+        generation={"rows": len(generation_rows), "prompts_cut_from_left": generation_prompts_cut,
+                    "decoding": "greedy" if cfg.temperature <= 0 else "sampled",
+                    "throughput": {label: run["throughput"] for label, run in runs.items()}},
+        **metrics_for(list(range(len(examples))), list(range(len(generation_rows)))),
+        by_source=by_source,
+    )
+
+    output_dir = Path(cfg.output_dir)
+    with atomic_file(output_dir / "predictions.jsonl") as handle:
+        for position, row in enumerate(generation_rows):
+            record = eval_records[row]
+            line = {"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
+                    "prediction": runs["tuned"]["answers"][position]["text"], "source": sources[row]}
+            if "base" in runs:
+                line["base_prediction"] = runs["base"]["answers"][position]["text"]
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    write_json_atomic(output_dir / "metrics.json", metrics)
+
+    print()
+    print(summary_table(metrics))
+    print(f"\nmetrics and {len(generation_rows)} predictions written to {output_dir}/ (metrics.json, predictions.jsonl)")
+    return metrics
