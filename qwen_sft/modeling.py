@@ -87,8 +87,8 @@ def device_map():
     return None
 
 
-def load_base_model(name: str, backend: str, load_in_4bit: bool, max_seq_length: int):
-    """Load the base model and its tokenizer with the chosen backend."""
+def load_base_model(name: str, backend: str, load_in_4bit: bool, max_seq_length: int, dtype=None):
+    """Load the base model and its tokenizer with the chosen backend (`dtype` None = the backend's default)."""
     path = resolve_model_path(name)
     try:
         if backend == "unsloth":
@@ -97,7 +97,7 @@ def load_base_model(name: str, backend: str, load_in_4bit: bool, max_seq_length:
             model, tokenizer = FastLanguageModel.from_pretrained(
                 model_name=path,
                 max_seq_length=max_seq_length,
-                dtype=None,
+                dtype=dtype,
                 load_in_4bit=load_in_4bit,
                 device_map=device_map(),
             )
@@ -107,7 +107,7 @@ def load_base_model(name: str, backend: str, load_in_4bit: bool, max_seq_length:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(
                 path,
-                dtype=compute_dtype(),
+                dtype=dtype or compute_dtype(),
                 quantization_config=quantization_config(load_in_4bit),
                 device_map=device_map(),
             )
@@ -160,23 +160,45 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     return {"base_model": adapter_config["base_model_name_or_path"], "load_in_4bit": True}
 
 
+def adapter_base_path(adapter_dir: str, manifest: dict) -> str:
+    """The base model an adapter was trained on, resolved; a base folder that is gone is a UserError."""
+    name = manifest["base_model"]
+    try:
+        return resolve_model_path(name)
+    except UserError:
+        raise UserError(
+            f"{adapter_dir}: its base model {name} is not there; put that folder back (or set base_model in "
+            f"{Path(adapter_dir) / ADAPTER_MANIFEST}), or re-run Qwen_finetuning.py"
+        ) from None
+
+
+def load_adapter_tokenizer(adapter_dir: str):
+    """The tokenizer saved with the adapter; it must carry the chat template training used."""
+    from transformers import AutoTokenizer
+
+    from .template import require_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    require_chat_template(tokenizer, adapter_dir)
+    return tokenizer
+
+
 def load_adapter_model(adapter_dir: str, backend: str = "auto", load_in_4bit: bool | None = None,
                        max_seq_length: int = 2048):
     """Load base + adapter for evaluation, inference or chat; the base is named by the adapter's manifest.
 
     Returns (model, tokenizer, manifest). The tokenizer, with its chat template, comes from the adapter folder.
     """
-    from .template import require_chat_template
-
     manifest = read_adapter_manifest(adapter_dir)
+    adapter_base_path(adapter_dir, manifest)
     backend = choose_backend(backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)
+    tokenizer = load_adapter_tokenizer(adapter_dir)  # checked before the slow base-model load
     four_bit = manifest.get("load_in_4bit", True) if load_in_4bit is None else load_in_4bit
     model, _ = load_base_model(manifest["base_model"], backend, four_bit, max_seq_length)
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    require_chat_template(tokenizer, adapter_dir)
     model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     if backend == "unsloth":
