@@ -45,16 +45,63 @@ def peak_gpu_memory_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-class ProgressCallback(TrainerCallback):
-    """One line per log step: loss, learning rate, real tokens/s, real-token share and peak GPU memory."""
+def synchronized_time() -> float:
+    import torch
 
-    def __init__(self, counter: TokenCountingCollator):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class ProgressCallback(TrainerCallback):
+    """One line per log step: loss, learning rate, real tokens/s, real-token share and peak GPU memory.
+
+    It also measures steady-state throughput from the end of step `warmup_steps` (past compilation and
+    warm-up) to the end of training, synchronizing the GPU only at those two points.
+    """
+
+    def __init__(self, counter: TokenCountingCollator, warmup_steps: int = 5):
         self.counter = counter
+        self.warmup_steps = warmup_steps
         self.last_time = None
         self.last_tokens = 0
+        self.started = None
+        self.initial_step = 0
+        self.first_step_s = None
+        self.steady_start = None  # (time, real tokens, token slots, step)
+        self.steady = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last_time, self.last_tokens = time.perf_counter(), self.counter.real_tokens
+        self.started = self.last_time = time.perf_counter()
+        self.initial_step = state.global_step  # non-zero when resuming
+        self.last_tokens = self.counter.real_tokens
+        self.first_step_s, self.steady_start, self.steady = None, None, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_s is None:
+            self.first_step_s = synchronized_time() - self.started
+        if self.steady_start is None and state.global_step - self.initial_step == self.warmup_steps:
+            self.steady_start = (synchronized_time(), self.counter.real_tokens, self.counter.token_slots,
+                                 state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.steady_start or state.global_step <= self.steady_start[3]:
+            return
+        start_time, start_real, start_slots, start_step = self.steady_start
+        elapsed = synchronized_time() - start_time
+        self.steady = {
+            "measured_steps": f"{start_step + 1}-{state.global_step}",
+            "real_tokens_per_s": round((self.counter.real_tokens - start_real) / elapsed, 1),
+            "token_slots_per_s": round((self.counter.token_slots - start_slots) / elapsed, 1),
+        }
+
+    def summary(self) -> dict:
+        peak = peak_gpu_memory_gib()
+        return {
+            "time_to_first_step_s": round(self.first_step_s, 2) if self.first_step_s is not None else None,
+            "steady_state": self.steady,
+            "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
+        }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:

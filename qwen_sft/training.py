@@ -123,10 +123,10 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
 def train(cfg, script_name: str):
     """Run the stage; returns the trainer (its model holds the trained adapter)."""
     backend = choose_backend(cfg.backend)
-    if cfg.packing and not (backend == "unsloth" or cuda_available()):
+    if cfg.packing and backend != "unsloth":
         raise UserError(
-            "--packing true needs a CUDA GPU: on this machine attention cannot keep packed examples apart, "
-            "so packed rows would attend across example boundaries; use --packing false"
+            "--packing true needs the Unsloth backend (a CUDA GPU and requirements-gpu.txt): with transformers' "
+            "sdpa attention, packed examples would attend across their boundaries; use --packing false"
         )
     records = read_records(cfg.dataset_path)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
@@ -134,6 +134,10 @@ def train(cfg, script_name: str):
     # Unsloth patches transformers and TRL when imported, so the backend is loaded before TRL.
     model, tokenizer = load_base_model(cfg.base_model, backend, cfg.load_in_4bit, cfg.max_seq_length)
     print(f"backend: {backend} (base model {cfg.base_model}, 4-bit {cfg.load_in_4bit})")
+    if cfg.packing:
+        from .packed_attention import enable_varlen_packed_attention
+
+        print(f"packing: padding-free rows; attention: {enable_varlen_packed_attention()}")
 
     train_rows, train_stats = tokenize_records(tokenizer, train_records, cfg.system_prompt, cfg.max_seq_length)
     eval_rows, eval_stats = tokenize_records(tokenizer, eval_records, cfg.system_prompt, cfg.max_seq_length)
@@ -220,7 +224,8 @@ def train(cfg, script_name: str):
     )
     token_counter = TokenCountingCollator(trainer.data_collator)
     trainer.data_collator = token_counter
-    trainer.add_callback(ProgressCallback(token_counter))
+    progress = ProgressCallback(token_counter)
+    trainer.add_callback(progress)
 
     resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume:
@@ -259,6 +264,7 @@ def train(cfg, script_name: str):
         final_eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         wall_time_s=round(wall_time, 2),
         tokens=token_counter.summary(),
+        throughput=progress.summary(),
         log_history=trainer.state.log_history,
     )
     with atomic_directory(cfg.adapter_dir) as folder:

@@ -187,10 +187,27 @@ def test_bad_dataset_exits_2_with_one_line_and_writes_nothing(tmp_path, content,
     assert sorted(p.name for p in tmp_path.iterdir()) == (["data.jsonl"] if content else [])
 
 
-def test_packing_is_refused_on_cpu(tmp_path):
+def test_packing_is_refused_without_unsloth(tmp_path):
     result = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--packing", "--dataset_path",
                         FIXTURES / "learning_20.jsonl", cwd=tmp_path)
-    assert result.returncode == 2 and "--packing true needs a CUDA GPU" in result.stderr
+    assert result.returncode == 2 and "--packing true needs the Unsloth backend" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_plain_sdpa_lets_packed_examples_attend_across_boundaries():
+    """Why packing is refused off Unsloth: position ids alone do not separate examples in transformers' sdpa."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path())
+    examples = [{"input_ids": list(range(10, 10 + length))} for length in (7, 12)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    with torch.no_grad():
+        separate = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+    assert torch.allclose(separate[0, :7], together[0, :7], atol=1e-5)  # the first example sees only itself
+    assert not torch.allclose(separate[1, :12], together[0, 7:19], atol=1e-2)  # the second sees the first
 
 
 def test_unreachable_base_model_names_it(tmp_path):

@@ -1,0 +1,50 @@
+"""Build a random-weight model of Qwen2.5-7B-Instruct's exact shape, for GPU benchmarks where no weights can be
+downloaded. Speed and memory are the same as with the real weights. It carries the tiny model's tokenizer (with
+the Qwen2.5 chat template), whose ids all fall inside the 7B vocabulary.
+
+  python bench/random_qwen7b.py /tmp/qwen7b-random
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Qwen/Qwen2.5-7B-Instruct's config.json
+QWEN2_5_7B_SHAPE = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False,
+)
+
+
+def build(path: str) -> str:
+    """Write the model (bf16 safetensors) and tokenizer to `path` unless it is already there."""
+    if (Path(path) / "config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_sft.tiny import tiny_path
+
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path())
+    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = Qwen2Config(**QWEN2_5_7B_SHAPE, eos_token_id=end_of_turn, pad_token_id=end_of_text, bos_token_id=None,
+                         dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=[end_of_turn, end_of_text], pad_token_id=end_of_text)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    print(f"random Qwen2.5-7B-shaped model written to {path} in {time.time() - started:.0f} s "
+          f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)")
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+if __name__ == "__main__":
+    build(sys.argv[1] if len(sys.argv) > 1 else "/tmp/qwen7b-random")
