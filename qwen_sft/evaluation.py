@@ -298,9 +298,9 @@ def evaluate(cfg) -> dict:
         if cfg[name.upper()] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
     load_in_4bit = resolve_load_in_4bit(cfg.load_in_4bit)
+    scorer = rouge_scorer() if cfg.rouge else None
     adapter_manifest = read_adapter_manifest(cfg.adapter_dir)
     records, eval_records = evaluation_split(cfg)
-    scorer = rouge_scorer() if cfg.rouge else None
     dataset_sha256 = sha256_file(cfg.dataset_path)
     warnings = split_warnings(adapter_manifest, cfg, dataset_sha256)
     for warning in warnings:
