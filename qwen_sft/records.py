@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from .cli import UserError
@@ -35,12 +36,14 @@ def validate_record(row, where: str) -> dict:
 
 
 def iter_json_rows(path: str | os.PathLike):
-    """Yield (line_number, parsed_row) from a JSON array or JSONL file; malformed JSON raises UserError."""
-    path = Path(path)
-    if not path.is_file():
+    """Yield (line_number, parsed_row) from a JSON array or JSONL file (`-` = standard input); malformed JSON
+    raises UserError."""
+    from_stdin = str(path) == "-"
+    path = Path("<stdin>" if from_stdin else path)
+    if not from_stdin and not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.buffer.read().decode("utf-8") if from_stdin else path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if text.lstrip().startswith("["):
