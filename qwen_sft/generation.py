@@ -5,7 +5,9 @@ Every path stops at the end-of-turn token(s) and never shows special tokens.
 
 from __future__ import annotations
 
-from .template import END_OF_TURN, prompt_ids, render_prompt
+from dataclasses import dataclass
+
+from .template import END_OF_TURN, prompt_ids
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -112,32 +114,78 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], batch_size
     ]
 
 
-def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decoding) -> str:
-    """Generate one reply, handing each decoded piece to `on_text` as it arrives; returns the whole reply.
+@dataclass
+class Reply:
+    """One streamed reply and how it ended."""
 
-    Uses transformers' TextIteratorStreamer with special tokens skipped; generation runs in a worker thread so
-    that the caller (and Ctrl-C) stays responsive.
+    text: str  # the answer, special tokens removed
+    tokens: int  # answer tokens, up to the first stop token
+    stopped: bool  # ended at an end-of-turn token (not at the length limit, not interrupted)
+    interrupted: bool  # Ctrl-C stopped it
+
+
+def _flag_criterion(flag):
+    """A StoppingCriteria that ends generation at the next step once `flag` (a threading.Event) is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopWhenFlagged(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopWhenFlagged()
+
+
+def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decoding) -> Reply:
+    """Generate one reply, handing each decoded piece to `on_text` as it arrives.
+
+    transformers' TextIteratorStreamer decodes with special tokens skipped, and generation stops at the
+    end-of-turn ids, so nothing past `<|im_end|>` is ever shown. Generation runs in a worker thread: Ctrl-C in
+    the caller sets a flag that a stopping criterion checks, so the reply ends within one step and the caller
+    carries on (the returned Reply says it was interrupted).
     """
     import threading
 
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    prompt = render_prompt(tokenizer, messages)
-    batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model_device(model))
+    prompt = prompt_ids(tokenizer, messages)
+    input_ids = torch.tensor([prompt], device=model_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = decoding_kwargs(tokenizer, **decoding)
+    interrupt = threading.Event()
+    outcome = {}
 
     def run():
-        with torch.inference_mode():
-            model.generate(**batch, **kwargs, streamer=streamer)
+        try:
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_flag_criterion(interrupt)]), **kwargs,
+                )
+            outcome["ids"] = output[0, len(prompt):].tolist()
+        except BaseException as error:  # handed to the caller's thread, which re-raises it
+            outcome["error"] = error
+            streamer.end()  # the reader would otherwise wait for text forever
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        if on_text:
-            on_text(piece)
-    worker.join()
-    return "".join(pieces).strip()
+    try:
+        for piece in streamer:
+            if on_text:
+                on_text(piece)
+    except KeyboardInterrupt:
+        interrupt.set()
+    finally:
+        while worker.is_alive():
+            try:
+                worker.join()
+            except KeyboardInterrupt:  # a second Ctrl-C while the worker winds down
+                interrupt.set()
+    if "error" in outcome:
+        raise outcome["error"]
+    stops = set(kwargs["eos_token_id"])
+    ids = outcome["ids"]
+    end = next((position for position, token in enumerate(ids) if token in stops), None)
+    answer = ids if end is None else ids[:end]
+    return Reply(decode_answer(tokenizer, answer), len(answer), end is not None, interrupt.is_set())

@@ -1,0 +1,36 @@
+"""Chat with the fine-tuned model in a terminal: multi-turn, streamed replies, line editing and input history.
+
+Commands: /reset, /system TEXT, /save FILE (append the chat as training rows), /help; exit, quit or Ctrl-D
+leave. Ctrl-C stops the reply being written and keeps the conversation; at the prompt it leaves.
+
+  python chat.py                                    # the seed's decoding defaults (sampling)
+  python chat.py --temperature 0                    # greedy, reproducible replies
+  python chat.py --adapter_dir Qwen_finetuning_model --max_context_tokens 8192
+  printf '你好\\n/save chats.jsonl\\n' | python chat.py  # scripted, from a pipe
+"""
+
+from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
+
+ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
+SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message at the start of the conversation (/system changes it)
+MAX_NEW_TOKENS = 512  # length limit of each reply
+TEMPERATURE = 0.8  # sampling temperature; 0 = greedy
+TOP_P = 0.9  # nucleus sampling share (only when TEMPERATURE > 0)
+REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the conversation
+NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
+MAX_CONTEXT_TOKENS = 4096  # prompt + reply budget; the oldest exchanges are dropped to stay within it
+HISTORY_FILE = "~/.qwen_sft_chat_history"  # readline input history kept across sessions; empty = none
+SHOW_PROMPT = False  # print the full rendered prompt (system, history, message) before each reply
+BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
+
+
+def main():
+    cfg = parse_config(globals())
+    from qwen_sft.chat import run_chat
+
+    run_chat(cfg)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,40 @@
+"""Answer with the fine-tuned model: one streamed answer, or batched answers for a JSONL file of prompts.
+
+The prompt is built by the same template as training (system, instruction, input under 补充信息). With
+INSTRUCTION_FILE, each row's "instruction" (and optional "input") is answered in batches and OUTPUT_FILE gets
+the row plus "output", "tokens" and "stopped", with a manifest beside it.
+
+  python inference.py                                              # the example question below, streamed
+  python inference.py --instruction "解释什么是LoRA微调" --temperature 0
+  python inference.py --instruction "总结报告要点" --input "$(cat report.txt)"
+  python inference.py --instruction_file questions.jsonl --output_file answers.jsonl
+  cat questions.jsonl | python inference.py --instruction_file -
+"""
+
+from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
+
+ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
+INSTRUCTION = "请解释什么是LoRA微调，并说明它为什么能降低显存占用。"  # the question (ignored with INSTRUCTION_FILE)
+INPUT = ""  # extra context for INSTRUCTION, shown under 补充信息; empty = none
+SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message (keep it as in training)
+INSTRUCTION_FILE = ""  # JSONL or JSON array of {"instruction", "input"} rows to answer; - = stdin; empty = INSTRUCTION
+OUTPUT_FILE = "inference_results.jsonl"  # answers for INSTRUCTION_FILE, one row per prompt row
+BATCH_SIZE = 32  # prompts per generate() call with INSTRUCTION_FILE; lower it if the GPU runs out of memory
+MAX_NEW_TOKENS = 512  # length limit of each answer
+TEMPERATURE = 0.8  # sampling temperature; 0 = greedy
+TOP_P = 0.9  # nucleus sampling share (only when TEMPERATURE > 0)
+REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the prompt or answer
+NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
+BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
+
+
+def main():
+    cfg = parse_config(globals())
+    from qwen_sft.inference import run_inference
+
+    run_inference(cfg)
+
+
+if __name__ == "__main__":
+    run_stage(main)

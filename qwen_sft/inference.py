@@ -1,0 +1,116 @@
+"""The inference stage behind inference.py: one streamed answer, or batched answers for a JSONL file of prompts.
+
+Prompt rows hold "instruction" (non-empty) and optionally "input"; other fields are carried through. Each
+output row is the prompt row plus "output" (the answer), "tokens" and "stopped" (false when the answer was cut
+at MAX_NEW_TOKENS); a row's own "output" is kept as "reference".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_file, write_json_atomic
+from .cli import UserError
+from .generation import generate_batch, stream_reply
+from .modeling import load_adapter_model, read_adapter_manifest
+from .records import iter_json_rows
+from .template import build_messages
+
+PROMPT_HELP = 'each row needs a non-empty "instruction" string and, optionally, an "input" string'
+
+
+def validate_prompt_row(row, where: str) -> dict:
+    """The row with a checked instruction and input ("" when absent); a bad row raises UserError naming `where`."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {PROMPT_HELP}")
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        problem = "is missing" if "instruction" not in row else "must be a non-empty string"
+        raise UserError(f'{where}: field "instruction" {problem}; {PROMPT_HELP}')
+    extra = "" if row.get("input") is None else row["input"]
+    if not isinstance(extra, str):
+        raise UserError(f'{where}: field "input" must be a string; {PROMPT_HELP}')
+    return {**row, "input": extra}
+
+
+def read_prompt_rows(path: str) -> list[dict]:
+    where = "<stdin>" if path == "-" else path
+    rows = [validate_prompt_row(row, f"{where}:{line}") for line, row in iter_json_rows(path)]
+    if not rows:
+        raise UserError(f"{where}: holds no rows; {PROMPT_HELP}")
+    return rows
+
+
+def answer_row(row: dict, result: dict) -> dict:
+    answered = {key: value for key, value in row.items() if key != "output"}
+    if "output" in row:
+        answered["reference"] = row["output"]
+    return {**answered, "output": result["text"], "tokens": result["tokens"], "stopped": result["stopped"]}
+
+
+def decoding_settings(cfg) -> dict:
+    return {
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "repetition_penalty": cfg.repetition_penalty,
+        "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+    }
+
+
+def answer_one(cfg) -> None:
+    """Stream the answer to INSTRUCTION (+ INPUT) to stdout."""
+    if not cfg.instruction.strip():
+        raise UserError("--instruction is empty; give a question (or --instruction_file PATH, - for stdin)")
+    model, tokenizer, manifest = load_adapter_model(cfg.adapter_dir, cfg.backend)
+    print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}, adapter {cfg.adapter_dir})")
+    messages = build_messages({"instruction": cfg.instruction, "input": cfg.input}, cfg.system_prompt)
+    print(f"\n[question]\n{messages[1]['content']}\n\n[answer]", flush=True)
+    reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(piece, end="", flush=True),
+                         **decoding_settings(cfg))
+    print()
+    if reply.interrupted:
+        print("[stopped by Ctrl-C]")
+        raise SystemExit(130)
+    if not reply.stopped:
+        print(f"[answer cut at max_new_tokens {cfg.max_new_tokens}]")
+
+
+def answer_file(cfg) -> None:
+    """Answer every row of INSTRUCTION_FILE in batches and write OUTPUT_FILE (+ its manifest) atomically."""
+    read_adapter_manifest(cfg.adapter_dir)  # a missing adapter is reported before stdin is read
+    rows = read_prompt_rows(cfg.instruction_file)
+    model, tokenizer, manifest = load_adapter_model(cfg.adapter_dir, cfg.backend)
+    print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}); {len(rows)} prompts "
+          f"from {cfg.instruction_file}, batches of {cfg.batch_size}")
+    started = time.time()
+    results = generate_batch(
+        model, tokenizer, [build_messages(row, cfg.system_prompt) for row in rows], batch_size=cfg.batch_size,
+        progress="answers", **decoding_settings(cfg),
+    )
+    with atomic_file(cfg.output_file) as handle:
+        for row, result in zip(rows, results):
+            handle.write(json.dumps(answer_row(row, result), ensure_ascii=False) + "\n")
+    cut = sum(not result["stopped"] for result in results)
+    source = {"path": cfg.instruction_file}
+    if cfg.instruction_file != "-":
+        source["sha256"] = sha256_file(cfg.instruction_file)
+    write_json_atomic(
+        manifest_path_for(cfg.output_file),
+        build_manifest(
+            "inference", cfg, adapter_dir=cfg.adapter_dir, base_model=manifest["base_model"],
+            backend=manifest["backend_loaded"], instruction_file=source, rows=len(rows), cut_at_max_new_tokens=cut,
+            wall_time_s=round(time.time() - started, 2),
+        ),
+    )
+    print(f"{len(rows)} answers written to {cfg.output_file} ({cut} cut at max_new_tokens {cfg.max_new_tokens})")
+
+
+def run_inference(cfg) -> None:
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.instruction_file:
+        answer_file(cfg)
+    else:
+        answer_one(cfg)
