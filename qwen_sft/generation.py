@@ -15,7 +15,9 @@ def stop_token_ids(tokenizer) -> list[int]:
     ids = []
     for token in (END_OF_TURN, tokenizer.eos_token, "<|endoftext|>"):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+        # A token the vocabulary lacks maps to the unknown id (0 even without an unk token), so check the round trip.
+        known = isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token
+        if known and token_id not in ids:
             ids.append(token_id)
     return ids
 

@@ -1,0 +1,125 @@
+"""The export stage behind export_model.py: merge the LoRA adapter into its base model and write a standalone
+16-bit model folder (safetensors weights, config, generation config, tokenizer with the chat template training
+used, manifest) that plain transformers, vLLM and llama.cpp's convert_hf_to_gguf.py load; optionally an Ollama
+Modelfile in it.
+
+With Unsloth, its merged save does the merge. Otherwise PEFT merges into a base loaded fresh in 16 bits (or
+float32), never into a 4-bit one, whose rounding would be baked into every weight.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic, write_text_atomic
+from .cli import UserError
+from .generation import stop_token_ids
+from .modeling import (
+    ADAPTER_MANIFEST,
+    adapter_base_path,
+    choose_backend,
+    load_adapter_tokenizer,
+    load_base_model,
+    read_adapter_manifest,
+)
+
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODELFILE = "Modelfile"
+# ChatML, as Qwen2.5's own template renders system/user/assistant turns, in Ollama's Go template language.
+OLLAMA_TEMPLATE = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+
+
+def ollama_modelfile(system_prompt: str, stop_tokens: list[str]) -> str:
+    lines = [
+        "# Ollama model of this folder: `ollama create NAME -f Modelfile` here, then `ollama run NAME`.",
+        "# For a quantized model, convert this folder to GGUF (see the README) and point FROM at the .gguf file.",
+        "FROM .",
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
+        f'SYSTEM """{system_prompt}"""',
+        *(f'PARAMETER stop "{token}"' for token in stop_tokens),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def merge_with_peft(adapter_dir: str, base_model: str, folder: Path, dtype, max_seq_length: int) -> None:
+    from peft import PeftModel
+
+    model, _ = load_base_model(base_model, "hf", load_in_4bit=False, max_seq_length=max_seq_length, dtype=dtype)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(folder)
+
+
+def merge_with_unsloth(adapter_dir: str, folder: Path, dtype, max_seq_length: int, tokenizer) -> None:
+    from unsloth import FastLanguageModel
+
+    # Loading the adapter folder brings its base in 16 bits (load_in_4bit=False), so the merge is not rounded.
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=adapter_dir, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=False
+    )
+    # safe_serialization=None keeps safetensors even where Unsloth would fall back to a pickle (few CPUs).
+    model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit", safe_serialization=None)
+
+
+def write_generation_config(folder: Path, tokenizer) -> None:
+    """Make plain generate() (and vLLM) stop at <|im_end|> as well as <|endoftext|>."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(folder)
+    generation.eos_token_id = stop_token_ids(tokenizer)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
+
+
+def export_merged(cfg) -> None:
+    if cfg.dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {cfg.dtype!r}")
+    if Path(cfg.output_dir).resolve() == Path(cfg.adapter_dir).resolve():
+        raise UserError(f"--output_dir {cfg.output_dir} is the adapter folder; choose another folder")
+    manifest = read_adapter_manifest(cfg.adapter_dir)
+    adapter_base_path(cfg.adapter_dir, manifest)
+    backend = choose_backend(cfg.backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)
+    tokenizer = load_adapter_tokenizer(cfg.adapter_dir)
+    import torch
+
+    dtype = getattr(torch, cfg.dtype)
+    max_seq_length = manifest.get("config", {}).get("MAX_SEQ_LENGTH", 2048)
+    print(f"merging {cfg.adapter_dir} into {manifest['base_model']} ({backend}, {cfg.dtype})")
+    started = time.time()
+    with atomic_directory(cfg.output_dir) as folder:
+        if backend == "unsloth":
+            merge_with_unsloth(cfg.adapter_dir, folder, dtype, max_seq_length, tokenizer)
+        else:
+            merge_with_peft(cfg.adapter_dir, manifest["base_model"], folder, dtype, max_seq_length)
+        tokenizer.save_pretrained(folder)  # the adapter's tokenizer: the chat template training used
+        write_generation_config(folder, tokenizer)
+        stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
+        if cfg.ollama_modelfile:
+            write_text_atomic(folder / MODELFILE, ollama_modelfile(cfg.system_prompt, stops))
+        write_json_atomic(
+            folder / ADAPTER_MANIFEST,
+            build_manifest(
+                "export", cfg, base_model=manifest["base_model"], backend=backend, dtype=cfg.dtype,
+                adapter={"path": cfg.adapter_dir, "sha256": sha256_file(Path(cfg.adapter_dir) / ADAPTER_WEIGHTS),
+                         "trained": manifest.get("created"), "dataset": manifest.get("dataset")},
+                stop_tokens=stops, wall_time_s=round(time.time() - started, 2),
+            ),
+        )
+    extra = f" and an Ollama {MODELFILE}" if cfg.ollama_modelfile else ""
+    print(f"merged {cfg.dtype} model, tokenizer, generation config, manifest{extra} written to {cfg.output_dir}/")
