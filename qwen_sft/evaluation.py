@@ -237,14 +237,46 @@ def resolve_load_in_4bit(setting: str) -> bool | None:
     raise UserError(f"--load_in_4bit must be auto, true or false, got {setting!r}")
 
 
-def evaluate_model(model, tokenizer, cfg, examples, generation_prompts, label: str) -> dict:
-    """Per-example loss terms and generated answers of the model as it is now (adapter on or off)."""
+class EvalRows:
+    """The eval split tokenized once, for teacher forcing (exactly as training tokenizes) and for generation."""
+
+    def __init__(self, tokenizer, records: list[dict], cfg):
+        from .template import answer_ids, build_messages, prompt_ids, tokenize_example
+
+        self.records = records
+        self.sources = [record.get("source", NO_SOURCE) for record in records]
+        prompts = [prompt_ids(tokenizer, build_messages(record, cfg.system_prompt)) for record in records]
+        answers = [answer_ids(tokenizer, record["output"]) for record in records]
+        self.full_lengths = [len(prompt) + len(answer) for prompt, answer in zip(prompts, answers)]
+        self.reference_tokens = [len(answer) - 1 for answer in answers]  # the answer without its <|im_end|>
+
+        # Teacher forcing: the prompt is cut from the left to fit MAX_SEQ_LENGTH, the answer never is (as in
+        # training); a row whose answer alone does not fit carries no loss.
+        self.examples, self.example_rows, self.prompts_cut, self.dropped = [], [], 0, 0
+        for row, record in enumerate(records):
+            example, cut = tokenize_example(tokenizer, record, cfg.system_prompt, cfg.max_seq_length)
+            if example is None:
+                self.dropped += 1
+                continue
+            self.prompts_cut += cut
+            self.examples.append(example)
+            self.example_rows.append(row)
+
+        # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH keeps its end.
+        self.generation_rows = choose_generation_rows(len(records), cfg.max_gen_samples, cfg.seed)
+        self.generation_prompts = [prompts[row][-cfg.max_seq_length:] for row in self.generation_rows]
+        self.generation_prompts_cut = sum(len(prompts[row]) > cfg.max_seq_length for row in self.generation_rows)
+
+
+def run_model(model, tokenizer, cfg, rows: EvalRows, label: str) -> dict:
+    """Loss terms per example and generated answers of the model as it is now (adapter on or off)."""
     from .generation import decode_answer, decoding_kwargs, generate_token_ids
 
-    losses = answer_nll(model, examples, cfg.eval_batch_size, tokenizer.pad_token_id, progress=f"eval_loss {label}")
+    losses = answer_nll(model, rows.examples, cfg.eval_batch_size, tokenizer.pad_token_id, progress=f"eval_loss {label}")
     decoding = decoding_kwargs(tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     started = time.perf_counter()
-    generated = generate_token_ids(model, generation_prompts, decoding, cfg.gen_batch_size, progress=f"generate {label}")
+    generated = generate_token_ids(model, rows.generation_prompts, decoding, cfg.gen_batch_size,
+                                   progress=f"generate {label}")
     seconds = time.perf_counter() - started
     tokens = sum(len(row["ids"]) for row in generated)
     answers = [
@@ -255,18 +287,28 @@ def evaluate_model(model, tokenizer, cfg, examples, generation_prompts, label: s
     return {"losses": losses, "answers": answers, "throughput": throughput}
 
 
-def model_metrics(run: dict, loss_rows: list[int], answer_rows: list[int], references: list[str],
-                  reference_tokens: list[int], scorer) -> dict:
-    """The metrics of one model over a subset: `loss_rows` index run["losses"], `answer_rows` run["answers"]."""
-    nll = sum(run["losses"][index][0] for index in loss_rows)
-    tokens = sum(run["losses"][index][1] for index in loss_rows)
-    answers = [run["answers"][index] for index in answer_rows]
-    refs = [references[index] for index in answer_rows]
-    metrics = {**loss_metrics(nll, tokens),
-               **generation_metrics(answers, refs, [reference_tokens[index] for index in answer_rows])}
-    if scorer is not None:
-        metrics.update(rouge_metrics(scorer, [row["text"] for row in answers], refs))
-    return metrics
+def grouped_metrics(runs: dict, rows: EvalRows, scorer, source: str | None = None) -> dict:
+    """Tuned metrics, plus `base` and `delta` when the base ran, over the rows of `source` (None = all rows)."""
+    loss_positions = [i for i, row in enumerate(rows.example_rows) if source in (None, rows.sources[row])]
+    answer_positions = [i for i, row in enumerate(rows.generation_rows) if source in (None, rows.sources[row])]
+    references = [rows.records[rows.generation_rows[i]]["output"] for i in answer_positions]
+    reference_tokens = [rows.reference_tokens[rows.generation_rows[i]] for i in answer_positions]
+
+    per_model = {}
+    for label, run in runs.items():
+        answers = [run["answers"][i] for i in answer_positions]
+        metrics = {
+            **loss_metrics(sum(run["losses"][i][0] for i in loss_positions), sum(run["losses"][i][1] for i in loss_positions)),
+            **generation_metrics(answers, references, reference_tokens),
+        }
+        if scorer is not None:
+            metrics.update(rouge_metrics(scorer, [answer["text"] for answer in answers], references))
+        per_model[label] = metrics
+    result = dict(per_model["tuned"])
+    if "base" in per_model:
+        result["base"] = per_model["base"]
+        result["delta"] = delta(per_model["tuned"], per_model["base"])
+    return result
 
 
 def summary_table(metrics: dict) -> str:
@@ -289,11 +331,22 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def write_predictions(path: Path, rows: EvalRows, runs: dict) -> None:
+    with atomic_file(path) as handle:
+        for position, row in enumerate(rows.generation_rows):
+            record = rows.records[row]
+            line = {"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
+                    "prediction": runs["tuned"]["answers"][position]["text"], "source": rows.sources[row]}
+            if "base" in runs:
+                line["base_prediction"] = runs["base"]["answers"][position]["text"]
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
 def evaluate(cfg) -> dict:
     """Run the whole stage and write OUTPUT_DIR/metrics.json and predictions.jsonl; returns the metrics."""
     from .modeling import load_adapter_model, read_adapter_manifest
-    from .template import answer_ids, build_messages, prompt_ids, tokenize_example
 
+    # Every check that needs no model comes first, so bad input fails in a second.
     for name in ("eval_batch_size", "gen_batch_size", "max_new_tokens", "max_seq_length"):
         if cfg[name.upper()] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
@@ -306,9 +359,8 @@ def evaluate(cfg) -> dict:
     for warning in warnings:
         print(f"warning: {warning}")
 
-    model, tokenizer, adapter_manifest = load_adapter_model(
-        cfg.adapter_dir, cfg.backend, load_in_4bit, cfg.max_seq_length
-    )
+    model, tokenizer, adapter_manifest = load_adapter_model(cfg.adapter_dir, cfg.backend, load_in_4bit,
+                                                            cfg.max_seq_length)
     backend = adapter_manifest["backend_loaded"]
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
     print(f"backend: {backend} (base model {adapter_manifest['base_model']}, 4-bit {four_bit}); "
@@ -318,54 +370,19 @@ def evaluate(cfg) -> dict:
 
         set_seed(cfg.seed)
 
-    # Teacher forcing sees exactly what training saw: prompt cut from the left, answer never cut.
-    examples, example_rows, prompts_cut, dropped = [], [], 0, 0
-    for row, record in enumerate(eval_records):
-        example, cut = tokenize_example(tokenizer, record, cfg.system_prompt, cfg.max_seq_length)
-        if example is None:
-            dropped += 1
-            continue
-        prompts_cut += cut
-        examples.append(example)
-        example_rows.append(row)
-    prompts = [prompt_ids(tokenizer, build_messages(record, cfg.system_prompt)) for record in eval_records]
-    full_lengths = [len(prompt) + len(answer_ids(tokenizer, record["output"])) for prompt, record in zip(prompts, eval_records)]
-    reference_tokens = [len(tokenizer(record["output"], add_special_tokens=False)["input_ids"]) for record in eval_records]
+    import torch
 
-    generation_rows = choose_generation_rows(len(eval_records), cfg.max_gen_samples, cfg.seed)
-    # A prompt longer than MAX_SEQ_LENGTH keeps its end, as in training.
-    generation_prompts = [prompts[row][-cfg.max_seq_length:] for row in generation_rows]
-    generation_prompts_cut = sum(len(prompts[row]) > cfg.max_seq_length for row in generation_rows)
-
-    runs = {"tuned": evaluate_model(model, tokenizer, cfg, examples, generation_prompts, "tuned")}
-    if cfg.compare_base:
-        with model.disable_adapter():
-            runs["base"] = evaluate_model(model, tokenizer, cfg, examples, generation_prompts, "base")
-
-    references = [eval_records[row]["output"] for row in generation_rows]
-    generated_reference_tokens = [reference_tokens[row] for row in generation_rows]
-    sources = [record.get("source", NO_SOURCE) for record in eval_records]
-
-    def metrics_for(loss_positions, answer_positions) -> dict:
-        per_model = {
-            label: model_metrics(run, loss_positions, answer_positions, references, generated_reference_tokens, scorer)
-            for label, run in runs.items()
-        }
-        result = dict(per_model["tuned"])
-        if "base" in per_model:
-            result["base"] = per_model["base"]
-            result["delta"] = delta(per_model["tuned"], per_model["base"])
-        return result
-
-    by_source = {}
-    for source in sorted(set(sources)):
-        loss_positions = [i for i, row in enumerate(example_rows) if sources[row] == source]
-        answer_positions = [i for i, row in enumerate(generation_rows) if sources[row] == source]
-        by_source[source] = {
-            "eval_rows": sources.count(source),
-            "generated_rows": len(answer_positions),
-            **metrics_for(loss_positions, answer_positions),
-        }
+    rows = EvalRows(tokenizer, eval_records, cfg)
+    try:
+        runs = {"tuned": run_model(model, tokenizer, cfg, rows, "tuned")}
+        if cfg.compare_base:
+            with model.disable_adapter():  # the same weights with the LoRA path switched off: no second load
+                runs["base"] = run_model(model, tokenizer, cfg, rows, "base")
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory; lower --gen_batch_size (now {cfg.gen_batch_size}) or --eval_batch_size "
+            f"(now {cfg.eval_batch_size})"
+        ) from None
 
     metrics = build_manifest(
         "evaluate",
@@ -374,31 +391,29 @@ def evaluate(cfg) -> dict:
         backend=backend,
         load_in_4bit=four_bit,
         dataset={"path": str(cfg.dataset_path), "sha256": dataset_sha256, "rows": len(records),
-                 "eval_rows": len(eval_records), "generated_rows": len(generation_rows)},
+                 "eval_rows": len(eval_records), "generated_rows": len(rows.generation_rows)},
         warnings=warnings,
-        length_stats=length_stats(full_lengths),
-        truncation_rate=sum(length > cfg.max_seq_length for length in full_lengths) / len(full_lengths),
-        teacher_forcing={"rows": len(examples), "answer_tokens": sum(count for _, count in runs["tuned"]["losses"]),
-                         "prompts_cut_from_left": prompts_cut, "rows_dropped_answer_too_long": dropped},
-        generation={"rows": len(generation_rows), "prompts_cut_from_left": generation_prompts_cut,
+        length_stats=length_stats(rows.full_lengths),
+        truncation_rate=sum(length > cfg.max_seq_length for length in rows.full_lengths) / len(rows.full_lengths),
+        teacher_forcing={"rows": len(rows.examples), "answer_tokens": sum(count for _, count in runs["tuned"]["losses"]),
+                         "prompts_cut_from_left": rows.prompts_cut, "rows_dropped_answer_too_long": rows.dropped},
+        generation={"rows": len(rows.generation_rows), "prompts_cut_from_left": rows.generation_prompts_cut,
                     "decoding": "greedy" if cfg.temperature <= 0 else "sampled",
                     "throughput": {label: run["throughput"] for label, run in runs.items()}},
-        **metrics_for(list(range(len(examples))), list(range(len(generation_rows)))),
-        by_source=by_source,
+        **grouped_metrics(runs, rows, scorer),
+        by_source={
+            source: {"eval_rows": rows.sources.count(source),
+                     "generated_rows": sum(rows.sources[row] == source for row in rows.generation_rows),
+                     **grouped_metrics(runs, rows, scorer, source)}
+            for source in sorted(set(rows.sources))
+        },
     )
-
     output_dir = Path(cfg.output_dir)
-    with atomic_file(output_dir / "predictions.jsonl") as handle:
-        for position, row in enumerate(generation_rows):
-            record = eval_records[row]
-            line = {"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
-                    "prediction": runs["tuned"]["answers"][position]["text"], "source": sources[row]}
-            if "base" in runs:
-                line["base_prediction"] = runs["base"]["answers"][position]["text"]
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    write_json_atomic(output_dir / "metrics.json", metrics)
+    write_predictions(output_dir / "predictions.jsonl", rows, runs)
+    write_json_atomic(output_dir / "metrics.json", metrics)  # written last: its presence means the run finished
 
     print()
     print(summary_table(metrics))
-    print(f"\nmetrics and {len(generation_rows)} predictions written to {output_dir}/ (metrics.json, predictions.jsonl)")
+    print(f"\nmetrics and {len(rows.generation_rows)} predictions written to {output_dir}/ "
+          "(metrics.json, predictions.jsonl)")
     return metrics

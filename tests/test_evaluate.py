@@ -26,7 +26,7 @@ from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, build_messages, prompt_ids,
 
 RATES = ("exact_match", "stop_rate", "empty_rate", "distinct-1", "distinct-2", "rouge1", "rouge2", "rougeL")
 MODEL_KEYS = ("eval_loss", "perplexity", "avg_pred_len_tokens", "avg_ref_len_tokens", "len_ratio_pred_over_ref", *RATES)
-RUN_FLAGS = ["--eval_ratio", "0.5", "--max_new_tokens", "40", "--gen_batch_size", "4", "--eval_batch_size", "3"]
+RUN_FLAGS = ["--eval_ratio", "0.5", "--max_new_tokens", "32", "--gen_batch_size", "4", "--eval_batch_size", "3"]
 
 
 def test_text_units_split_cjk_per_character_and_words_per_run():
