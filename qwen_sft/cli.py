@@ -12,6 +12,7 @@ import ast
 import difflib
 import io
 import json
+import os
 import sys
 import tokenize
 from pathlib import Path
@@ -28,6 +29,17 @@ def run_stage(main) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torchrun / accelerate launch, or in a single process; only it prints and writes."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def say(message: str) -> None:
+    """print() on the main process only, so that N launched processes do not print everything N times."""
+    if is_main_process():
+        print(message, flush=True)
 
 
 class Config(dict):
@@ -199,7 +211,8 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
         raise UserError("; ".join(errors))
 
     if not quiet:
-        print("config:")
-        for name, value in values.items():
-            print(f"  {name} = {format_value(value)}" + ("   (from the command line)" if name in overridden else ""))
+        say("config:\n" + "\n".join(
+            f"  {name} = {format_value(value)}" + ("   (from the command line)" if name in overridden else "")
+            for name, value in values.items()
+        ))
     return Config(values)

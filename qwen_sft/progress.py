@@ -28,13 +28,25 @@ class TokenCountingCollator:
         self.batches += 1
         return batch
 
-    def summary(self) -> dict:
+    def summary(self, accelerator) -> dict:
+        """Counts summed over every process."""
+        per_process = gather_over_ranks(accelerator, [self.real_tokens, self.token_slots, self.batches])
+        real, slots, batches = (int(value) for value in per_process.sum(0))
         return {
-            "real_tokens": self.real_tokens,
-            "token_slots": self.token_slots,
-            "real_token_share": round(self.real_tokens / self.token_slots, 4) if self.token_slots else None,
-            "batches": self.batches,
+            "real_tokens": real,
+            "token_slots": slots,
+            "real_token_share": round(real / slots, 4) if slots else None,
+            "batches": batches,
+            "real_tokens_per_process": [int(value) for value in per_process[:, 0]],
         }
+
+
+def gather_over_ranks(accelerator, values: list[float]):
+    """A (processes x len(values)) tensor of every process's values; a collective, so every rank must call it."""
+    import torch
+
+    local = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.gather(local).cpu()
 
 
 def peak_gpu_memory_gib() -> float | None:
@@ -95,12 +107,19 @@ class ProgressCallback(TrainerCallback):
             "token_slots_per_s": round((self.counter.token_slots - start_slots) / elapsed, 1),
         }
 
-    def summary(self) -> dict:
+    def summary(self, accelerator) -> dict:
+        """Rates summed over every process; peak memory is the largest process's."""
+        steady = dict(self.steady)
         peak = peak_gpu_memory_gib()
+        rates = gather_over_ranks(
+            accelerator, [steady.get("real_tokens_per_s", 0), steady.get("token_slots_per_s", 0), peak or 0]
+        )
+        if steady:
+            steady["real_tokens_per_s"], steady["token_slots_per_s"] = (round(float(v), 1) for v in rates[:, :2].sum(0))
         return {
             "time_to_first_step_s": round(self.first_step_s, 2) if self.first_step_s is not None else None,
-            "steady_state": self.steady,
-            "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
+            "steady_state": steady,
+            "peak_gpu_memory_gib": round(float(rates[:, 2].max()), 2) if peak is not None else None,
         }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -147,6 +166,14 @@ class StopOnSignal(TrainerCallback):
                 signal.signal(sig, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received:
+        stop = self.received is not None
+        if args.world_size > 1:  # every process must stop at the same step, or the next collective hangs
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(stop)], device=args.device)
+            dist.all_reduce(flag)
+            stop = bool(flag.item())
+        if stop:
             control.should_save = True
             control.should_training_stop = True

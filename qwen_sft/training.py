@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
-from .cli import UserError
+from .cli import UserError, say
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .records import read_records
 from .template import tokenize_example
@@ -77,21 +77,32 @@ def find_resume_checkpoint(setting: str, output_dir: str) -> str | None:
     for folder in candidates:
         if is_complete_checkpoint(folder):
             return str(folder)
-        print(f"skipping {folder}: incomplete or corrupt checkpoint (an interrupted save)")
-    print(f"no complete checkpoint in {output_dir}; starting from scratch")
+        say(f"skipping {folder}: incomplete or corrupt checkpoint (an interrupted save)")
+    say(f"no complete checkpoint in {output_dir}; starting from scratch")
     return None
 
 
 def sft_trainer_class():
-    """TRL's SFTTrainer; off CUDA its Triton-only fused loss kernel is replaced by the model's own loss."""
+    """TRL's SFTTrainer with two CPU fixes, so that the CPU path (tests, CI) runs the same stage code."""
+    import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
     class PortableSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss.
             if self.args.device.type in ("cuda", "xpu"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # Under CPU data parallel, transformers maps the optimizer state to "cpu:<rank>", which torch.load
+            # rejects; CPU tensors need no mapping.
+            if checkpoint is None or self.args.device.type != "cpu" or self.args.world_size == 1:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            folder = Path(checkpoint)
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
     return PortableSFTTrainer
 
@@ -133,22 +144,26 @@ def train(cfg, script_name: str):
 
     # Unsloth patches transformers and TRL when imported, so the backend is loaded before TRL.
     model, tokenizer = load_base_model(cfg.base_model, backend, cfg.load_in_4bit, cfg.max_seq_length)
-    print(f"backend: {backend} (base model {cfg.base_model}, 4-bit {cfg.load_in_4bit})")
+    say(f"backend: {backend} (base model {cfg.base_model}, 4-bit {cfg.load_in_4bit})")
     if cfg.packing:
         from .packed_attention import enable_varlen_packed_attention
 
-        print(f"packing: padding-free rows; attention: {enable_varlen_packed_attention()}")
+        say(f"packing: padding-free rows; attention: {enable_varlen_packed_attention()}")
 
     train_rows, train_stats = tokenize_records(tokenizer, train_records, cfg.system_prompt, cfg.max_seq_length)
     eval_rows, eval_stats = tokenize_records(tokenizer, eval_records, cfg.system_prompt, cfg.max_seq_length)
     for name, stats in (("train", train_stats), ("eval", eval_stats)):
         if any(stats.values()):
-            print(
+            say(
                 f"{name}: {stats['prompt_truncated']} prompts cut from the left to fit --max_seq_length "
                 f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long)"
             )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rows_per_step = cfg.per_device_train_batch_size * world_size
+    say(
+        f"effective batch size: {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
+        f"accumulation x {world_size} processes = {rows_per_step * cfg.gradient_accumulation_steps} rows per step"
+    )
     if len(train_rows) < rows_per_step:
         raise UserError(
             f"{cfg.dataset_path}: {len(train_rows)} training rows after the split is fewer than one batch "
@@ -209,6 +224,7 @@ def train(cfg, script_name: str):
         report_to=["tensorboard"],
         disable_tqdm=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
         use_cpu=not on_gpu,
     )
     from .progress import ProgressCallback, StopOnSignal, TokenCountingCollator
@@ -229,7 +245,7 @@ def train(cfg, script_name: str):
 
     resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume:
-        print(f"resuming from {resume}")
+        say(f"resuming from {resume}")
     started = time.time()
     with stop_on_signal.installed():
         trainer.train(resume_from_checkpoint=resume)
@@ -238,15 +254,16 @@ def train(cfg, script_name: str):
     if stop_on_signal.received:
         saved = find_resume_checkpoint("auto", cfg.output_dir)
         where = f"checkpoint {saved} is saved" if saved else "no checkpoint was saved yet"
-        print(
+        say(
             f"stopped by {stop_on_signal.received} at step {trainer.state.global_step}; {where}. "
             f"Resume with: python {os.path.basename(script_name)} --resume_from_checkpoint auto (and the same flags)"
         )
         raise SystemExit(130)
 
+    final_eval = trainer.evaluate() if has_eval else {}  # collectives: every process takes part
+    tokens, throughput = token_counter.summary(trainer.accelerator), progress.summary(trainer.accelerator)
     if not trainer.is_world_process_zero():
         return trainer
-    final_eval = trainer.evaluate() if has_eval else {}
     manifest = build_manifest(
         "train",
         {key: value for key, value in cfg.items()},
@@ -263,8 +280,8 @@ def train(cfg, script_name: str):
         final_eval_loss=final_eval.get("eval_loss"),
         final_eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         wall_time_s=round(wall_time, 2),
-        tokens=token_counter.summary(),
-        throughput=progress.summary(),
+        tokens=tokens,
+        throughput=throughput,
         log_history=trainer.state.log_history,
     )
     with atomic_directory(cfg.adapter_dir) as folder:
@@ -274,7 +291,8 @@ def train(cfg, script_name: str):
         write_json_atomic(folder / ADAPTER_MANIFEST, manifest)
     with atomic_directory(cfg.tokenizer_dir) as folder:
         tokenizer.save_pretrained(folder)
-    print(f"adapter, tokenizer, loss curve and manifest written to {cfg.adapter_dir}/ (tokenizer also in {cfg.tokenizer_dir}/)")
+    say(f"adapter, tokenizer, loss curve and manifest written to {cfg.adapter_dir}/ (tokenizer also in "
+        f"{cfg.tokenizer_dir}/)")
     if final_eval:
-        print(f"final eval_loss {final_eval['eval_loss']:.4f}, perplexity {manifest['final_eval_perplexity']:.3f}")
+        say(f"final eval_loss {final_eval['eval_loss']:.4f}, perplexity {manifest['final_eval_perplexity']:.3f}")
     return trainer
