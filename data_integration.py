@@ -1,0 +1,37 @@
+"""Option A: mix your own reports with a small sample of SlimOrca and PubMedQA into mixed_finetune_dataset.jsonl.
+
+Each SOURCES value is a hub id (streamed, never downloaded whole) or a local .json/.jsonl/.parquet file in that
+dataset's own schema. Rows are validated, length-filtered and de-duplicated, each source gives its exact share of
+TOTAL_SAMPLES, and the manifest next to the output accounts for every row read.
+
+  python data_integration.py                                         # hub sources (needs the Hugging Face Hub)
+  python data_integration.py --sources orca=samples/slimorca.jsonl,pubmed=samples/pubmedqa_pqa_labeled.jsonl \\
+      --total_samples 200                                            # offline, from the bundled samples
+  python data_integration.py --ratios reports=0.2,orca=0.5,pubmed=0.3 --seed 7
+"""
+
+from qwen_sft.cli import parse_config, run_stage
+
+MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output
+SOURCES = {"orca": "Open-Orca/SlimOrca", "pubmed": "qiaojin/PubMedQA"}  # hub id or local file in that dataset's schema
+TOTAL_SAMPLES = 2000  # rows in the mix (fewer only when a source falls short)
+RATIOS = {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}  # share of TOTAL_SAMPLES per source; must sum to 1
+OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written next to it
+SEED = 42  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
+MAX_SEQ_LENGTH = 2048  # training sequence length; rows estimated to exceed it are dropped
+MIN_OUTPUT_CHARS = 2  # drop rows whose answer is shorter than this many characters
+SHUFFLE_BUFFER = 10000  # rows each source's seeded shuffle buffer holds (bounds memory)
+SHORTFALL_IS_ERROR = False  # exit 2 when a source cannot supply its share, instead of reporting it
+FATAL_BAD_ROWS = False  # exit 2 at the first row in the wrong schema, instead of skipping it
+BAD_ROW_REPORT_LIMIT = 10  # wrong-schema rows printed per source; later ones are only counted
+
+
+def main():
+    cfg = parse_config(globals())
+    from qwen_sft.mixing import mix
+
+    mix(cfg, report_key="reports", script=__file__)
+
+
+if __name__ == "__main__":
+    run_stage(main)

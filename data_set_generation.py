@@ -1,0 +1,74 @@
+"""Option B: a large mix (240,000 rows by default) of your reports, SlimOrca, PubMedQA and StackExchange questions
+split into AI, IC (integrated circuits) and biomedical domains by keyword, into mixed_finetune_dataset.jsonl.
+
+A StackExchange question belongs to a domain when it contains one of the domain's KEYWORDS as a whole word or
+phrase, in any case ("AI" does not match "said", "IC" does not match "basic"); a question that matches several
+domains goes to the one with the most hits that still needs rows. `bio` takes PubMedQA first, then biomedical
+StackExchange questions. Sources are streamed through a seeded shuffle buffer, so memory stays bounded however
+large they are, and the manifest next to the output accounts for every row read and every keyword hit.
+
+  python data_set_generation.py                                      # hub sources (needs the Hugging Face Hub)
+  python data_set_generation.py --sources orca=samples/slimorca.jsonl,pubmed=samples/pubmedqa_pqa_labeled.jsonl,stackexchange=samples/stack_exchange_preferences.jsonl \\
+      --total_samples 300                                            # offline, from the bundled samples
+  python data_set_generation.py --keywords '{"ai": ["LLM", "neural network"], "ic": ["FPGA"], "bio": ["genome"]}'
+"""
+
+from qwen_sft.cli import parse_config, run_stage
+
+MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output
+SOURCES = {
+    "orca": "Open-Orca/SlimOrca",
+    "pubmed": "qiaojin/PubMedQA",
+    "stackexchange": "HuggingFaceH4/stack-exchange-preferences",
+}  # hub id or local .json/.jsonl/.parquet file in that dataset's schema
+TOTAL_SAMPLES = 240000  # rows in the mix (fewer only when a source falls short)
+RATIOS = {"my_reports": 0.05, "orca": 0.45, "bio": 0.2, "ai": 0.15, "ic": 0.15}  # share of TOTAL_SAMPLES per bucket; must sum to 1
+KEYWORDS = {
+    "ai": [
+        "artificial intelligence", "AI", "machine learning", "deep learning", "neural network", "neural networks",
+        "neural net", "LLM", "LLMs", "large language model", "large language models", "language model", "NLP",
+        "natural language processing", "computer vision", "reinforcement learning", "supervised learning",
+        "unsupervised learning", "self-attention", "attention mechanism", "CNN", "convolutional neural network",
+        "RNN", "LSTM", "GAN", "generative adversarial network", "diffusion model", "backpropagation",
+        "gradient descent", "overfitting", "hyperparameter", "hyperparameters", "PyTorch", "TensorFlow", "Keras",
+        "scikit-learn", "word embeddings", "GPT", "BERT", "fine-tuning", "Q-learning", "object detection",
+        "image classification", "speech recognition", "人工智能", "机器学习", "深度学习", "神经网络", "大模型",
+    ],
+    "ic": [
+        "integrated circuit", "integrated circuits", "IC", "ICs", "ASIC", "ASICs", "FPGA", "FPGAs", "VLSI", "CMOS",
+        "MOSFET", "MOSFETs", "transistor", "transistors", "Verilog", "SystemVerilog", "VHDL", "RTL design",
+        "netlist", "standard cell", "place and route", "static timing analysis", "timing closure", "setup time",
+        "hold time", "clock domain crossing", "flip-flop", "flip-flops", "tape-out", "tapeout", "wafer",
+        "lithography", "photolithography", "semiconductor", "semiconductors", "EDA tool", "EDA tools",
+        "system on chip", "system-on-chip", "SoC", "op-amp", "op amp", "DRC", "LVS", "集成电路", "芯片", "半导体",
+    ],
+    "bio": [
+        "biomedical", "biomedicine", "bioinformatics", "biology", "genome", "genomics", "gene", "genes",
+        "gene expression", "DNA", "RNA", "mRNA", "protein", "proteins", "CRISPR", "PCR", "clinical trial",
+        "clinical trials", "patients", "disease", "diseases", "cancer", "tumor", "tumour", "antibody", "antibodies",
+        "vaccine", "vaccines", "bacteria", "enzyme", "enzymes", "metabolism", "medical imaging", "MRI", "ECG", "EKG",
+        "EEG", "biosensor", "biosensors", "pharmacology", "immune system", "immunology", "epidemiology",
+        "neuroscience", "physiology", "stem cell", "stem cells", "biomarker", "biomarkers", "生物医学", "基因",
+        "蛋白质", "临床",
+    ],
+}  # terms per domain, matched in StackExchange questions as whole words or phrases, any case (JSON on the command line)
+DOMAIN_SOURCES = {"ai": ["stackexchange"], "ic": ["stackexchange"], "bio": ["pubmed", "stackexchange"]}  # SOURCES that fill each domain, read in SOURCES order; StackExchange rows are split by KEYWORDS
+OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written next to it
+SEED = 42  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
+MAX_SEQ_LENGTH = 2048  # training sequence length; rows estimated to exceed it are dropped
+MIN_OUTPUT_CHARS = 2  # drop rows whose answer is shorter than this many characters
+SHUFFLE_BUFFER = 10000  # rows each source's seeded shuffle buffer holds (bounds memory)
+SHORTFALL_IS_ERROR = False  # exit 2 when a bucket's sources cannot supply its share, instead of reporting it
+FATAL_BAD_ROWS = False  # exit 2 at the first row in the wrong schema, instead of skipping it
+BAD_ROW_REPORT_LIMIT = 10  # wrong-schema rows printed per source; later ones are only counted
+
+
+def main():
+    cfg = parse_config(globals())
+    from qwen_sft.mixing import mix
+
+    mix(cfg, report_key="my_reports", script=__file__)
+
+
+if __name__ == "__main__":
+    run_stage(main)

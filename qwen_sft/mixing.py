@@ -1,0 +1,583 @@
+"""The one mixing engine behind data_integration.py (Option A) and data_set_generation.py (Option B).
+
+Every RATIOS key is a bucket with an exact quota of TOTAL_SAMPLES (rounded, the remainder to the largest share):
+- the report key (`reports` / `my_reports`) takes rows from MY_REPORT_DATA_PATH;
+- a key that names a KEYWORDS domain (ai, ic, bio) takes StackExchange questions that match its keywords, plus the
+  rows of any other source DOMAIN_SOURCES lists for it (bio: PubMedQA);
+- any other key names a SOURCES entry (orca, pubmed) and takes rows from it.
+
+Sources are read one after another (the report file, then SOURCES in order), each through a seeded shuffle
+buffer. Each drawn row is converted, validated, length-filtered and de-duplicated (ignoring case and whitespace),
+then kept if its bucket still needs rows; reading a source stops once its buckets are full. A bucket that its
+sources cannot fill is a shortfall: reported, never padded with repeats. The kept rows are shuffled with SEED and
+written atomically, with a manifest that accounts for every row read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_file, write_json_atomic
+from .cli import UserError
+from .records import read_records
+from .sources import (
+    REPORTS,
+    SCHEMAS,
+    Rejected,
+    Schema,
+    Source,
+    StackExchangeSchema,
+    WrongSchema,
+    check_local_file,
+    numbered_rows,
+    open_stream,
+)
+from .template import DEFAULT_SYSTEM_PROMPT
+
+RATIO_TOLERANCE = 1e-6
+# Qwen2.5's tokenizer averages about 4 UTF-8 bytes per token on English prose and on Chinese alike (code: ~3.5);
+# 3 over-counts tokens, so a row under the budget fits MAX_SEQ_LENGTH.
+BYTES_PER_TOKEN = 3.0
+TEMPLATE_TOKENS = 32  # ChatML markers, role names and the 补充信息 heading around the three fields
+CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain each; fewer calls, less overhead)
+PARALLEL_MIN_ROWS = 20_000  # mixes at least this large prepare rows in one worker process per CPU core
+CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkeeping (bounded, for early stops)
+WRITE_BLOCK_ROWS = 8192  # output rows encoded per write
+_json_string = json.encoder.encode_basestring  # the C encoder behind json.dumps(ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
+
+
+def duplicate_key(instruction: str, extra: str, output: str) -> bytes:
+    """Rows with equal keys are duplicates: equal once lower-cased and stripped of all whitespace."""
+    folded = f"{instruction}\x00{extra}\x00{output}".lower().encode().translate(None, _ASCII_WHITESPACE)
+    return hashlib.blake2b(folded, digest_size=16).digest()
+
+
+def utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def content_byte_budget(max_seq_length: int) -> int:
+    """UTF-8 bytes that instruction + input + output may take so that the rendered example fits."""
+    system_tokens = utf8_length(DEFAULT_SYSTEM_PROMPT) / BYTES_PER_TOKEN
+    return int((max_seq_length - TEMPLATE_TOKENS - system_tokens) * BYTES_PER_TOKEN)
+
+
+def json_body(instruction: str, extra: str, output: str) -> str:
+    """The record as json.dumps(..., ensure_ascii=False) writes it, up to the "source" field that closes it."""
+    return (
+        f'{{"instruction": {_json_string(instruction)}, "input": {_json_string(extra)}, '
+        f'"output": {_json_string(output)}, "source": '
+    )
+
+
+def exact_quotas(total: int, ratios: dict[str, float]) -> dict[str, int]:
+    """Round each share, then give the remainder (positive or negative) to the largest share."""
+    quotas = {key: round(total * ratio) for key, ratio in ratios.items()}
+    largest = max(ratios, key=ratios.get)
+    quotas[largest] += total - sum(quotas.values())
+    return quotas
+
+
+def _term_pattern(term: str) -> str:
+    """RE2 pattern for one keyword: its words joined by any whitespace, with a word boundary where the term starts
+    or ends with an ASCII letter or digit. RE2's \\b is ASCII-only, so "AI" matches in "用AI做" but not in "said"."""
+    words = ["".join(c if c.isalnum() or not c.isascii() else "\\" + c for c in word) for word in term.split()]
+    starts_word = term[0].isascii() and (term[0].isalnum() or term[0] == "_")
+    ends_word = term[-1].isascii() and (term[-1].isalnum() or term[-1] == "_")
+    return ("\\b" if starts_word else "") + "\\s+".join(words) + ("\\b" if ends_word else "")
+
+
+def keyword_patterns(keywords: dict[str, list[str]]) -> dict[str, str]:
+    """One RE2 alternation per domain, matched case-insensitively."""
+    return {domain: "|".join(_term_pattern(term.strip()) for term in terms) for domain, terms in keywords.items()}
+
+
+def count_keyword_hits(patterns: dict[str, str], texts: list[str]) -> dict[str, list[int]]:
+    """Keyword occurrences per domain for each text: one vectorised RE2 pass per domain over the whole list."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = pa.array(texts, type=pa.large_string())
+    return {
+        domain: pc.count_substring_regex(array, pattern, ignore_case=True).to_pylist()
+        for domain, pattern in patterns.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- preparing rows
+
+# What prepare_rows says about a row: (kind, detail, keyword hits per domain or None).
+USABLE, FILTERED, NO_KEYWORD_MATCH, REJECTED, WRONG_SCHEMA, MALFORMED = range(6)
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """Everything needed to prepare one source's rows; picklable, so preparation can run in worker processes."""
+
+    schema: Schema
+    byte_budget: int
+    min_output_chars: int
+    keyword_patterns: dict[str, str] | None  # domain -> RE2 pattern, for a source split by KEYWORDS
+
+
+def _convert(schema: Schema, row, line: str | None):
+    if line is not None:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            return MALFORMED, f"malformed JSON ({error.msg} at column {error.colno})", None
+    try:
+        instruction, extra, raw_output = schema.convert(row)
+    except WrongSchema as error:
+        return WRONG_SCHEMA, str(error), None
+    except Rejected as error:
+        return REJECTED, error.reason, None
+    if not instruction:
+        return REJECTED, "empty_instruction", None
+    if not raw_output:
+        return REJECTED, "empty_output", None
+    return instruction, extra, raw_output
+
+
+def prepare_rows(rules: RowRules, rows: list[tuple[object, str | None]]) -> list[tuple]:
+    """Parse, convert, clean, filter and key a chunk of (row, JSON text) pairs; the bookkeeping stays with the caller.
+
+    A keyword-split source has its questions matched in one RE2 pass per domain, and the answers of questions that
+    match no domain are never cleaned.
+    """
+    schema = rules.schema
+    converted = [_convert(schema, row, line) for row, line in rows]
+    hits = None
+    if rules.keyword_patterns:
+        counts = count_keyword_hits(
+            rules.keyword_patterns, [item[0] if isinstance(item[0], str) else "" for item in converted]
+        )
+        hits = list(zip(*counts.values()))
+    prepared = []
+    for position, item in enumerate(converted):
+        if not isinstance(item[0], str):
+            prepared.append(item)
+            continue
+        row_hits = hits[position] if hits else None
+        if hits and not any(row_hits):
+            prepared.append((NO_KEYWORD_MATCH, None, row_hits))
+            continue
+        instruction, extra, raw_output = item
+        output = schema.finish_output(raw_output)
+        if not output:
+            prepared.append((REJECTED, "empty_output", row_hits))
+        elif len(output) < rules.min_output_chars:
+            prepared.append((FILTERED, "too_short", row_hits))
+        elif utf8_length(instruction) + utf8_length(extra) + utf8_length(output) > rules.byte_budget:
+            prepared.append((FILTERED, "too_long", row_hits))
+        else:
+            detail = (duplicate_key(instruction, extra, output), json_body(instruction, extra, output))
+            prepared.append((USABLE, detail, row_hits))
+    return prepared
+
+
+def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, workers: int):
+    """(chunk, prepare_rows result) for consecutive chunks of (number, row, line), in order.
+
+    With a pool, a few chunks per worker are prepared ahead, never the whole source, so a source whose buckets
+    fill early is not read to its end; order, and so the output, does not depend on the workers.
+    """
+    chunks = iter(lambda: list(islice(rows, CHUNK_ROWS)), [])
+    if pool is None:
+        for chunk in chunks:
+            yield chunk, prepare_rows(rules, [(row, line) for _, row, line in chunk])
+        return
+    pending = deque()
+    try:
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(prepare_rows, rules, [(row, line) for _, row, line in chunk])))
+            if len(pending) > CHUNKS_IN_FLIGHT_PER_WORKER * workers:
+                chunk, future = pending.popleft()
+                yield chunk, future.result()
+        while pending:
+            chunk, future = pending.popleft()
+            yield chunk, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+
+
+def worker_count(total_samples: int) -> int:
+    """Worker processes for row preparation: one per available CPU core for a large mix, none for a small one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if cores > 1 and total_samples >= PARALLEL_MIN_ROWS else 0
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Bucket:
+    key: str
+    quota: int
+    sources: list[str]
+    kept: int = 0
+
+    @property
+    def open(self) -> bool:
+        return self.kept < self.quota
+
+
+@dataclass
+class SourceStats:
+    read: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    filtered: Counter = field(default_factory=Counter)
+    unrouted: Counter = field(default_factory=Counter)  # keyword-split rows: no_keyword_match, domain_full
+    keyword_hits: Counter = field(default_factory=Counter)
+    kept: Counter = field(default_factory=Counter)
+    bad_rows_shown: int = 0
+
+    def as_dict(self, keyword_split: bool) -> dict:
+        summary = {
+            "rows_read": self.read,
+            "rejected": dict(self.rejected),
+            "duplicates": self.duplicates,
+            "filtered": dict(self.filtered),
+            "kept": dict(self.kept),
+        }
+        if keyword_split:
+            summary["no_keyword_match"] = self.unrouted["no_keyword_match"]
+            summary["matched_but_domain_full"] = self.unrouted["domain_full"]
+            summary["keyword_hits"] = dict(self.keyword_hits)
+        return summary
+
+
+@dataclass
+class MixPlan:
+    buckets: dict[str, Bucket]
+    sources: list[Source]  # in reading order, only those some bucket with a quota needs
+    feeds: dict[str, list[str]]  # source key -> the buckets it fills
+    keyword_split: set[str]  # source keys whose rows are routed by KEYWORDS
+    keywords: dict[str, list[str]]
+
+
+def _check_ratios(ratios) -> list[str]:
+    if not isinstance(ratios, dict) or not ratios:
+        return ["RATIOS must name at least one source, e.g. --ratios reports=0.2,orca=0.8"]
+    errors = [
+        f"RATIOS[{key!r}] = {value!r} must be a number >= 0"
+        for key, value in ratios.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+    ]
+    if not errors and abs(sum(ratios.values()) - 1) > RATIO_TOLERANCE:
+        shares = ", ".join(f"{key}={value:g}" for key, value in ratios.items())
+        errors.append(f"RATIOS must sum to 1, got {sum(ratios.values()):.6g} ({shares})")
+    return errors
+
+
+def _check_keywords(keywords) -> list[str]:
+    if not isinstance(keywords, dict):
+        return ['KEYWORDS must map each domain to a list of terms, e.g. {"ai": ["machine learning"]}']
+    return [
+        f"KEYWORDS[{domain!r}] must be a non-empty list of non-empty strings"
+        for domain, terms in keywords.items()
+        if not isinstance(terms, list) or not terms or not all(isinstance(t, str) and t.strip() for t in terms)
+    ]
+
+
+def plan_mix(cfg, report_key: str) -> MixPlan:
+    """Check the configuration (every problem in one message) and work out buckets, quotas and reading order."""
+    sources_config = cfg.SOURCES
+    ratios = cfg.RATIOS
+    keywords = cfg.get("KEYWORDS", {})
+    domain_sources = cfg.get("DOMAIN_SOURCES", {})
+    errors = []
+    if cfg.TOTAL_SAMPLES < 1:
+        errors.append(f"TOTAL_SAMPLES must be at least 1, got {cfg.TOTAL_SAMPLES}")
+    if cfg.SHUFFLE_BUFFER < 1:
+        errors.append(f"SHUFFLE_BUFFER must be at least 1, got {cfg.SHUFFLE_BUFFER}")
+    if content_byte_budget(cfg.MAX_SEQ_LENGTH) < 1:
+        errors.append(f"MAX_SEQ_LENGTH {cfg.MAX_SEQ_LENGTH} leaves no room for a row after the prompt template")
+    for key, spec in sources_config.items():
+        if key not in SCHEMAS:
+            errors.append(f"SOURCES key {key!r} is unknown; use {', '.join(SCHEMAS)} (the key picks the schema)")
+        elif not isinstance(spec, str) or not spec.strip():
+            errors.append(f"SOURCES[{key!r}] must be a hub id or a file path")
+    errors += _check_ratios(ratios)
+    errors += _check_keywords(keywords)
+    for domain, names in domain_sources.items():
+        if domain not in keywords:
+            errors.append(f"DOMAIN_SOURCES key {domain!r} is not a KEYWORDS domain ({', '.join(keywords)})")
+        elif not isinstance(names, list) or not all(name in sources_config for name in names):
+            errors.append(f"DOMAIN_SOURCES[{domain!r}] = {names!r} must list SOURCES keys ({', '.join(sources_config)})")
+
+    buckets: dict[str, Bucket] = {}
+    if isinstance(ratios, dict):
+        known = [report_key, *keywords, *(key for key in sources_config if key not in keywords)]
+        quotas = exact_quotas(cfg.TOTAL_SAMPLES, ratios) if not errors else dict.fromkeys(ratios, 0)
+        for key in ratios:
+            if key == report_key:
+                fed_by = [report_key]
+            elif key in keywords:
+                fed_by = [name for name in domain_sources.get(key, ["stackexchange"]) if name in sources_config]
+                if not fed_by:
+                    errors.append(f"RATIOS key {key!r} is a keyword domain but SOURCES has no stackexchange entry")
+            elif key in sources_config:
+                fed_by = [key]
+            else:
+                errors.append(f"RATIOS key {key!r} is unknown; use {', '.join(known)}")
+                continue
+            buckets[key] = Bucket(key, quotas[key], fed_by)
+    if errors:
+        raise UserError("; ".join(errors))
+
+    feeds: dict[str, list[str]] = {}
+    for bucket in buckets.values():
+        if bucket.quota > 0:
+            for name in bucket.sources:
+                feeds.setdefault(name, []).append(bucket.key)
+    keyword_split = {
+        name for name in feeds if name != report_key and isinstance(SCHEMAS[name], StackExchangeSchema)
+        and any(key in keywords for key in feeds[name])
+    }
+    for name in keyword_split:
+        plain = [key for key in feeds[name] if key not in keywords]
+        if plain:
+            raise UserError(f"RATIOS key {plain[0]!r} takes all of {name} while KEYWORDS split it; drop one of them")
+    reading_order = [Source(report_key, cfg.MY_REPORT_DATA_PATH, REPORTS)] if report_key in feeds else []
+    reading_order += [Source(name, sources_config[name], SCHEMAS[name]) for name in sources_config if name in feeds]
+    return MixPlan(buckets, reading_order, feeds, keyword_split, keywords)
+
+
+# ---------------------------------------------------------------------------------------------------- drawing rows
+
+
+class Mixer:
+    """Draws rows from each source into the buckets and accounts for every row read."""
+
+    def __init__(self, plan: MixPlan, cfg, pool: ProcessPoolExecutor | None = None, workers: int = 0):
+        self.plan = plan
+        self.pool, self.workers = pool, workers
+        self.byte_budget = content_byte_budget(cfg.MAX_SEQ_LENGTH)
+        self.min_output_chars = cfg.MIN_OUTPUT_CHARS
+        self.fatal_bad_rows = cfg.FATAL_BAD_ROWS
+        self.bad_row_report_limit = cfg.BAD_ROW_REPORT_LIMIT
+        self.stats = {source.key: SourceStats() for source in plan.sources}
+        self.seen: set[bytes] = set()
+        self.lines: list[str] = []
+        self.closings = {key: f"{_json_string(key)}}}" for key in plan.buckets}  # the "source" value and the "}"
+
+    def _bad_row(self, source: Source, number: int, problem: str, stats: SourceStats) -> None:
+        where = source.where(number)
+        if self.fatal_bad_rows:
+            raise UserError(
+                f"{source.key}: {where}: not in the {source.schema.name} schema ({problem}); "
+                "fix the row, or pass --fatal_bad_rows false to skip such rows"
+            )
+        stats.rejected["wrong_schema"] += 1
+        if stats.bad_rows_shown < self.bad_row_report_limit:
+            stats.bad_rows_shown += 1
+            tqdm.write(f"warning: {where}: skipped, not in the {source.schema.name} schema ({problem})", file=sys.stdout)
+            if stats.bad_rows_shown == self.bad_row_report_limit:
+                tqdm.write(f"warning: further wrong-schema rows of {source.key} are counted, not shown", file=sys.stdout)
+
+    def _router(self, source: Source, domains: list[str]):
+        """A function from a row's keyword hits to the bucket it fills, or to why it fills none."""
+        buckets = [self.plan.buckets[key] for key in self.plan.feeds[source.key]]
+        if not domains:
+            return lambda hits: next(bucket for bucket in buckets if bucket.open)
+        stats = self.stats[source.key]
+        domain_buckets = [self.plan.buckets[key] for key in domains]
+
+        def route(hits):
+            matched = [index for index, count in enumerate(hits) if count]
+            stats.keyword_hits.update(domains[index] for index in matched)
+            if not matched:
+                return "no_keyword_match"
+            still_open = [index for index in matched if domain_buckets[index].open]
+            if not still_open:
+                return "domain_full"
+            return domain_buckets[max(still_open, key=hits.__getitem__)]  # the first of tied domains wins
+
+        return route
+
+    def _take(self, source: Source, chunk, prepared, wanted: int, route) -> int:
+        """Account for a chunk's rows in order and keep usable ones until `wanted` are kept; returns how many."""
+        stats, seen, lines = self.stats[source.key], self.seen, self.lines
+        taken = 0
+        for (number, _, _), (kind, detail, hits) in zip(chunk, prepared):
+            if taken == wanted:
+                break
+            stats.read += 1
+            if kind == MALFORMED:
+                raise UserError(f"{source.key}: {source.where(number)}: {detail}")
+            if kind == WRONG_SCHEMA:
+                self._bad_row(source, number, detail, stats)
+                continue
+            if kind == REJECTED:
+                stats.rejected[detail] += 1
+                continue
+            bucket = route(hits)
+            if isinstance(bucket, str):
+                stats.unrouted[bucket] += 1
+            elif kind == FILTERED:
+                stats.filtered[detail] += 1
+            elif detail[0] in seen:
+                stats.duplicates += 1
+            else:
+                seen.add(detail[0])
+                lines.append(detail[1] + self.closings[bucket.key])
+                bucket.kept += 1
+                stats.kept[bucket.key] += 1
+                taken += 1
+        return taken
+
+    def draw(self, source: Source, stream) -> None:
+        stats = self.stats[source.key]
+        fed = self.plan.feeds[source.key]
+        remaining = sum(self.plan.buckets[key].quota - self.plan.buckets[key].kept for key in fed)
+        if not remaining:  # earlier sources filled its buckets
+            return
+        # A keyword-split source's hits come in KEYWORDS order.
+        domains = [key for key in self.plan.keywords if key in fed] if source.key in self.plan.keyword_split else []
+        patterns = keyword_patterns({domain: self.plan.keywords[domain] for domain in domains}) if domains else None
+        rules = RowRules(source.schema, self.byte_budget, self.min_output_chars, patterns)
+        route = self._router(source, domains)
+        chunks = prepared_chunks(rules, numbered_rows(source, stream), self.pool, self.workers)
+        bar = tqdm(total=remaining, desc=source.key, unit=" kept", file=sys.stdout, mininterval=0.5)
+        with bar, contextlib.closing(chunks):
+            for chunk, prepared in chunks:
+                taken = self._take(source, chunk, prepared, remaining, route)
+                remaining -= taken
+                bar.update(taken)
+                bar.set_postfix_str(f"read {stats.read:,}", refresh=False)
+                if not remaining:
+                    break
+        if not stats.kept:
+            reasons = {**stats.rejected, **stats.filtered, "duplicates": stats.duplicates}
+            if domains:
+                reasons["no_keyword_match"] = stats.unrouted["no_keyword_match"]
+            detail = ", ".join(f"{reason} {count}" for reason, count in reasons.items() if count) or "the source is empty"
+            raise UserError(f"{source.key}: no usable rows left in {source.spec} after {stats.read} read ({detail})")
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
+
+
+def _shortfalls(plan: MixPlan, stats: dict[str, SourceStats]) -> dict[str, dict]:
+    return {
+        bucket.key: {
+            "requested": bucket.quota,
+            "delivered": bucket.kept,
+            "sources_read": {name: stats[name].read for name in bucket.sources if name in stats},
+        }
+        for bucket in plan.buckets.values()
+        if bucket.kept < bucket.quota
+    }
+
+
+def _write_shuffled(lines: list[str], output_file: Path, seed: int) -> str:
+    """Shuffle with `seed`, write atomically and return the file's sha256."""
+    random.Random(seed).shuffle(lines)
+    digest = hashlib.sha256()
+    with atomic_file(output_file, "wb") as handle:
+        for start in range(0, len(lines), WRITE_BLOCK_ROWS):
+            block = ("\n".join(lines[start : start + WRITE_BLOCK_ROWS]) + "\n").encode()
+            digest.update(block)
+            handle.write(block)
+    return digest.hexdigest()
+
+
+def _print_summary(plan: MixPlan, stats: dict[str, SourceStats]) -> None:
+    print(f"{'source':<14}{'read':>10}{'rejected':>10}{'duplicate':>10}{'filtered':>10}{'kept':>10}")
+    for source in plan.sources:
+        item = stats[source.key]
+        print(
+            f"{source.key:<14}{item.read:>10,}{sum(item.rejected.values()):>10,}{item.duplicates:>10,}"
+            f"{sum(item.filtered.values()):>10,}{sum(item.kept.values()):>10,}"
+        )
+    print(f"{'bucket':<14}{'requested':>10}{'delivered':>10}")
+    for bucket in plan.buckets.values():
+        print(f"{bucket.key:<14}{bucket.quota:>10,}{bucket.kept:>10,}")
+
+
+def mix(cfg, *, report_key: str, script: str) -> Path:
+    """Build the mixed dataset described by the stage's config; returns the output path."""
+    started = time.perf_counter()
+    plan = plan_mix(cfg, report_key)
+    if report_key in plan.feeds:
+        read_records(cfg.MY_REPORT_DATA_PATH)  # a bad row anywhere in the report file stops the run, not only a drawn one
+    for source in plan.sources:
+        if not source.is_hub:
+            check_local_file(source)  # every missing file is reported before the slow imports and the hub
+    streams = {source.key: open_stream(source, cfg.SEED, cfg.SHUFFLE_BUFFER) for source in plan.sources}
+    workers = worker_count(cfg.TOTAL_SAMPLES)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+    with ThreadPoolExecutor(max_workers=1) as hasher, pool or contextlib.nullcontext():
+        # hashlib releases the GIL, so hashing the source files overlaps the mixing
+        file_hashes = {
+            source.key: hasher.submit(sha256_file, source.spec) for source in plan.sources if not source.is_hub
+        }
+        mixer = Mixer(plan, cfg, pool, workers)
+        for source in plan.sources:
+            mixer.draw(source, streams[source.key])
+        file_hashes = {key: future.result() for key, future in file_hashes.items()}
+
+    shortfalls = _shortfalls(plan, mixer.stats)
+    for key, item in shortfalls.items():
+        print(
+            f"shortfall: {key} requested {item['requested']:,}, delivered {item['delivered']:,} "
+            f"(its sources ran out: {', '.join(f'{n} after {r:,} rows' for n, r in item['sources_read'].items())}); "
+            f"rows are never repeated: add rows or lower RATIOS[{key!r}]"
+        )
+    if shortfalls and cfg.SHORTFALL_IS_ERROR:
+        detail = ", ".join(f"{key} {item['delivered']}/{item['requested']}" for key, item in shortfalls.items())
+        raise UserError(f"shortfall (delivered/requested): {detail}; pass --shortfall_is_error false to write it anyway")
+
+    output_file = Path(cfg.OUTPUT_FILE)
+    output_sha256 = _write_shuffled(mixer.lines, output_file, cfg.SEED)
+    elapsed = time.perf_counter() - started
+    sources = {
+        source.key: {
+            "spec": source.spec,
+            "kind": "hub" if source.is_hub else "file",
+            "schema": source.schema.name,
+            **({"sha256": file_hashes[source.key]} if source.key in file_hashes else {}),
+            **mixer.stats[source.key].as_dict(source.key in plan.keyword_split),
+        }
+        for source in plan.sources
+    }
+    manifest = build_manifest(
+        Path(script).stem,
+        cfg,
+        seed=cfg.SEED,
+        output={"path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256},
+        buckets={key: {"requested": b.quota, "delivered": b.kept, "sources": b.sources} for key, b in plan.buckets.items()},
+        shortfall=shortfalls,
+        sources=sources,
+        length_budget={"max_seq_length": cfg.MAX_SEQ_LENGTH, "content_bytes": content_byte_budget(cfg.MAX_SEQ_LENGTH)},
+        elapsed_s=round(elapsed, 3),
+    )
+    write_json_atomic(manifest_path_for(output_file), manifest)
+    _print_summary(plan, mixer.stats)
+    print(
+        f"wrote {len(mixer.lines):,} rows to {output_file} in {elapsed:.1f} s "
+        f"({len(mixer.lines) / max(elapsed, 1e-9):,.0f} rows/s); manifest {manifest_path_for(output_file)}"
+    )
+    return output_file

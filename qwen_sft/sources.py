@@ -1,0 +1,307 @@
+"""Where mixing rows come from: local files or streamed hub datasets, and the adapters that turn each hub
+schema into instruction/input/output.
+
+A source is a hub id (streamed with `datasets`, never downloaded whole) or a local .json/.jsonl/.parquet file in
+that dataset's own schema. Both are drawn through the same seeded shuffle buffer (`IterableDataset.shuffle`), so
+memory stays bounded by the buffer, whatever the source's size.
+
+Schemas (the SOURCES key picks the adapter):
+- orca: Open-Orca/SlimOrca, `conversations` = [{from: system|human|gpt, value}].
+- pubmed: qiaojin/PubMedQA pqa_labeled, `question, context{contexts, labels, meshes}, long_answer, final_decision`.
+- stackexchange: HuggingFaceH4/stack-exchange-preferences, `qid, question, answers[{answer_id, author, pm_score,
+  selected, text}], date, metadata`; HTML becomes plain text and the answer is the best by pm_score, then selected.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from .cli import UserError
+from .records import iter_json_rows, validate_record
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+# Names that are plainly files (so a typo gives "file not found", not a failed hub lookup).
+FILE_SUFFIXES = LOCAL_SUFFIXES + (".csv", ".tsv", ".txt", ".gz", ".zip", ".arrow", ".xlsx")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_CONFIGS = {"qiaojin/PubMedQA": "pqa_labeled"}  # hub datasets that need a config name
+PARQUET_BATCH_ROWS = 1024  # rows converted to Python objects at a time
+
+
+class WrongSchema(ValueError):
+    """The row does not have the fields (or types) its dataset's schema promises."""
+
+
+class Rejected(ValueError):
+    """The row has the right shape but nothing usable (an empty field, no answers); `reason` is counted."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------- HTML to text
+
+# Every pattern starts with a literal ("<", "\n"), so re jumps between those characters instead of trying each position.
+_DROPPED_BLOCKS = re.compile(r"<(?:!--.*?--|(script|style)\b[^>]*>.*?</\1\s*)>", re.S | re.I)
+_LINE_BREAK_TAGS = re.compile(
+    r"<(?:(?:br|hr)\b[^>]*|/(?:p|div|pre|blockquote|h[1-6]|tr|table|ul|ol|dl|dd|dt)\s*)>", re.I
+)
+_LIST_ITEM_TAGS = re.compile(r"<li\b[^>]*>", re.I)
+_ANY_TAG = re.compile(r"</?[A-Za-z][^>]*>")
+_BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+
+
+def html_to_text(markup: str) -> str:
+    """Plain text of an HTML fragment: no tags, entities decoded, paragraphs and list items on their own lines.
+
+    Regexes rather than html.parser because this runs on every StackExchange question and answer: tags are
+    found by `</?letter...>`, so a literal "a < b" (escaped as &lt; in real markup) is never mistaken for one.
+    """
+    if "<" in markup:
+        markup = _DROPPED_BLOCKS.sub("", markup)
+        markup = _LINE_BREAK_TAGS.sub("\n", markup)
+        markup = _LIST_ITEM_TAGS.sub("\n- ", markup)
+        markup = _ANY_TAG.sub("", markup)
+    text = html.unescape(markup).replace("\xa0", " ")
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------------- adapters
+
+
+def _text_field(row, key: str) -> str:
+    if not isinstance(row, dict):
+        raise WrongSchema(f"expected a JSON object, got {type(row).__name__}")
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise WrongSchema(f'"{key}" is {"missing" if key not in row else "not a string"}')
+    return value
+
+
+class Schema(ABC):
+    """Turns one raw row into (instruction, input, raw_output); `finish_output` is paid only for kept rows."""
+
+    name = ""
+    hub_id = ""
+
+    @abstractmethod
+    def convert(self, row) -> tuple[str, str, str]:
+        """Raise WrongSchema for a row of another shape, Rejected for a row with nothing usable."""
+
+    def finish_output(self, raw_output: str) -> str:
+        return raw_output
+
+
+class ReportSchema(Schema):
+    name = "instruction/input/output"
+
+    def convert(self, row):
+        record = validate_record(row, "report")  # the file was validated whole before mixing starts
+        return record["instruction"].strip(), record["input"].strip(), record["output"].strip()
+
+
+class SlimOrcaSchema(Schema):
+    name = "SlimOrca"
+    hub_id = "Open-Orca/SlimOrca"
+
+    def convert(self, row):
+        turns = row.get("conversations") if isinstance(row, dict) else None
+        if not isinstance(turns, list):
+            raise WrongSchema('"conversations" must be a list of {"from", "value"} turns')
+        system = human = answer = None
+        for turn in turns:
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise WrongSchema('each turn in "conversations" needs "from" and a string "value"')
+            role = turn.get("from")
+            if role == "system" and human is None:
+                system = turn["value"]
+            elif role == "human" and human is None:
+                human = turn["value"]
+            elif role == "gpt" and human is not None:
+                answer = turn["value"]
+                break  # SlimOrca is single-turn; a longer chat keeps its first exchange
+            elif role not in ("system", "human", "gpt"):
+                raise WrongSchema(f'turn "from" must be system, human or gpt, got {role!r}')
+        if human is None or answer is None:
+            raise WrongSchema('"conversations" needs a "human" turn followed by a "gpt" turn')
+        # The system turn often carries the task ("explain like I'm five"); the answer only fits with it.
+        system = (system or "").strip()
+        human = human.strip()
+        return (f"{system}\n\n{human}" if system and human else human), "", answer.strip()
+
+
+class PubMedQASchema(Schema):
+    name = "PubMedQA pqa_labeled"
+    hub_id = "qiaojin/PubMedQA"
+    decisions = {"yes": "Yes", "no": "No", "maybe": "Maybe"}
+
+    def convert(self, row):
+        question = _text_field(row, "question")
+        long_answer = _text_field(row, "long_answer")
+        decision = _text_field(row, "final_decision")
+        context = row.get("context")
+        passages = context.get("contexts") if isinstance(context, dict) else None
+        labels = (context.get("labels") or []) if isinstance(context, dict) else []
+        if not isinstance(passages, list) or not all(isinstance(item, str) for item in passages) or not isinstance(
+            labels, list
+        ):
+            raise WrongSchema('"context" must hold a "contexts" list of strings (and a "labels" list)')
+        if decision.strip().lower() not in self.decisions:
+            raise WrongSchema(f'"final_decision" must be yes, no or maybe, got {decision!r}')
+        if len(labels) == len(passages) and all(isinstance(label, str) and label for label in labels):
+            abstract = "\n".join(f"{label.strip()}: {text.strip()}" for label, text in zip(labels, passages))
+        else:
+            abstract = "\n".join(text.strip() for text in passages)
+        answer = long_answer.strip()
+        # Verdict first, then the evidence: the shape the system prompt asks for.
+        output = f"{self.decisions[decision.strip().lower()]}. {answer}" if answer else ""
+        return question.strip(), abstract.strip(), output
+
+
+class StackExchangeSchema(Schema):
+    name = "stack-exchange-preferences"
+    hub_id = "HuggingFaceH4/stack-exchange-preferences"
+
+    def convert(self, row):
+        question = _text_field(row, "question")
+        answers = row.get("answers")
+        if not isinstance(answers, list):
+            raise WrongSchema('"answers" must be a list of {answer_id, author, pm_score, selected, text}')
+        best, best_rank = None, None
+        for answer in answers:
+            if (
+                not isinstance(answer, dict)
+                or not isinstance(answer.get("text"), str)
+                or not isinstance(answer.get("pm_score"), (int, float))
+                or isinstance(answer.get("pm_score"), bool)
+            ):
+                raise WrongSchema('each answer needs a string "text" and a numeric "pm_score"')
+            rank = (answer["pm_score"], answer.get("selected") is True)
+            if answer["text"].strip() and (best_rank is None or rank > best_rank):
+                best, best_rank = answer["text"], rank
+        if best is None:
+            raise Rejected("no_answer")
+        return html_to_text(question), "", best
+
+    def finish_output(self, raw_output):
+        return html_to_text(raw_output)
+
+
+SCHEMAS: dict[str, Schema] = {
+    "orca": SlimOrcaSchema(),
+    "pubmed": PubMedQASchema(),
+    "stackexchange": StackExchangeSchema(),
+}
+REPORTS = ReportSchema()
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: `key` (a SOURCES key, or the RATIOS key of the report file), its schema and where it lives."""
+
+    key: str
+    spec: str
+    schema: Schema
+
+    @cached_property
+    def is_hub(self) -> bool:
+        """An owner/name hub id rather than a local path (a path that exists, or that ends like a data file)."""
+        spec = self.spec
+        return not (Path(spec).exists() or spec.lower().endswith(FILE_SUFFIXES)) and bool(HUB_ID.fullmatch(spec))
+
+    def where(self, number: int) -> str:
+        """A user-facing pointer to a row: file:line for JSON, file row N for Parquet, the stream position for hub."""
+        if self.is_hub:
+            return f"{self.spec} (streamed row {number})"
+        if self.spec.lower().endswith(".parquet"):
+            return f"{self.spec} row {number}"
+        return f"{self.spec}:{number}"
+
+
+def check_local_file(source: Source) -> None:
+    """Fail early, with one line, on a local source that cannot be read."""
+    path = Path(source.spec)
+    if not path.exists():
+        raise UserError(f"{source.key}: {path}: file not found (a hub id looks like owner/name)")
+    if not path.is_file():
+        raise UserError(f"{source.key}: {path}: is not a file")
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise UserError(f"{source.key}: {path}: unsupported file type (use .json, .jsonl or .parquet)")
+
+
+def _numbered_local_rows(path: str):
+    """Yield {"number", "row"} (or {"number", "line"}: JSONL text, parsed only once drawn) for each row of a local
+    file, reading JSONL and Parquet in bounded memory."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        yield from _numbered_parquet_rows(path)
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):  # a JSON array has to be parsed whole
+        for line, row in iter_json_rows(path):
+            yield {"number": line, "row": row}
+        return
+    with open(path, encoding="utf-8") as handle:
+        line_number = 0
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.isspace():
+                    yield {"number": line_number, "line": line}
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path}: not UTF-8 text ({error.reason} near line {line_number + 1})") from None
+
+
+def _numbered_parquet_rows(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield {"number": number, "row": row}
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"{path}: not a readable Parquet file ({error})") from None
+
+
+def open_stream(source: Source, seed: int, buffer_size: int):
+    """The source as a seeded, shuffle-buffered `datasets.IterableDataset`; nothing is read yet.
+
+    A local file must have passed check_local_file; a hub id is resolved here, so an unreachable one fails before
+    any row is mixed.
+    """
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    if not source.is_hub:
+        stream = datasets.IterableDataset.from_generator(_numbered_local_rows, gen_kwargs={"path": source.spec})
+        return stream.shuffle(seed=seed, buffer_size=buffer_size)
+    try:
+        stream = datasets.load_dataset(source.spec, HUB_CONFIGS.get(source.spec), split="train", streaming=True)
+    except Exception as error:  # offline, unknown id, gated, network: all end the same way for the user
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"{source.key}: cannot stream the hub dataset {source.spec!r} ({reason}); download it where the hub "
+            f"is reachable and point the source at the file, e.g. --sources {source.key}=/path/to/"
+            f"{source.key}.jsonl (or .json/.parquet, in the {source.schema.name} schema)"
+        ) from None
+    return stream.shuffle(seed=seed, buffer_size=buffer_size)
+
+
+def numbered_rows(source: Source, stream):
+    """(row number, parsed row or None, JSON text or None) from an opened stream: the number is the file's line or
+    row for local files and the position in the stream for hub ids."""
+    if source.is_hub:
+        return ((number, row, None) for number, row in enumerate(stream, start=1))
+    return ((item["number"], item.get("row"), item.get("line")) for item in stream)

@@ -1,0 +1,402 @@
+"""The mixing engine behind data_integration.py (Option A) and data_set_generation.py (Option B), run on small local
+files in the hub datasets' own schemas (tests/fixtures/hub/)."""
+
+import hashlib
+import json
+import re
+import runpy
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_script
+
+from qwen_sft.artifacts import sha256_file
+from qwen_sft.cli import UserError
+from qwen_sft.mixing import count_keyword_hits, exact_quotas, keyword_patterns
+from qwen_sft.sources import SCHEMAS, StackExchangeSchema, WrongSchema, html_to_text
+
+HUB = Path(__file__).resolve().parent / "fixtures" / "hub"
+ORCA, PUBMED, STACKEXCHANGE = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "stack_exchange_preferences.jsonl"
+REPORTS = HUB / "reports.json"
+ORCA_UNIQUE_ROWS = 10  # 12 rows: one exact and one near-exact (case, whitespace) duplicate
+
+
+def mix_in_process(script: str, *args, monkeypatch):
+    """Run a stage's main() in this process with the given flags (a UserError propagates)."""
+    namespace = runpy.run_path(str(ROOT / script))
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    namespace["main"]()
+
+
+def option_a(tmp_path, monkeypatch, *args, output="mix.jsonl"):
+    mix_in_process(
+        "data_integration.py", "--my_report_data_path", REPORTS, "--sources", f"orca={ORCA},pubmed={PUBMED}",
+        "--output_file", tmp_path / output, *args, monkeypatch=monkeypatch,
+    )
+    return read_mix(tmp_path / output)
+
+
+def option_b(tmp_path, monkeypatch, *args):
+    mix_in_process(
+        "data_set_generation.py", "--my_report_data_path", REPORTS,
+        "--sources", f"orca={ORCA},pubmed={PUBMED},stackexchange={STACKEXCHANGE}",
+        "--output_file", tmp_path / "mix.jsonl", *args, monkeypatch=monkeypatch,
+    )
+    return read_mix(tmp_path / "mix.jsonl")
+
+
+def read_mix(path: Path):
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    manifest = json.loads(path.with_name(f"{path.stem}.manifest.json").read_text(encoding="utf-8"))
+    return rows, manifest
+
+
+def folded(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+# ---------------------------------------------------------------------------------------------------- Option A
+
+
+def test_option_a_exact_counts_per_source_through_the_cli(tmp_path):
+    output = tmp_path / "mix.jsonl"
+    result = run_script(
+        "data_integration.py", "--my_report_data_path", REPORTS, "--sources", f"orca={ORCA},pubmed={PUBMED}",
+        "--total_samples", 20, "--ratios", "reports=0.25,orca=0.45,pubmed=0.3", "--output_file", output,
+    )
+    assert result.returncode == 0, result.stderr
+    rows, manifest = read_mix(output)
+    assert Counter(row["source"] for row in rows) == {"reports": 5, "orca": 9, "pubmed": 6}
+    assert all(set(row) == {"instruction", "input", "output", "source"} for row in rows)
+    assert all(row["instruction"].strip() and row["output"].strip() for row in rows)
+    assert manifest["output"] == {"path": str(output), "rows": 20, "sha256": sha256_file(output)}
+    assert manifest["sources"]["orca"]["sha256"] == sha256_file(ORCA)
+    assert manifest["sources"]["orca"]["kept"] == {"orca": 9}
+    assert manifest["buckets"]["pubmed"] == {"requested": 6, "delivered": 6, "sources": ["pubmed"]}
+    assert manifest["config"]["TOTAL_SAMPLES"] == 20 and manifest["seed"] == 42 and manifest["shortfall"] == {}
+    assert "wrote 20 rows" in result.stdout
+
+
+def test_schema_adapters_produce_the_expected_records(tmp_path, monkeypatch):
+    rows, _ = option_a(tmp_path, monkeypatch, "--total_samples", 20, "--ratios", "reports=0,orca=0.5,pubmed=0.5")
+    by_instruction = {row["instruction"]: row for row in rows}
+    # SlimOrca: the system turn leads the instruction; a row without one keeps the human turn alone.
+    sky = next(row for row in rows if row["instruction"].endswith("Why is the sky blue?"))
+    assert sky["instruction"].startswith("You are a helpful assistant, who always provide explanation.")
+    assert sky["output"].startswith("Sunlight is made of many colours.") and sky["input"] == ""
+    review = next(row for row in rows if "battery died" in row["instruction"])
+    assert review["instruction"].startswith("Is the following review positive or negative?")
+    # PubMedQA: the labelled abstract is the input, the verdict leads the long answer.
+    fibrillation = by_instruction["Can a smartphone ECG detect atrial fibrillation in general practice?"]
+    assert fibrillation["input"].startswith("BACKGROUND: Atrial fibrillation is often asymptomatic.\nMETHODS: 1,000")
+    assert fibrillation["output"].startswith("Yes. Single-lead smartphone ECG screening")
+    assert by_instruction["Is serum ferritin a reliable marker of iron deficiency in chronic kidney disease?"][
+        "output"].startswith("No. ")
+
+
+def test_quotas_round_then_give_the_remainder_to_the_largest_share():
+    assert exact_quotas(2000, {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}) == {"reports": 200, "orca": 1200, "pubmed": 600}
+    assert exact_quotas(10, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 4, "b": 3, "c": 3}
+    assert exact_quotas(7, {"small": 0.25, "large": 0.5, "rest": 0.25}) == {"small": 2, "large": 3, "rest": 2}
+
+
+def test_exact_and_near_exact_duplicates_are_removed(tmp_path, monkeypatch):
+    # One more than it holds, so that every row is read.
+    rows, manifest = option_a(tmp_path, monkeypatch, "--total_samples", ORCA_UNIQUE_ROWS + 1,
+                              "--ratios", "reports=0,orca=1,pubmed=0")
+    assert manifest["sources"]["orca"]["rows_read"] == 12
+    assert manifest["sources"]["orca"]["duplicates"] == 2
+    keys = [folded(row["instruction"] + "\x00" + row["output"]) for row in rows]
+    assert len(rows) == ORCA_UNIQUE_ROWS == len(set(keys))
+    assert sum("translate to german" in key for key in keys) == 1
+
+
+def test_same_seed_gives_byte_identical_output_and_another_seed_another_order(tmp_path, monkeypatch):
+    flags = ("--total_samples", 20, "--ratios", "reports=0.25,orca=0.45,pubmed=0.3")
+    option_a(tmp_path, monkeypatch, *flags, output="first.jsonl")
+    option_a(tmp_path, monkeypatch, *flags, output="second.jsonl")
+    option_a(tmp_path, monkeypatch, *flags, "--seed", 7, output="third.jsonl")
+    first, second, third = ((tmp_path / f"{name}.jsonl").read_bytes() for name in ("first", "second", "third"))
+    assert first == second
+    assert first != third
+
+
+def test_local_json_array_and_parquet_sources_match_jsonl(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in ORCA.read_text(encoding="utf-8").splitlines()]
+    array_file, parquet_file = tmp_path / "orca.json", tmp_path / "orca.parquet"
+    array_file.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(rows), parquet_file)
+    flags = ("--total_samples", 8, "--ratios", "reports=0,orca=1,pubmed=0")
+    option_a(tmp_path, monkeypatch, *flags, output="from_jsonl.jsonl")
+    for source, name in ((array_file, "from_array"), (parquet_file, "from_parquet")):
+        mix_in_process(
+            "data_integration.py", "--sources", f"orca={source},pubmed={PUBMED}", "--output_file",
+            tmp_path / f"{name}.jsonl", *flags, monkeypatch=monkeypatch,
+        )
+    reference = (tmp_path / "from_jsonl.jsonl").read_bytes()
+    assert (tmp_path / "from_array.jsonl").read_bytes() == reference
+    assert (tmp_path / "from_parquet.jsonl").read_bytes() == reference
+
+
+def test_parallel_preparation_gives_the_same_bytes(tmp_path, monkeypatch):
+    from qwen_sft import mixing
+
+    flags = ("--total_samples", 20, "--ratios", "reports=0.25,orca=0.45,pubmed=0.3")
+    option_a(tmp_path, monkeypatch, *flags, output="serial.jsonl")
+    monkeypatch.setattr(mixing, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(mixing, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(mixing.os, "sched_getaffinity", lambda pid: {0, 1})
+    option_a(tmp_path, monkeypatch, *flags, output="parallel.jsonl")
+    assert (tmp_path / "parallel.jsonl").read_bytes() == (tmp_path / "serial.jsonl").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------- shortfall
+
+
+def test_shortfall_is_reported_on_screen_and_in_the_manifest(tmp_path, monkeypatch, capsys):
+    rows, manifest = option_a(tmp_path, monkeypatch, "--total_samples", 20, "--ratios", "reports=0.5,orca=0.5,pubmed=0")
+    assert Counter(row["source"] for row in rows) == {"reports": 6, "orca": ORCA_UNIQUE_ROWS}
+    assert manifest["shortfall"]["reports"] == {"requested": 10, "delivered": 6, "sources_read": {"reports": 6}}
+    assert "orca" not in manifest["shortfall"]
+    assert "shortfall: reports requested 10, delivered 6" in capsys.readouterr().out
+
+
+def test_shortfall_can_be_an_error(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=r"shortfall .*reports 6/10"):
+        option_a(tmp_path, monkeypatch, "--total_samples", 20, "--ratios", "reports=0.5,orca=0.5,pubmed=0",
+                 "--shortfall_is_error")
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- Option B
+
+
+def test_option_b_splits_stackexchange_by_whole_word_keywords(tmp_path, monkeypatch, capsys):
+    rows, manifest = option_b(tmp_path, monkeypatch, "--total_samples", 100,
+                              "--ratios", "my_reports=0.05,orca=0.05,bio=0.3,ai=0.3,ic=0.3")
+    tags = {source: sorted(row["instruction"][1:].split("]")[0] for row in rows if row["source"] == source
+                           and row["instruction"].startswith("[")) for source in ("ai", "ic", "bio")}
+    assert tags == {"ai": ["AI-1", "AI-2", "AI-3"], "ic": ["IC-1", "IC-2", "IC-3", "MIX-1"], "bio": ["BIO-1", "BIO-2"]}
+    counts = Counter(row["source"] for row in rows)
+    assert counts == {"my_reports": 5, "orca": 5, "bio": 8 + 2, "ai": 3, "ic": 4}  # bio: all of PubMedQA, then SE
+    stackexchange = manifest["sources"]["stackexchange"]
+    assert stackexchange["rows_read"] == 12
+    assert stackexchange["rejected"] == {"no_answer": 1}
+    assert stackexchange["no_keyword_match"] == 2  # the "said"/"basic" and "aid"/"mosaic"/"picnic" traps
+    assert stackexchange["keyword_hits"] == {"ai": 4, "ic": 4, "bio": 2}  # MIX-1 hits both, counts for IC
+    assert set(manifest["shortfall"]) == {"bio", "ai", "ic"}
+    assert manifest["buckets"]["bio"]["sources"] == ["pubmed", "stackexchange"]
+    assert "shortfall: ai requested 30, delivered 3" in capsys.readouterr().out
+
+
+def test_option_b_takes_keywords_as_json_and_best_answers_as_plain_text(tmp_path, monkeypatch):
+    keywords = json.dumps({"ai": ["salt"], "ic": ["mosaic"], "bio": ["CRISPR"]})
+    rows, manifest = option_b(tmp_path, monkeypatch, "--total_samples", 10, "--keywords", keywords,
+                              "--ratios", "my_reports=0,orca=0,bio=0.2,ai=0.4,ic=0.4")
+    assert manifest["config"]["KEYWORDS"] == json.loads(keywords)
+    by_source = {row["source"]: row for row in rows if row["source"] in ("ai", "ic")}
+    assert by_source["ai"]["instruction"].startswith("[TRAP-1] My grandmother said")
+    assert by_source["ai"]["output"] == (
+        "Salt tightens the gluten and slows the yeast, so the dough rises more slowly but holds its shape."
+    )
+    assert by_source["ic"]["instruction"].startswith("[TRAP-2]")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("He said the basic recipe was fine", {"ai": 0, "ic": 0}),
+        ("Train an AI model on an IC tester", {"ai": 1, "ic": 1}),
+        ("用AI做IC测试", {"ai": 1, "ic": 1}),
+        ("ai, AI; Ai! ICs and IC's", {"ai": 3, "ic": 1}),
+        ("A MACHINE\n   learning pipeline for ASICs", {"ai": 1, "ic": 0}),
+        ("machinelearning and aid for mosaic picnics", {"ai": 0, "ic": 0}),
+    ],
+)
+def test_keywords_match_whole_words_and_phrases_in_any_case(text, expected):
+    patterns = keyword_patterns({"ai": ["AI", "machine learning"], "ic": ["IC", "integrated circuit"]})
+    assert {domain: hits[0] for domain, hits in count_keyword_hits(patterns, [text]).items()} == expected
+
+
+def test_keywords_with_punctuation_and_cjk_edges():
+    patterns = keyword_patterns({"lang": ["C++", "C#", "集成电路"]})
+    hits = count_keyword_hits(patterns, ["I write C++ daily", "C#", "ABC++", "国产集成电路设计", "Objective-C"])
+    assert hits["lang"] == [1, 1, 0, 1, 0]
+
+
+# ---------------------------------------------------------------------------------------------------- adapters
+
+
+def test_html_to_text_leaves_no_tags_or_entities():
+    markup = (
+        '<p>Use <code>x &lt; y</code> &amp; <strong>bold</strong>&nbsp;text &#8212; caf&eacute; &#x2019;s</p>\n\n\n'
+        '<ul><li>one</li><li class="x">two</li></ul><!-- a comment --><script>var a = "<p>";</script>'
+        "<pre><code>if a:\n    b()\n</code></pre><p>end<br/>line</p>"
+    )
+    assert html_to_text(markup) == "Use x < y & bold text \u2014 caf\u00e9 \u2019s\n\n- one\n- two\nif a:\n    b()\n\nend\nline"
+
+
+def test_best_answer_is_highest_pm_score_then_selected():
+    schema = StackExchangeSchema()
+
+    def answer(score, selected, text):
+        return {"answer_id": 1, "author": "a", "pm_score": score, "selected": selected, "text": text}
+
+    row = {"qid": 1, "question": "<p>Q?</p>", "answers": [answer(3, False, "<p>three</p>"), answer(5, False, "five"),
+                                                         answer(5, True, "five, selected"), answer(4, True, "four")]}
+    assert schema.convert(row) == ("Q?", "", "five, selected")
+    row["answers"] = [answer(9, False, "   "), answer(2, False, "<p>only text</p>")]
+    assert schema.finish_output(schema.convert(row)[2]) == "only text"
+    row["answers"] = [answer("9", False, "text")]
+    with pytest.raises(WrongSchema, match="pm_score"):
+        schema.convert(row)
+
+
+@pytest.mark.parametrize(
+    "schema, row, problem",
+    [
+        ("orca", {"conversation": []}, '"conversations" must be a list'),
+        ("orca", {"conversations": [{"from": "gpt", "value": "answer"}]}, 'a "human" turn followed by a "gpt" turn'),
+        ("orca", {"conversations": [{"from": "user", "value": "hi"}]}, "system, human or gpt"),
+        ("pubmed", {"question": "q", "long_answer": "a", "final_decision": "yes"}, '"context" must hold'),
+        ("pubmed", {"question": "q", "context": {"contexts": ["c"]}, "long_answer": "a", "final_decision": "perhaps"},
+         "yes, no or maybe"),
+        ("stackexchange", {"question": "q", "answers": "a"}, '"answers" must be a list'),
+        ("stackexchange", ["not", "an", "object"], "expected a JSON object"),
+    ],
+)
+def test_adapters_name_what_is_wrong_with_a_row(schema, row, problem):
+    with pytest.raises(WrongSchema, match=re.escape(problem)):
+        SCHEMAS[schema].convert(row)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--ratios", "reports=0.5,orca=0.4,pubmed=0.3"], ["RATIOS must sum to 1, got 1.2"]),
+        (["--ratios", "reports=0.2,orca=0.5,wiki=0.3"], ["RATIOS key 'wiki' is unknown", "reports, orca, pubmed"]),
+        (["--sources", f"orca=/nowhere/slimorca.jsonl,pubmed={PUBMED}"], ["/nowhere/slimorca.jsonl: file not found"]),
+        (["--my_report_data_path", HUB / "missing.json"], ["missing.json", "not found"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, flags, fragments):
+    output = tmp_path / "mix.jsonl"
+    defaults = ["--my_report_data_path", REPORTS, "--sources", f"orca={ORCA},pubmed={PUBMED}", "--output_file", output]
+    result = run_script("data_integration.py", *defaults, *flags)
+    assert_one_line_error(result, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_option_b_bad_keyword_json_exits_2(tmp_path):
+    result = run_script("data_set_generation.py", "--keywords", '{"ai": ["LLM"', "--output_file", tmp_path / "m.jsonl")
+    assert_one_line_error(result, "--keywords", "invalid JSON")
+    assert list(tmp_path.iterdir()) == []
+
+
+def bad_file(tmp_path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ratios", "reports=-0.1,orca=0.8,pubmed=0.3"], r"RATIOS\['reports'\] = -0.1 must be a number >= 0"),
+        (["--sources", f"orca={ORCA},pubmed={PUBMED},wiki=x.jsonl"], "SOURCES key 'wiki' is unknown"),
+        (["--sources", f"orca={HUB},pubmed={PUBMED}"], "is not a file"),
+        (["--sources", f"orca={REPORTS.with_suffix('.csv')},pubmed={PUBMED}"], "file not found"),
+        (["--sources", f"orca={PUBMED},pubmed={PUBMED}", "--fatal_bad_rows"],
+         r"orca: .*pubmedqa_pqa_labeled.jsonl:\d+: not in the SlimOrca schema"),
+        (["--max_seq_length", 110, "--ratios", "reports=0,orca=1,pubmed=0"],
+         r"orca: no usable rows left in .*slimorca.jsonl after 12 read \(too_long 12\)"),
+        (["--total_samples", 0], "TOTAL_SAMPLES must be at least 1"),
+    ],
+)
+def test_bad_configuration_and_sources_raise_a_user_error(tmp_path, monkeypatch, flags, message):
+    with pytest.raises(UserError, match=message):
+        option_a(tmp_path, monkeypatch, *flags)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_source_line_is_named(tmp_path, monkeypatch):
+    lines = ORCA.read_text(encoding="utf-8").splitlines()
+    broken = bad_file(tmp_path, "broken.jsonl", "\n".join(lines[:2] + ['{"conversations": [}'] + lines[2:]) + "\n")
+    with pytest.raises(UserError, match=r"orca: .*broken.jsonl:3: malformed JSON"):
+        option_a(tmp_path, monkeypatch, "--sources", f"orca={broken},pubmed={PUBMED}", "--total_samples", 20,
+                 "--ratios", "reports=0,orca=1,pubmed=0")
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
+def test_wrong_schema_rows_are_skipped_and_reported_up_to_the_limit(tmp_path, monkeypatch, capsys):
+    lines = ORCA.read_text(encoding="utf-8").splitlines()
+    wrong = ['{"question": "not orca"}', '{"conversations": "text"}', '{"conversations": [{"from": "gpt"}]}']
+    mixed = bad_file(tmp_path, "mixed.jsonl", "\n".join(wrong[:1] + lines[:5] + wrong[1:] + lines[5:]) + "\n")
+    rows, manifest = option_a(tmp_path, monkeypatch, "--sources", f"orca={mixed},pubmed={PUBMED}",
+                              "--total_samples", 20, "--ratios", "reports=0,orca=1,pubmed=0",
+                              "--bad_row_report_limit", 2)
+    assert len(rows) == ORCA_UNIQUE_ROWS
+    assert manifest["sources"]["orca"]["rejected"] == {"wrong_schema": 3}
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3 and warnings[-1] == "warning: further wrong-schema rows of orca are counted, not shown"
+    assert all("mixed.jsonl:" in line and "not in the SlimOrca schema" in line for line in warnings[:2])
+
+
+def test_unreachable_hub_id_says_how_to_use_a_local_file(tmp_path, monkeypatch):
+    with pytest.raises(UserError) as error:
+        mix_in_process("data_integration.py", "--my_report_data_path", REPORTS, "--sources",
+                       f"orca=Open-Orca/SlimOrca,pubmed={PUBMED}", "--output_file", tmp_path / "mix.jsonl",
+                       monkeypatch=monkeypatch)
+    message = str(error.value)
+    assert "orca: cannot stream the hub dataset 'Open-Orca/SlimOrca'" in message
+    assert "--sources orca=/path/to/orca.jsonl" in message and "\n" not in message
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": }]', "bad.json:2"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', 'bad.json:2: field "output" is missing'),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"\n', "bad.json:2: malformed JSON"),
+    ],
+)
+def test_bad_report_file_is_named_with_its_line(tmp_path, monkeypatch, text, where):
+    report = bad_file(tmp_path, "bad.json", text)
+    with pytest.raises(UserError, match=where):
+        option_a(tmp_path, monkeypatch, "--my_report_data_path", report)
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
+@pytest.mark.parametrize("script", ["data_integration.py", "data_set_generation.py"])
+def test_help_lists_every_constant(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("--my_report_data_path", "--sources", "--total_samples", "--ratios", "--output_file", "--seed",
+                 "--max_seq_length", "--shortfall_is_error", "--fatal_bad_rows"):
+        assert f"\n  {flag} " in result.stdout
+    assert ("--keywords" in result.stdout) == (script == "data_set_generation.py")
+
+
+def test_manifest_hash_matches_the_file_written(tmp_path, monkeypatch):
+    rows, manifest = option_a(tmp_path, monkeypatch, "--total_samples", 12)
+    data = (tmp_path / "mix.jsonl").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == manifest["output"]["sha256"]
+    assert data.endswith(b"\n") and data.count(b"\n") == len(rows) == 12
+    assert manifest["elapsed_s"] > 0 and manifest["versions"]["datasets"]
