@@ -45,6 +45,15 @@ def tokenize_records(tokenizer, records: list[dict], system_prompt: str, max_seq
     return rows, {"prompt_truncated": truncated, "dropped_answer_too_long": dropped}
 
 
+def require_one_batch(cfg, train_rows: int, world_size: int) -> None:
+    if train_rows < cfg.per_device_train_batch_size * world_size:
+        raise UserError(
+            f"{cfg.dataset_path}: {train_rows} training rows (after the split and length limit) are fewer than one "
+            f"batch ({cfg.per_device_train_batch_size} per device x {world_size} devices); add rows or lower "
+            "--per_device_train_batch_size"
+        )
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
     if not all((folder / name).is_file() and (folder / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
         return False
@@ -141,6 +150,8 @@ def train(cfg, script_name: str):
         )
     records = read_records(cfg.dataset_path)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    require_one_batch(cfg, len(train_records), world_size)  # before the (slow) model load
 
     # Unsloth patches transformers and TRL when imported, so the backend is loaded before TRL.
     model, tokenizer = load_base_model(cfg.base_model, backend, cfg.load_in_4bit, cfg.max_seq_length)
@@ -158,18 +169,12 @@ def train(cfg, script_name: str):
                 f"{name}: {stats['prompt_truncated']} prompts cut from the left to fit --max_seq_length "
                 f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long)"
             )
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     rows_per_step = cfg.per_device_train_batch_size * world_size
     say(
         f"effective batch size: {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
         f"accumulation x {world_size} processes = {rows_per_step * cfg.gradient_accumulation_steps} rows per step"
     )
-    if len(train_rows) < rows_per_step:
-        raise UserError(
-            f"{cfg.dataset_path}: {len(train_rows)} training rows after the split is fewer than one batch "
-            f"({cfg.per_device_train_batch_size} per device x {world_size} devices); add rows or lower "
-            "--per_device_train_batch_size"
-        )
+    require_one_batch(cfg, len(train_rows), world_size)
 
     from transformers import set_seed
 
@@ -179,6 +184,7 @@ def train(cfg, script_name: str):
         cfg.gradient_checkpointing,
     )
 
+    import torch
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -190,7 +196,7 @@ def train(cfg, script_name: str):
             "--load_best_model_at_end is true (the best checkpoint is chosen at evaluations)"
         )
     on_gpu = cuda_available()
-    bf16 = on_gpu and __import__("torch").cuda.is_bf16_supported()
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
     args = SFTConfig(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
@@ -247,8 +253,16 @@ def train(cfg, script_name: str):
     if resume:
         say(f"resuming from {resume}")
     started = time.time()
-    with stop_on_signal.installed():
-        trainer.train(resume_from_checkpoint=resume)
+    try:
+        with stop_on_signal.installed():
+            trainer.train(resume_from_checkpoint=resume)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"CUDA out of memory at step {trainer.state.global_step}: lower --per_device_train_batch_size "
+            f"(now {cfg.per_device_train_batch_size}) and raise --gradient_accumulation_steps (now "
+            f"{cfg.gradient_accumulation_steps}) to keep the effective batch, or lower --max_seq_length (now "
+            f"{cfg.max_seq_length}); resume with --resume_from_checkpoint auto"
+        ) from None
     wall_time = time.time() - started
 
     if stop_on_signal.received:

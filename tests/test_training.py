@@ -174,7 +174,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
         (None, "data.jsonl: file not found"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\n', "data.jsonl:2: malformed JSON"),
         ('{"instruction": "a", "output": "b"}\n{"output": "b"}\n', 'data.jsonl:2: field "instruction" is missing'),
-        ('{"instruction": "a", "output": "b"}\n', "1 training rows after the split is fewer than one batch"),
+        ('{"instruction": "a", "output": "b"}\n', "1 training rows (after the split and length limit) are fewer than one batch"),
     ],
 )
 def test_bad_dataset_exits_2_with_one_line_and_writes_nothing(tmp_path, content, message):
