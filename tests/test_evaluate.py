@@ -3,9 +3,11 @@ against one-at-a-time generation, and whole runs on the tiny model (base vs tune
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import FIXTURES, run_script
 from qwen_sft.evaluation import (
@@ -23,6 +25,8 @@ from qwen_sft.generation import decoding_kwargs, generate_token_ids
 from qwen_sft.modeling import load_adapter_model
 from qwen_sft.records import read_records
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, build_messages, prompt_ids, tokenize_example
+from qwen_sft.tiny import tiny_path
+from qwen_sft.training import split_records
 
 RATES = ("exact_match", "stop_rate", "empty_rate", "distinct-1", "distinct-2", "rouge1", "rouge2", "rougeL")
 MODEL_KEYS = ("eval_loss", "perplexity", "avg_pred_len_tokens", "avg_ref_len_tokens", "len_ratio_pred_over_ref", *RATES)
@@ -206,8 +210,13 @@ def test_predictions_and_per_source_breakdown(full_run, dataset_with_sources):
         assert group["eval_rows"] == group["generated_rows"] == sum(line["source"] == source for line in predictions)
         assert_model_metrics(group)
         assert set(group["base"]) == set(group["delta"]) == set(metrics["base"])
-    # The whole split's loss is the token-weighted mean of the groups' losses, not their plain mean.
-    assert by_source["zh"]["eval_loss"] != pytest.approx(by_source["en"]["eval_loss"])
+    # The whole split's loss is the mean over answer tokens (answer + <|im_end|>), so the groups weigh by their tokens.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path())
+    answer_tokens = {source: sum(len(tokenizer(line["reference"] + "<|im_end|>")["input_ids"]) for line in predictions
+                                 if line["source"] == source) for source in by_source}
+    weighted = sum(by_source[s]["eval_loss"] * answer_tokens[s] for s in by_source) / sum(answer_tokens.values())
+    assert metrics["eval_loss"] == pytest.approx(weighted, rel=1e-9)
+    assert metrics["eval_loss"] != pytest.approx(statistics.fmean(group["eval_loss"] for group in by_source.values()))
     table = result.stdout[result.stdout.index("metric"):]
     assert "base" in table and "tuned" in table and "delta" in table
     assert f"{metrics['eval_loss']:.4f}" in table and f"{metrics['base']['exact_match']:.4f}" in table
@@ -228,10 +237,6 @@ def test_tuned_only_run_truncation_and_sample_cap(learned_adapter, tmp_path):
     assert all("base_prediction" not in json.loads(line) for line in predictions)
 
     # Full-sample lengths of the same eval rows, counted from the whole rendered conversation.
-    from transformers import AutoTokenizer
-
-    from qwen_sft.training import split_records
-
     tokenizer = AutoTokenizer.from_pretrained(learned_adapter / "Qwen_finetuning_model")
     _, eval_records = split_records(read_records(FIXTURES / "learning_20.jsonl"), 0.5, 42)
     lengths = [
