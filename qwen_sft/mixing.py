@@ -45,6 +45,7 @@ from .sources import (
     check_local_file,
     numbered_rows,
     open_stream,
+    read_span,
 )
 from .template import DEFAULT_SYSTEM_PROMPT
 
@@ -134,17 +135,20 @@ class RowRules:
     """Everything needed to prepare one source's rows; picklable, so preparation can run in worker processes."""
 
     schema: Schema
+    path: str | None  # the local file that JSONL spans point into
     byte_budget: int
     min_output_chars: int
     keyword_patterns: dict[str, str] | None  # domain -> RE2 pattern, for a source split by KEYWORDS
 
 
-def _convert(schema: Schema, row, line: str | None):
-    if line is not None:
+def _convert(schema: Schema, row, text: bytes | None):
+    if text is not None:
         try:
-            row = json.loads(line)
+            row = json.loads(text)
         except json.JSONDecodeError as error:
             return MALFORMED, f"malformed JSON ({error.msg} at column {error.colno})", None
+        except UnicodeDecodeError as error:
+            return MALFORMED, f"not UTF-8 text ({error.reason} at byte {error.start})", None
     try:
         instruction, extra, raw_output = schema.convert(row)
     except WrongSchema as error:
@@ -158,14 +162,16 @@ def _convert(schema: Schema, row, line: str | None):
     return instruction, extra, raw_output
 
 
-def prepare_rows(rules: RowRules, rows: list[tuple[object, str | None]]) -> list[tuple]:
-    """Parse, convert, clean, filter and key a chunk of (row, JSON text) pairs; the bookkeeping stays with the caller.
+def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | None]]) -> list[tuple]:
+    """Read, parse, convert, clean, filter and key a chunk of (row, JSONL span) pairs; the bookkeeping stays with
+    the caller.
 
     A keyword-split source has its questions matched in one RE2 pass per domain, and the answers of questions that
     match no domain are never cleaned.
     """
     schema = rules.schema
-    converted = [_convert(schema, row, line) for row, line in rows]
+    with open(rules.path, "rb") if rules.path else contextlib.nullcontext() as handle:
+        converted = [_convert(schema, row, read_span(handle, span) if span else None) for row, span in rows]
     hits = None
     if rules.keyword_patterns:
         counts = count_keyword_hits(
@@ -196,7 +202,7 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, str | None]]) -> list
 
 
 def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, workers: int):
-    """(chunk, prepare_rows result) for consecutive chunks of (number, row, line), in order.
+    """(chunk, prepare_rows result) for consecutive chunks of (number, row, span), in order.
 
     With a pool, a few chunks per worker are prepared ahead, never the whole source, so a source whose buckets
     fill early is not read to its end; order, and so the output, does not depend on the workers.
@@ -204,12 +210,12 @@ def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, wor
     chunks = iter(lambda: list(islice(rows, CHUNK_ROWS)), [])
     if pool is None:
         for chunk in chunks:
-            yield chunk, prepare_rows(rules, [(row, line) for _, row, line in chunk])
+            yield chunk, prepare_rows(rules, [(row, span) for _, row, span in chunk])
         return
     pending = deque()
     try:
         for chunk in chunks:
-            pending.append((chunk, pool.submit(prepare_rows, rules, [(row, line) for _, row, line in chunk])))
+            pending.append((chunk, pool.submit(prepare_rows, rules, [(row, span) for _, row, span in chunk])))
             if len(pending) > CHUNKS_IN_FLIGHT_PER_WORKER * workers:
                 chunk, future = pending.popleft()
                 yield chunk, future.result()
@@ -407,7 +413,8 @@ class Mixer:
 
         def route(hits):
             matched = [index for index, count in enumerate(hits) if count]
-            stats.keyword_hits.update(domains[index] for index in matched)
+            for index in matched:
+                stats.keyword_hits[domains[index]] += 1
             if not matched:
                 return "no_keyword_match"
             still_open = [index for index in matched if domain_buckets[index].open]
@@ -457,7 +464,8 @@ class Mixer:
         # A keyword-split source's hits come in KEYWORDS order.
         domains = [key for key in self.plan.keywords if key in fed] if source.key in self.plan.keyword_split else []
         patterns = keyword_patterns({domain: self.plan.keywords[domain] for domain in domains}) if domains else None
-        rules = RowRules(source.schema, self.byte_budget, self.min_output_chars, patterns)
+        path = None if source.is_hub else source.spec
+        rules = RowRules(source.schema, path, self.byte_budget, self.min_output_chars, patterns)
         route = self._router(source, domains)
         chunks = prepared_chunks(rules, numbered_rows(source, stream), self.pool, self.workers)
         bar = tqdm(total=remaining, desc=source.key, unit=" kept", file=sys.stdout, mininterval=0.5)

@@ -15,7 +15,7 @@ Schemas (the SOURCES key picks the adapter):
 from __future__ import annotations
 
 import html
-import json
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -164,6 +164,9 @@ class PubMedQASchema(Schema):
         return question.strip(), abstract.strip(), output
 
 
+_SCORE_TYPES = (int, float)
+
+
 class StackExchangeSchema(Schema):
     name = "stack-exchange-preferences"
     hub_id = "HuggingFaceH4/stack-exchange-preferences"
@@ -175,16 +178,14 @@ class StackExchangeSchema(Schema):
             raise WrongSchema('"answers" must be a list of {answer_id, author, pm_score, selected, text}')
         best, best_rank = None, None
         for answer in answers:
-            if (
-                not isinstance(answer, dict)
-                or not isinstance(answer.get("text"), str)
-                or not isinstance(answer.get("pm_score"), (int, float))
-                or isinstance(answer.get("pm_score"), bool)
-            ):
+            # type() rather than isinstance(): a bool pm_score is not a score; this loop runs for every answer read
+            score = answer.get("pm_score") if type(answer) is dict else None
+            text = answer.get("text") if type(score) in _SCORE_TYPES else None
+            if type(text) is not str:
                 raise WrongSchema('each answer needs a string "text" and a numeric "pm_score"')
-            rank = (answer["pm_score"], answer.get("selected") is True)
-            if answer["text"].strip() and (best_rank is None or rank > best_rank):
-                best, best_rank = answer["text"], rank
+            rank = (score, answer.get("selected") is True)
+            if (best_rank is None or rank > best_rank) and not text.isspace() and text:
+                best, best_rank = text, rank
         if best is None:
             raise Rejected("no_answer")
         return html_to_text(question), "", best
@@ -239,8 +240,8 @@ def check_local_file(source: Source) -> None:
 
 
 def _numbered_local_rows(path: str):
-    """Yield {"number", "row"} (or {"number", "line"}: JSONL text, parsed only once drawn) for each row of a local
-    file, reading JSONL and Parquet in bounded memory."""
+    """Yield {"number", "row"} for each row of a local file, or {"number", "offset", "length"} for a JSONL line,
+    whose text is read and parsed only once it is drawn. JSONL and Parquet are read in bounded memory."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         yield from _numbered_parquet_rows(path)
@@ -251,14 +252,39 @@ def _numbered_local_rows(path: str):
         for line, row in iter_json_rows(path):
             yield {"number": line, "row": row}
         return
-    with open(path, encoding="utf-8") as handle:
-        line_number = 0
-        try:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.isspace():
-                    yield {"number": line_number, "line": line}
-        except UnicodeDecodeError as error:
-            raise UserError(f"{path}: not UTF-8 text ({error.reason} near line {line_number + 1})") from None
+    yield from _numbered_jsonl_spans(path)
+
+
+_BLANK_BYTES = frozenset(b" \t\r\x0b\x0c")
+
+
+def _numbered_jsonl_spans(path: Path, block_size: int = 1 << 20):
+    """{"number", "offset", "length"} for each non-blank line of a JSONL file."""
+    number = 0
+    with open(path, "rb") as handle:
+        block_offset, block = 0, b""
+        while True:
+            more = handle.read(block_size)
+            block += more
+            start = 0
+            end = block.find(b"\n")
+            while end != -1 or (not more and start < len(block)):
+                end = len(block) if end == -1 else end  # a last line without a newline
+                number += 1
+                if end > start and (block[start] not in _BLANK_BYTES or block[start:end].strip()):
+                    yield {"number": number, "offset": block_offset + start, "length": end - start}
+                start = end + 1
+                end = block.find(b"\n", start)
+            if not more:
+                return
+            block_offset += start
+            block = block[start:]
+
+
+def read_span(handle, span: tuple[int, int]) -> bytes:
+    """The bytes of one JSONL line drawn by (offset, length)."""
+    offset, length = span
+    return os.pread(handle.fileno(), length, offset)
 
 
 def _numbered_parquet_rows(path: Path):
@@ -300,8 +326,11 @@ def open_stream(source: Source, seed: int, buffer_size: int):
 
 
 def numbered_rows(source: Source, stream):
-    """(row number, parsed row or None, JSON text or None) from an opened stream: the number is the file's line or
-    row for local files and the position in the stream for hub ids."""
+    """(row number, parsed row or None, (offset, length) of a JSONL line or None) from an opened stream; the number
+    is the file's line or row for local files and the position in the stream for hub ids."""
     if source.is_hub:
         return ((number, row, None) for number, row in enumerate(stream, start=1))
-    return ((item["number"], item.get("row"), item.get("line")) for item in stream)
+    return (
+        (item["number"], item.get("row"), (item["offset"], item["length"]) if "offset" in item else None)
+        for item in stream
+    )

@@ -143,6 +143,16 @@ def test_local_json_array_and_parquet_sources_match_jsonl(tmp_path, monkeypatch)
     assert (tmp_path / "from_parquet.jsonl").read_bytes() == reference
 
 
+def test_jsonl_lines_with_blank_lines_crlf_and_no_final_newline(tmp_path, monkeypatch):
+    lines = ORCA.read_text(encoding="utf-8").splitlines()
+    messy = tmp_path / "messy.jsonl"
+    messy.write_bytes(("\r\n".join(lines[:6]) + "\r\n\r\n   \n" + "\n".join(lines[6:])).encode())
+    rows, manifest = option_a(tmp_path, monkeypatch, "--sources", f"orca={messy},pubmed={PUBMED}",
+                              "--total_samples", ORCA_UNIQUE_ROWS + 1, "--ratios", "reports=0,orca=1,pubmed=0")
+    assert manifest["sources"]["orca"]["rows_read"] == 12 and len(rows) == ORCA_UNIQUE_ROWS
+    assert not any("\r" in row["output"] for row in rows)
+
+
 def test_parallel_preparation_gives_the_same_bytes(tmp_path, monkeypatch):
     from qwen_sft import mixing
 
@@ -337,8 +347,8 @@ def test_bad_configuration_and_sources_raise_a_user_error(tmp_path, monkeypatch,
 
 def test_malformed_source_line_is_named(tmp_path, monkeypatch):
     lines = ORCA.read_text(encoding="utf-8").splitlines()
-    broken = bad_file(tmp_path, "broken.jsonl", "\n".join(lines[:2] + ['{"conversations": [}'] + lines[2:]) + "\n")
-    with pytest.raises(UserError, match=r"orca: .*broken.jsonl:3: malformed JSON"):
+    broken = bad_file(tmp_path, "broken.jsonl", "\n".join(lines[:2] + ["  ", '{"conversations": [}'] + lines[2:]) + "\n")
+    with pytest.raises(UserError, match=r"orca: .*broken.jsonl:4: malformed JSON"):
         option_a(tmp_path, monkeypatch, "--sources", f"orca={broken},pubmed={PUBMED}", "--total_samples", 20,
                  "--ratios", "reports=0,orca=1,pubmed=0")
     assert not (tmp_path / "mix.jsonl").exists()
