@@ -34,6 +34,7 @@ CONTEXT_LABELS = ("用户", "助手")  # how earlier exchanges are labelled in a
 SAVED_SOURCE = "chat"
 HISTORY_LENGTH = 1000  # input lines kept in the readline history file
 EXIT_WORDS = ("exit", "quit")
+STOPPED = "reply stopped; this exchange is left out of the history"
 HELP = """\
 commands:
   /reset          forget the conversation (the system prompt stays)
@@ -184,7 +185,7 @@ def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dic
                          **decoding)
     print()
     if reply.interrupted:
-        notice("reply stopped; this exchange is left out of the history")
+        notice(STOPPED)
         return
     if not reply.stopped:
         notice(f"reply cut at max_new_tokens {decoding['max_new_tokens']}")
@@ -225,7 +226,11 @@ def run_chat(cfg) -> None:
             continue
         if text.lower() in EXIT_WORDS:
             return
-        if text.startswith("/"):
-            run_command(session, text)
-        else:
-            answer(model, tokenizer, session, text, decoding, cfg.show_prompt)
+        try:
+            if text.startswith("/"):
+                run_command(session, text)
+            else:
+                answer(model, tokenizer, session, text, decoding, cfg.show_prompt)
+        except KeyboardInterrupt:  # Ctrl-C outside generation (which stream_reply turns into a stopped reply)
+            print()
+            notice(STOPPED)

@@ -5,6 +5,9 @@ Every path stops at the end-of-turn token(s) and never shows special tokens.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 
 from .template import END_OF_TURN, prompt_ids
@@ -138,16 +141,29 @@ def _flag_criterion(flag):
     return StopWhenFlagged()
 
 
+@contextlib.contextmanager
+def _ctrl_c_sets(flag):
+    """While in the block, Ctrl-C (SIGINT) sets `flag` rather than raising KeyboardInterrupt wherever the main
+    thread happens to be, which could leave the generation thread running unseen. Only the main thread can
+    install signal handlers; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decoding) -> Reply:
     """Generate one reply, handing each decoded piece to `on_text` as it arrives.
 
     transformers' TextIteratorStreamer decodes with special tokens skipped, and generation stops at the
-    end-of-turn ids, so nothing past `<|im_end|>` is ever shown. Generation runs in a worker thread: Ctrl-C in
-    the caller sets a flag that a stopping criterion checks, so the reply ends within one step and the caller
-    carries on (the returned Reply says it was interrupted).
+    end-of-turn ids, so nothing past `<|im_end|>` is ever shown. Generation runs in a worker thread while this
+    one prints; Ctrl-C sets a flag that a stopping criterion checks, so the reply ends within one step and the
+    caller carries on (the returned Reply says it was interrupted).
     """
-    import threading
-
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -171,19 +187,12 @@ def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decodin
             streamer.end()  # the reader would otherwise wait for text forever
 
     worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    try:
+    with _ctrl_c_sets(interrupt):
+        worker.start()
         for piece in streamer:
             if on_text:
                 on_text(piece)
-    except KeyboardInterrupt:
-        interrupt.set()
-    finally:
-        while worker.is_alive():
-            try:
-                worker.join()
-            except KeyboardInterrupt:  # a second Ctrl-C while the worker winds down
-                interrupt.set()
+        worker.join()
     if "error" in outcome:
         raise outcome["error"]
     stops = set(kwargs["eos_token_id"])

@@ -1,0 +1,261 @@
+"""chat.py on the tiny model: multi-turn history, commands, /save rows, trimming, leaving, and Ctrl-C mid-reply."""
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import termios
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import FIXTURES, ROOT, run_script
+from qwen_sft.chat import ChatSession
+from qwen_sft.records import read_records
+from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
+from qwen_sft.tiny import tiny_path
+
+ROWS = read_records(FIXTURES / "learning_20.jsonl")
+Q0, A0 = ROWS[0]["instruction"], ROWS[0]["output"]  # 报告0中的晶圆良率是多少？ -> 报告0中的晶圆良率为80%。
+Q2, Q4, Q6 = ROWS[2]["instruction"], ROWS[4]["instruction"], ROWS[6]["instruction"]
+# Greedy without penalties, so that the trained tiny model repeats its training answers exactly.
+EXACT = ["--temperature", "0", "--repetition_penalty", "1", "--no_repeat_ngram_size", "0", "--max_new_tokens", "40"]
+SHOWN_PROMPT = re.compile(r"\[prompt, (\d+) tokens\]\n(.*?)\[end of prompt\]", re.S)
+
+
+def turn(user: str, reply: str) -> str:
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n"
+
+
+def replies(stdout: str) -> list[str]:
+    return re.findall(r"^助手> (.*)$", stdout, re.M)
+
+
+@pytest.fixture(scope="module")
+def adapter(learned_adapter):
+    return learned_adapter / "Qwen_finetuning_model"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_path())
+
+
+def test_help_lists_every_setting():
+    result = run_script("chat.py", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("--adapter_dir", "--system_prompt", "--max_new_tokens", "--temperature", "--top_p",
+                 "--repetition_penalty", "--no_repeat_ngram_size", "--max_context_tokens", "--history_file",
+                 "--show_prompt", "--backend"):
+        assert flag in result.stdout
+    assert "--max_new_tokens 512" in result.stdout and "--temperature 0.8" in result.stdout
+    assert "/save FILE" in result.stdout
+
+
+def test_session_drops_oldest_exchanges_first_and_keeps_the_system_prompt(tokenizer):
+    session = ChatSession(tokenizer, "SYSTEM-X", max_context_tokens=10_000, max_new_tokens=100)
+    for index in range(4):
+        session.add(f"question {index}", f"answer {index}", complete=True)
+    two_exchanges = ChatSession(tokenizer, "SYSTEM-X", 10_000, 100)
+    two_exchanges.history = session.history[-2:]
+    session.prompt_budget = two_exchanges.prompt_tokens("next")  # room for the newest two exchanges only
+
+    dropped, tokens = session.make_room("next")
+    assert dropped == 2 and tokens == session.prompt_budget
+    assert [exchange.user for exchange in session.history] == ["question 2", "question 3"]
+    assert session.messages("next")[0] == {"role": "system", "content": "SYSTEM-X"}
+
+    session.prompt_budget = 5  # not even the system prompt and the message fit: nothing left to drop
+    dropped, tokens = session.make_room("next")
+    assert dropped == 2 and session.history == [] and tokens > session.prompt_budget
+
+
+def test_save_appends_complete_exchanges_with_their_context(tokenizer, tmp_path):
+    target = tmp_path / "chats.jsonl"
+    target.write_text('{"instruction": "old", "input": "", "output": "kept"}', encoding="utf-8")  # no final newline
+    session = ChatSession(tokenizer, DEFAULT_SYSTEM_PROMPT, 4096, 512)
+    session.add("第一问", "第一答", complete=True)
+    session.add("cut question", "an answer cut at the length limit", complete=False)
+    session.add("第三问", "第三答", complete=True)
+    assert session.save(target) == (2, 1)
+    session.add("第四问", "第四答", complete=True)
+    assert session.save(target) == (1, 0)  # only what was not saved yet
+
+    rows = read_records(target)
+    assert [row["instruction"] for row in rows] == ["old", "第一问", "第三问", "第四问"]
+    assert rows[1] == {"instruction": "第一问", "input": "", "output": "第一答", "source": "chat"}
+    assert rows[2]["input"] == "用户：第一问\n助手：第一答\n用户：cut question\n助手：an answer cut at the length limit"
+    assert rows[3]["input"].endswith("用户：第三问\n助手：第三答")
+
+
+def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
+    saved = tmp_path / "saved.jsonl"
+    script = [Q0, Q2, f"/save {saved}", "/reset", Q0, "/system 你是测试助手。", Q4, "/help", "/nonsense", "exit", Q6]
+    result = run_script("chat.py", "--adapter_dir", adapter, *EXACT, "--show_prompt", cwd=tmp_path,
+                        input_text="\n".join(script) + "\n", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    prompts = [text for _, text in SHOWN_PROMPT.findall(result.stdout)]
+    answers = replies(result.stdout)
+    assert len(prompts) == len(answers) == 4, result.stdout  # Q6 after `exit` is never answered
+
+    assert answers[0] == A0
+    assert prompts[1].startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
+    assert turn(Q0, A0) in prompts[1]  # the second message is sent with the first exchange
+    assert prompts[2] == prompts[0]  # after /reset: the bare first prompt again...
+    assert answers[2] == A0  # ...and the same exact answer
+
+    rows = read_records(saved)
+    assert rows[0] == {"instruction": Q0, "input": "", "output": A0, "source": "chat"}
+    assert rows[1]["instruction"] == Q2 and rows[1]["input"] == f"用户：{Q0}\n助手：{A0}"
+    assert rows[1]["output"] == answers[1] and len(rows) == 2
+
+    assert "[conversation cleared]" in result.stdout and "/system TEXT" in result.stdout
+    assert "[unknown command /nonsense; /help lists the commands]" in result.stdout
+    system_after_command = re.search(r"\[prompt, \d+ tokens\]\n<\|im_start\|>system\n(.*?)<\|im_end\|>",
+                                      result.stdout.split("/system 你是测试助手。", 1)[1]).group(1)
+    assert system_after_command == "你是测试助手。"
+    assert "<|" not in "".join(answers)
+
+
+def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapter, tmp_path):
+    # Each exchange adds about 50 prompt tokens: a 130-token prompt budget holds one earlier exchange, not two.
+    budget = 130
+    result = run_script("chat.py", "--adapter_dir", adapter, *EXACT, "--max_new_tokens", "32",
+                        "--max_context_tokens", str(budget + 32), "--show_prompt", cwd=tmp_path,
+                        input_text="\n".join([Q0, Q2, Q4]) + "\n", timeout=300)  # no exit: end of input leaves
+    assert result.returncode == 0, result.stderr[-2000:]
+    shown = SHOWN_PROMPT.findall(result.stdout)
+    assert len(shown) == 3 and all(int(tokens) <= budget for tokens, _ in shown)
+    assert Q0 in shown[1][1] and Q2 in shown[1][1]  # the first exchange still fits with the second message
+    third = shown[2][1]
+    assert Q0 not in third and Q2 in third and Q4 in third  # the oldest exchange went first
+    assert third.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
+    notice = "[dropped the 1 oldest exchange(s) to stay within max_context_tokens]"
+    assert result.stdout.count(notice) == 1
+    assert result.stdout.index(notice) < result.stdout.index(shown[2][1])
+
+
+def test_bad_budget_missing_adapter_and_missing_chat_template_are_one_line_exit_2(adapter, tmp_path):
+    result = run_script("chat.py", "--adapter_dir", tmp_path / "nowhere", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nowhere'}: no LoRA adapter there; run Qwen_finetuning.py first (or pass --adapter_dir)"
+    ]
+
+    result = run_script("chat.py", "--max_new_tokens", "600", "--max_context_tokens", "512", cwd=tmp_path)
+    assert result.returncode == 2 and "raise --max_context_tokens" in result.stderr
+
+    no_template = tmp_path / "no_template"
+    shutil.copytree(adapter, no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = no_template / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    result = run_script("chat.py", "--adapter_dir", no_template, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {no_template}: the tokenizer has no chat template; re-run Qwen_finetuning.py "
+                      "to write a complete adapter folder"]
+
+
+class Terminal:
+    """chat.py on a pseudo-terminal it owns, so that Ctrl-C typed there is a SIGINT, as for a user."""
+
+    def __init__(self, *args, cwd):
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "chat.py"), *map(str, args)], cwd=cwd, stdin=slave, stdout=slave,
+            stderr=slave, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # the pty becomes its controlling terminal
+        )
+        os.close(slave)
+        self.pending = b""
+
+    def read_until(self, text: str, timeout: float = 120) -> str:
+        """Everything up to and including `text`."""
+        wanted = text.encode()
+        deadline = time.monotonic() + timeout
+        while wanted not in self.pending:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {text!r} within {timeout}s; got {self.pending[-800:].decode(errors='replace')}")
+            self.pending += os.read(self.master, 4096)
+        end = self.pending.index(wanted) + len(wanted)
+        seen, self.pending = self.pending[:end], self.pending[end:]
+        return seen.decode(errors="replace")
+
+    def read_some(self, count: int, timeout: float = 60) -> bytes:
+        """At least `count` more bytes of output."""
+        deadline = time.monotonic() + timeout
+        while len(self.pending) < count:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"fewer than {count} bytes within {timeout}s: {self.pending!r}")
+            self.pending += os.read(self.master, 4096)
+        seen, self.pending = self.pending, b""
+        return seen
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        os.close(self.master)
+
+
+@pytest.fixture(scope="module")
+def base_only_adapter(adapter, tmp_path_factory):
+    """The trained adapter with its LoRA B matrices zeroed: the random tiny base itself, which under the seed's
+    repetition penalties writes thousands of tokens without reaching <|im_end|>, a reply long enough to interrupt."""
+    folder = tmp_path_factory.mktemp("base_only") / "adapter"
+    shutil.copytree(adapter, folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file({name: np.zeros_like(value) if "lora_B" in name else value for name, value in weights.items()},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(base_only_adapter, tmp_path):
+    history = tmp_path / "history"
+    terminal = Terminal("--adapter_dir", base_only_adapter, "--temperature", "0", "--max_new_tokens", "20000",
+                        "--max_context_tokens", "30000", "--show_prompt", "--history_file", history, cwd=tmp_path)
+    try:
+        terminal.read_until("你> ")
+        terminal.type("first message\r")
+        terminal.read_until("助手> ")
+        terminal.read_some(40)  # the reply is streaming
+        terminal.type("\x03")
+        terminal.read_until("[reply stopped; this exchange is left out of the history]")
+        terminal.read_until("你> ")
+
+        terminal.type("second message\r")
+        prompt = terminal.read_until("[end of prompt]")
+        assert "second message" in prompt and "first message" not in prompt  # the stopped exchange was dropped
+        terminal.read_until("助手> ")
+        terminal.type("\x03")  # at once: also covers a Ctrl-C before the first token
+        terminal.read_until("[reply stopped; this exchange is left out of the history]")
+
+        terminal.read_until("你> ")
+        terminal.type("/help\r")
+        terminal.read_until("/reset")  # the session still answers commands
+        terminal.read_until("你> ")
+        # readline prints the prompt before it starts waiting for keys; a SIGINT in between is only noticed
+        # at the next key (CPython's readline loop), so give it a moment as a person would.
+        time.sleep(0.5)
+        terminal.type("\x03")  # Ctrl-C at the prompt leaves cleanly
+        assert terminal.process.wait(timeout=60) == 0
+    finally:
+        terminal.close()
+    assert history.read_text(encoding="utf-8").splitlines()[-3:] == ["first message", "second message", "/help"]
