@@ -165,6 +165,7 @@ class PubMedQASchema(Schema):
 
 
 _SCORE_TYPES = (int, float)
+_SELECTED = (True, "true", "True")  # the accepted answer's flag: a bool, or its text in some exports
 
 
 class StackExchangeSchema(Schema):
@@ -183,7 +184,7 @@ class StackExchangeSchema(Schema):
             text = answer.get("text") if type(score) in _SCORE_TYPES else None
             if type(text) is not str:
                 raise WrongSchema('each answer needs a string "text" and a numeric "pm_score"')
-            rank = (score, answer.get("selected") is True)
+            rank = (score, answer.get("selected") in _SELECTED)
             if (best_rank is None or rank > best_rank) and not text.isspace() and text:
                 best, best_rank = text, rank
         if best is None:
