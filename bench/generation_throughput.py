@@ -10,8 +10,8 @@ left-padded batches of each GEN_BATCH_SIZES, and with batch size 1 on the first 
 Prints tokens/s of each, their ratio (target: batched >= 20x the loop) and peak GPU memory, and writes the
 record as JSON.
 
-  python bench/generation_throughput.py --backend hf
-  python bench/generation_throughput.py --backend unsloth
+  HF_HUB_OFFLINE=1 python bench/generation_throughput.py --backend hf        # builds /tmp/qwen7b-random once
+  HF_HUB_OFFLINE=1 python bench/generation_throughput.py --backend unsloth   # reuses it
   python bench/generation_throughput.py --tiny --num_rows 12 --new_tokens 16 --gen_batch_sizes 4 --loop_rows 3
 """
 

@@ -16,6 +16,7 @@ Metric definitions (README, "evaluate.py"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -157,8 +158,11 @@ def answer_nll(model, examples: list[dict], batch_size: int, pad_token_id: int, 
     from tqdm.auto import tqdm
 
     from .generation import model_device
+    from .modeling import compute_dtype
 
     device = model_device(model)
+    # On a GPU, run in the compute dtype as training's mixed precision and Unsloth's generate() do.
+    precision = torch.autocast("cuda", dtype=compute_dtype()) if device.type == "cuda" else contextlib.nullcontext()
     order = sorted(range(len(examples)), key=lambda index: len(examples[index]["input_ids"]), reverse=True)
     per_example = [(0.0, 0)] * len(examples)
     for first in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None):
@@ -174,13 +178,17 @@ def answer_nll(model, examples: list[dict], batch_size: int, pad_token_id: int, 
             completion_mask[position, :length] = torch.tensor(row["completion_mask"], dtype=torch.bool)
         # The first logit needed predicts the first answer token, from the last prompt position.
         start = min(row["completion_mask"].index(1) for row in rows) - 1
-        with torch.inference_mode():
+        with torch.inference_mode(), precision:
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=width - start
             ).logits
         targets = input_ids[:, start + 1:].to(logits.device)
         scored = completion_mask[:, start + 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+        # float32 log-softmax over the vocabulary, a chunk of answer tokens at a time to bound the memory it takes.
+        nll = torch.cat([
+            torch.nn.functional.cross_entropy(chunk.float(), chunk_targets, reduction="none")
+            for chunk, chunk_targets in zip(logits[:, :-1][scored].split(1024), targets[scored].split(1024))
+        ])
         row_of_token = scored.nonzero()[:, 0]
         sums = torch.zeros(len(rows), dtype=torch.float64, device=logits.device).index_add_(0, row_of_token, nll.double())
         for index, total, count in zip(order[first:first + batch_size], sums.tolist(), scored.sum(1).tolist()):
