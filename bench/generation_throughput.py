@@ -15,6 +15,8 @@ record as JSON.
   python bench/generation_throughput.py --tiny --num_rows 12 --new_tokens 16 --gen_batch_sizes 4 --loop_rows 3
 """
 
+import contextlib
+import gc
 import json
 import random
 import sys
@@ -65,6 +67,7 @@ def build_random_adapter(base_dir: str, adapter_dir: Path, rank: int, seed: int)
                       build_manifest("bench-adapter", {"LORA_R": rank, "SEED": seed}, base_model=base_dir,
                                      load_in_4bit=True))
     del model
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -116,7 +119,7 @@ def main():
 
     from qwen_sft.artifacts import package_versions, write_json_atomic
     from qwen_sft.generation import decoding_kwargs
-    from qwen_sft.modeling import load_adapter_model
+    from qwen_sft.modeling import compute_dtype, load_adapter_model
 
     if cfg.tiny:
         from qwen_sft.tiny import tiny_path
@@ -141,8 +144,9 @@ def main():
     prompts = random_prompts(cfg.num_rows, *cfg.prompt_tokens, vocab_size=vocab_size, seed=cfg.seed)
     generate_kwargs = {**decoding_kwargs(tokenizer, cfg.new_tokens), "min_new_tokens": cfg.new_tokens}
 
-    with torch.inference_mode():
-        probe = torch.tensor([prompts[0][:32]], device=next(model.parameters()).device)
+    probe = torch.tensor([prompts[0][:32]], device=next(model.parameters()).device)
+    precision = torch.autocast("cuda", dtype=compute_dtype()) if probe.is_cuda else contextlib.nullcontext()
+    with torch.inference_mode(), precision:
         tuned_logits = model(input_ids=probe).logits.float()
         with model.disable_adapter():
             base_logits = model(input_ids=probe).logits.float()
@@ -172,7 +176,7 @@ def main():
         "load_in_4bit": bool(getattr(model, "is_loaded_in_4bit", False)),
         "lora_r": cfg.lora_r,
         "adapter_max_logit_change": round(adapter_effect, 4),
-        "load_seconds": round(load_seconds, 1),
+        "adapter_build_and_load_seconds": round(load_seconds, 1),
         "rows": cfg.num_rows,
         "prompt_tokens": {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
         "new_tokens_per_row": cfg.new_tokens,
