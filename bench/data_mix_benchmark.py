@@ -12,6 +12,7 @@ long, so the filters do real work. Files are sized so every bucket fills with ro
   python bench/data_mix_benchmark.py --total_samples 3000 --data_dir /tmp/mix3k --sources_only   # sources only
 """
 
+import os
 import resource
 import statistics
 import subprocess
@@ -71,19 +72,25 @@ def main():
             "--output_file", str(output),
         ]
         print("timed command:", " ".join(command))
-        timings, tree_peaks = [], []
+        timings, cpu_seconds, tree_peaks = [], [], []
         for run in range(cfg.runs):
+            load = os.getloadavg()[0]  # other work on the machine slows the run: report it
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             elapsed, tree_peak = timed_run(command)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage and its workers, once they have exited
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             rows = sum(1 for _ in open(output, encoding="utf-8"))
             timings.append(elapsed)
+            cpu_seconds.append(cpu)
             tree_peaks.append(tree_peak)
             print(f"run {run + 1}: {rows:,} rows in {elapsed:.2f} s = {rows / elapsed:,.0f} rows/s; "
-                  f"peak RSS of the process tree {tree_peak / 2**30:.2f} GiB")
-        largest_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+                  f"{cpu:.1f} CPU s; peak RSS of the process tree {tree_peak / 2**30:.2f} GiB; "
+                  f"load average before it {load:.1f} on {os.cpu_count()} CPUs")
+        largest_process = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
         median = statistics.median(timings)
-        print(f"median of {cfg.runs} runs: {rows:,} rows in {median:.2f} s = {rows / median:,.0f} output rows/s; "
-              f"peak RSS {largest_child:.2f} GiB (largest process, getrusage), "
-              f"{max(tree_peaks) / 2**30:.2f} GiB (whole process tree, sampled)")
+        print(f"median of {cfg.runs} runs: {rows:,} rows in {median:.2f} s = {rows / median:,.0f} output rows/s, "
+              f"{statistics.median(cpu_seconds):.1f} CPU s; peak RSS {largest_process:.2f} GiB (largest process, "
+              f"getrusage), {max(tree_peaks) / 2**30:.2f} GiB (whole process tree, sampled)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import xxhash
 from tqdm import tqdm
 
 from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_file, write_json_atomic
@@ -67,9 +68,13 @@ _ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
 def duplicate_key(instruction: str, extra: str, output: str) -> bytes:
-    """Rows with equal keys are duplicates: equal once lower-cased and stripped of all whitespace."""
+    """Rows with equal keys are duplicates: equal once lower-cased and stripped of all whitespace.
+
+    xxHash (a dependency of datasets) rather than hashlib: 128 bits make a collision among millions of rows
+    vanishingly unlikely, and it is an order of magnitude faster than blake2b on this hot path.
+    """
     folded = f"{instruction}\x00{extra}\x00{output}".lower().encode().translate(None, _ASCII_WHITESPACE)
-    return hashlib.blake2b(folded, digest_size=16).digest()
+    return xxhash.xxh3_128_digest(folded)
 
 
 def utf8_length(text: str) -> int:
