@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .artifacts import atomic_file
 from .cli import UserError
-from .generation import stream_reply
+from .generation import decoding_settings, stream_reply
 from .modeling import load_adapter_model
 from .records import validate_record
 from .template import prompt_ids, render_prompt
@@ -201,26 +201,24 @@ def run_chat(cfg) -> None:
         )
     model, tokenizer, manifest = load_adapter_model(cfg.adapter_dir, cfg.backend, max_seq_length=cfg.max_context_tokens)
     session = ChatSession(tokenizer, cfg.system_prompt, cfg.max_context_tokens, cfg.max_new_tokens)
-    decoding = {
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "repetition_penalty": cfg.repetition_penalty,
-        "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
-    }
-    interactive = sys.stdin.isatty()
-    if interactive:
+    if sys.stdin.isatty():
         enable_line_editing(cfg.history_file)
     print(f"chatting with {cfg.adapter_dir} (base model {manifest['base_model']}, backend {manifest['backend_loaded']}); "
           "/help lists the commands, exit or Ctrl-D leaves")
+    chat_loop(model, tokenizer, session, decoding_settings(cfg), cfg.show_prompt)
+
+
+def chat_loop(model, tokenizer, session: ChatSession, decoding: dict, show_prompt: bool) -> None:
+    """Read messages and commands from stdin until exit, quit, end of input or Ctrl-C at the prompt."""
+    echo = not sys.stdin.isatty()  # piped input is not echoed by a terminal; echoing keeps the transcript readable
     while True:
         try:
             line = input(USER_PROMPT)
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if not interactive:
-            print(line)  # piped input is not echoed by a terminal; this keeps the transcript readable
+        if echo:
+            print(line)
         text = line.strip()
         if not text:
             continue
@@ -230,7 +228,7 @@ def run_chat(cfg) -> None:
             if text.startswith("/"):
                 run_command(session, text)
             else:
-                answer(model, tokenizer, session, text, decoding, cfg.show_prompt)
+                answer(model, tokenizer, session, text, decoding, show_prompt)
         except KeyboardInterrupt:  # Ctrl-C outside generation (which stream_reply turns into a stopped reply)
             print()
             notice(STOPPED)

@@ -43,6 +43,18 @@ def decoding_kwargs(tokenizer, max_new_tokens: int, temperature: float = 0.0, to
     return kwargs
 
 
+def decoding_settings(cfg) -> dict:
+    """decoding_kwargs' settings from a stage's MAX_NEW_TOKENS, TEMPERATURE, TOP_P, REPETITION_PENALTY and
+    NO_REPEAT_NGRAM_SIZE constants."""
+    return {
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "repetition_penalty": cfg.repetition_penalty,
+        "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+    }
+
+
 def model_device(model):
     return next(model.parameters()).device
 

@@ -12,7 +12,7 @@ import time
 
 from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_file, write_json_atomic
 from .cli import UserError
-from .generation import generate_batch, stream_reply
+from .generation import decoding_settings, generate_batch, stream_reply
 from .modeling import load_adapter_model, read_adapter_manifest
 from .records import iter_json_rows
 from .template import build_messages
@@ -47,16 +47,6 @@ def answer_row(row: dict, result: dict) -> dict:
     if "output" in row:
         answered["reference"] = row["output"]
     return {**answered, "output": result["text"], "tokens": result["tokens"], "stopped": result["stopped"]}
-
-
-def decoding_settings(cfg) -> dict:
-    return {
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "repetition_penalty": cfg.repetition_penalty,
-        "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
-    }
 
 
 def answer_one(cfg) -> None:

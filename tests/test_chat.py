@@ -1,6 +1,7 @@
 """chat.py on the tiny model: multi-turn history, commands, /save rows, trimming, leaving, and Ctrl-C mid-reply."""
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -17,7 +18,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, ROOT, run_script
-from qwen_sft.chat import ChatSession
+from qwen_sft.chat import ChatSession, chat_loop
+from qwen_sft.cli import UserError
+from qwen_sft.modeling import load_adapter_model, load_adapter_tokenizer
 from qwen_sft.records import read_records
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 from qwen_sft.tiny import tiny_path
@@ -126,34 +129,45 @@ def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
     assert "<|" not in "".join(answers)
 
 
-def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapter, tmp_path):
+def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapter, monkeypatch, capsys):
+    """The loop chat.py runs, in this process: three messages, then end of input."""
+    model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
     # Each exchange adds about 50 prompt tokens: a 130-token prompt budget holds one earlier exchange, not two.
-    budget = 130
-    result = run_script("chat.py", "--adapter_dir", adapter, *EXACT, "--max_new_tokens", "32",
-                        "--max_context_tokens", str(budget + 32), "--show_prompt", cwd=tmp_path,
-                        input_text="\n".join([Q0, Q2, Q4]) + "\n", timeout=300)  # no exit: end of input leaves
-    assert result.returncode == 0, result.stderr[-2000:]
-    shown = SHOWN_PROMPT.findall(result.stdout)
+    budget, max_new_tokens = 130, 32
+    session = ChatSession(tokenizer, DEFAULT_SYSTEM_PROMPT, budget + max_new_tokens, max_new_tokens)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([Q0, Q2, Q4]) + "\n"))
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0}
+    chat_loop(model, tokenizer, session, greedy, show_prompt=True)  # returns at end of input
+
+    stdout = capsys.readouterr().out
+    shown = SHOWN_PROMPT.findall(stdout)
     assert len(shown) == 3 and all(int(tokens) <= budget for tokens, _ in shown)
     assert Q0 in shown[1][1] and Q2 in shown[1][1]  # the first exchange still fits with the second message
     third = shown[2][1]
     assert Q0 not in third and Q2 in third and Q4 in third  # the oldest exchange went first
     assert third.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
     notice = "[dropped the 1 oldest exchange(s) to stay within max_context_tokens]"
-    assert result.stdout.count(notice) == 1
-    assert result.stdout.index(notice) < result.stdout.index(shown[2][1])
+    assert stdout.count(notice) == 1 and stdout.index(notice) < stdout.index(third)
+    assert [exchange.user for exchange in session.history] == [Q2, Q4]
+    assert stdout.endswith("你> \n")  # end of input at the prompt leaves quietly
 
 
-def test_bad_budget_missing_adapter_and_missing_chat_template_are_one_line_exit_2(adapter, tmp_path):
+def test_missing_adapter_and_bad_budget_are_one_line_exit_2(tmp_path):
     result = run_script("chat.py", "--adapter_dir", tmp_path / "nowhere", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nowhere'}: no LoRA adapter there; run Qwen_finetuning.py first (or pass --adapter_dir)"
     ]
-
     result = run_script("chat.py", "--max_new_tokens", "600", "--max_context_tokens", "512", cwd=tmp_path)
-    assert result.returncode == 2 and "raise --max_context_tokens" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --max_new_tokens 600 leaves no room for the prompt in --max_context_tokens 512; raise "
+        "--max_context_tokens or lower --max_new_tokens"
+    ]
 
+
+def test_adapter_tokenizer_without_chat_template_is_refused(adapter, tmp_path):
     no_template = tmp_path / "no_template"
     shutil.copytree(adapter, no_template)
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
@@ -161,11 +175,11 @@ def test_bad_budget_missing_adapter_and_missing_chat_template_are_one_line_exit_
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config.pop("chat_template", None)
     config_file.write_text(json.dumps(config), encoding="utf-8")
-    result = run_script("chat.py", "--adapter_dir", no_template, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {no_template}: the tokenizer has no chat template; re-run Qwen_finetuning.py "
-                      "to write a complete adapter folder"]
+    with pytest.raises(UserError) as error:
+        load_adapter_tokenizer(str(no_template))
+    assert str(error.value) == (f"{no_template}: the tokenizer has no chat template; re-run Qwen_finetuning.py to "
+                                "write a complete adapter folder")
+    assert load_adapter_tokenizer(str(adapter)).chat_template  # the complete folder passes
 
 
 class Terminal:
