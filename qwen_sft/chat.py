@@ -53,7 +53,9 @@ class Exchange:
 
     def training_row(self) -> dict:
         user_label, reply_label = CONTEXT_LABELS
-        context = "\n".join(f"{user_label}：{earlier.user}\n{reply_label}：{earlier.reply}" for earlier in self.context)
+        context = "\n".join(
+            f"{user_label}：{earlier.user}\n{reply_label}：{earlier.reply}" for earlier in self.context
+        )
         return {"instruction": self.user, "input": context, "output": self.reply, "source": SAVED_SOURCE}
 
 
@@ -67,27 +69,27 @@ class ChatSession:
         self.history: list[Exchange] = []
         self.unsaved: list[Exchange] = []
 
-    def messages(self, user_text: str) -> list[dict]:
+    def messages(self, user_text: str, history: list[Exchange] | None = None) -> list[dict]:
+        """System prompt, `history` (default: the session's) and the new message, as chat messages."""
         messages = [{"role": "system", "content": self.system_prompt}]
-        for exchange in self.history:
+        for exchange in self.history if history is None else history:
             messages += [{"role": "user", "content": exchange.user}, {"role": "assistant", "content": exchange.reply}]
         return messages + [{"role": "user", "content": user_text}]
 
-    def prompt_tokens(self, user_text: str) -> int:
-        return len(prompt_ids(self.tokenizer, self.messages(user_text)))
+    def prompt_tokens(self, user_text: str, history: list[Exchange] | None = None) -> int:
+        return len(prompt_ids(self.tokenizer, self.messages(user_text, history)))
 
     def make_room(self, user_text: str) -> tuple[int, int]:
         """Drop the oldest exchanges until the prompt fits the budget; returns (exchanges dropped, prompt tokens).
 
-        The prompt can still exceed the budget when the message alone (with the system prompt) does not fit.
+        A message that does not fit even without history drops nothing; its token count is then over budget.
         """
-        dropped = 0
-        tokens = self.prompt_tokens(user_text)
-        while self.history and tokens > self.prompt_budget:
-            self.history.pop(0)
-            dropped += 1
-            tokens = self.prompt_tokens(user_text)
-        return dropped, tokens
+        for dropped in range(len(self.history) + 1):
+            tokens = self.prompt_tokens(user_text, self.history[dropped:])
+            if tokens <= self.prompt_budget:
+                del self.history[:dropped]
+                return dropped, tokens
+        return 0, tokens
 
     def add(self, user_text: str, reply: str, complete: bool) -> None:
         exchange = Exchange(user_text, reply, complete, list(self.history))
@@ -203,8 +205,8 @@ def run_chat(cfg) -> None:
     session = ChatSession(tokenizer, cfg.system_prompt, cfg.max_context_tokens, cfg.max_new_tokens)
     if sys.stdin.isatty():
         enable_line_editing(cfg.history_file)
-    print(f"chatting with {cfg.adapter_dir} (base model {manifest['base_model']}, backend {manifest['backend_loaded']}); "
-          "/help lists the commands, exit or Ctrl-D leaves")
+    print(f"chatting with {cfg.adapter_dir} (base model {manifest['base_model']}, "
+          f"backend {manifest['backend_loaded']}); /help lists the commands, exit or Ctrl-D leaves")
     chat_loop(model, tokenizer, session, decoding_settings(cfg), cfg.show_prompt)
 
 

@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, ROOT, run_script
-from qwen_sft.chat import ChatSession, chat_loop
+from qwen_sft.chat import STOPPED, ChatSession, chat_loop
 from qwen_sft.cli import UserError
 from qwen_sft.modeling import load_adapter_model, load_adapter_tokenizer
 from qwen_sft.records import read_records
@@ -68,18 +68,17 @@ def test_session_drops_oldest_exchanges_first_and_keeps_the_system_prompt(tokeni
     session = ChatSession(tokenizer, "SYSTEM-X", max_context_tokens=10_000, max_new_tokens=100)
     for index in range(4):
         session.add(f"question {index}", f"answer {index}", complete=True)
-    two_exchanges = ChatSession(tokenizer, "SYSTEM-X", 10_000, 100)
-    two_exchanges.history = session.history[-2:]
-    session.prompt_budget = two_exchanges.prompt_tokens("next")  # room for the newest two exchanges only
+    session.prompt_budget = session.prompt_tokens("next", session.history[-2:])  # room for the newest two only
 
     dropped, tokens = session.make_room("next")
     assert dropped == 2 and tokens == session.prompt_budget
     assert [exchange.user for exchange in session.history] == ["question 2", "question 3"]
     assert session.messages("next")[0] == {"role": "system", "content": "SYSTEM-X"}
+    assert session.messages("next")[-1] == {"role": "user", "content": "next"}
 
-    session.prompt_budget = 5  # not even the system prompt and the message fit: nothing left to drop
+    session.prompt_budget = 5  # not even the system prompt and the message fit: the history is left alone
     dropped, tokens = session.make_room("next")
-    assert dropped == 2 and session.history == [] and tokens > session.prompt_budget
+    assert dropped == 0 and len(session.history) == 2 and tokens == session.prompt_tokens("next", [])
 
 
 def test_save_appends_complete_exchanges_with_their_context(tokenizer, tmp_path):
@@ -123,19 +122,20 @@ def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
 
     assert "[conversation cleared]" in result.stdout and "/system TEXT" in result.stdout
     assert "[unknown command /nonsense; /help lists the commands]" in result.stdout
-    system_after_command = re.search(r"\[prompt, \d+ tokens\]\n<\|im_start\|>system\n(.*?)<\|im_end\|>",
-                                      result.stdout.split("/system 你是测试助手。", 1)[1]).group(1)
-    assert system_after_command == "你是测试助手。"
+    assert "[system prompt set; it applies from the next message]" in result.stdout
+    assert prompts[3].startswith("<|im_start|>system\n你是测试助手。<|im_end|>\n")  # /system replaced it...
+    assert turn(Q0, A0) in prompts[3]  # ...and kept the conversation
     assert "<|" not in "".join(answers)
 
 
 def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapter, monkeypatch, capsys):
-    """The loop chat.py runs, in this process: three messages, then end of input."""
+    """The loop chat.py runs, in this process: three messages, one too long to send, then end of input."""
     model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
     # Each exchange adds about 50 prompt tokens: a 130-token prompt budget holds one earlier exchange, not two.
     budget, max_new_tokens = 130, 32
     session = ChatSession(tokenizer, DEFAULT_SYSTEM_PROMPT, budget + max_new_tokens, max_new_tokens)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([Q0, Q2, Q4]) + "\n"))
+    too_long = "晶圆" * 200
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([Q0, Q2, Q4, too_long]) + "\n"))
     greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
               "no_repeat_ngram_size": 0}
     chat_loop(model, tokenizer, session, greedy, show_prompt=True)  # returns at end of input
@@ -149,7 +149,9 @@ def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapte
     assert third.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n")
     notice = "[dropped the 1 oldest exchange(s) to stay within max_context_tokens]"
     assert stdout.count(notice) == 1 and stdout.index(notice) < stdout.index(third)
-    assert [exchange.user for exchange in session.history] == [Q2, Q4]
+    assert [exchange.user for exchange in session.history] == [Q2, Q4]  # the message too long was refused...
+    assert re.search(r"\[that message needs \d+ prompt tokens but max_context_tokens leaves 130 beside "
+                     r"max_new_tokens; shorten it or raise --max_context_tokens\]", stdout)  # ...with a notice
     assert stdout.endswith("你> \n")  # end of input at the prompt leaves quietly
 
 
@@ -202,7 +204,8 @@ class Terminal:
         while wanted not in self.pending:
             ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise AssertionError(f"no {text!r} within {timeout}s; got {self.pending[-800:].decode(errors='replace')}")
+                seen = self.pending[-800:].decode(errors="replace")
+                raise AssertionError(f"no {text!r} within {timeout}s; got {seen}")
             self.pending += os.read(self.master, 4096)
         end = self.pending.index(wanted) + len(wanted)
         seen, self.pending = self.pending[:end], self.pending[end:]
@@ -251,7 +254,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(base_only_adapter, tmp_pat
         terminal.read_until("助手> ")
         terminal.read_some(40)  # the reply is streaming
         terminal.type("\x03")
-        terminal.read_until("[reply stopped; this exchange is left out of the history]")
+        terminal.read_until(STOPPED, timeout=15)  # promptly: the flag ends generation within a step
         terminal.read_until("你> ")
 
         terminal.type("second message\r")
@@ -259,7 +262,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(base_only_adapter, tmp_pat
         assert "second message" in prompt and "first message" not in prompt  # the stopped exchange was dropped
         terminal.read_until("助手> ")
         terminal.type("\x03")  # at once: also covers a Ctrl-C before the first token
-        terminal.read_until("[reply stopped; this exchange is left out of the history]")
+        terminal.read_until(STOPPED, timeout=15)  # promptly: the flag ends generation within a step
 
         terminal.read_until("你> ")
         terminal.type("/help\r")
