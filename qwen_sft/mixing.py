@@ -232,6 +232,11 @@ def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, wor
             future.cancel()
 
 
+def load_worker_modules() -> None:
+    """Run once per worker up front, so its imports overlap the main process's instead of delaying the first chunk."""
+    import pyarrow.compute  # noqa: F401  (keyword matching)
+
+
 def worker_count(total_samples: int) -> int:
     """Worker processes for row preparation: one per available CPU core for a large mix, none for a small one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -539,14 +544,16 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
     for source in plan.sources:
         if not source.is_hub:
             check_local_file(source)  # every missing file is reported before the slow imports and the hub
-    streams = {source.key: open_stream(source, cfg.SEED, cfg.SHUFFLE_BUFFER) for source in plan.sources}
     workers = worker_count(cfg.TOTAL_SAMPLES)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
     with ThreadPoolExecutor(max_workers=1) as hasher, pool or contextlib.nullcontext():
-        # hashlib releases the GIL, so hashing the source files overlaps the mixing
+        # Workers start, and hashlib (which releases the GIL) hashes the files, while this process imports datasets.
+        for _ in range(workers):
+            pool.submit(load_worker_modules)
         file_hashes = {
             source.key: hasher.submit(sha256_file, source.spec) for source in plan.sources if not source.is_hub
         }
+        streams = {source.key: open_stream(source, cfg.SEED, cfg.SHUFFLE_BUFFER) for source in plan.sources}
         mixer = Mixer(plan, cfg, pool, workers)
         for source in plan.sources:
             mixer.draw(source, streams[source.key])
