@@ -58,7 +58,7 @@ TEMPLATE_TOKENS = 32  # ChatML markers, role names and the 补充信息 heading 
 CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain each; fewer calls, less overhead)
 PARALLEL_MIN_ROWS = 20_000  # mixes at least this large prepare rows in one worker process per CPU core
 CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkeeping (bounded, for early stops)
-WRITE_BLOCK_ROWS = 8192  # output rows encoded per write
+WRITE_BLOCK_ROWS = 8192  # output rows joined per write
 _json_string = json.encoder.encode_basestring  # the C encoder behind json.dumps(ensure_ascii=False)
 
 
@@ -87,12 +87,13 @@ def content_byte_budget(max_seq_length: int) -> int:
     return int((max_seq_length - TEMPLATE_TOKENS - system_tokens) * BYTES_PER_TOKEN)
 
 
-def json_body(instruction: str, extra: str, output: str) -> str:
-    """The record as json.dumps(..., ensure_ascii=False) writes it, up to the "source" field that closes it."""
+def json_body(instruction: str, extra: str, output: str) -> bytes:
+    """The record as json.dumps(..., ensure_ascii=False) writes it, in UTF-8, up to the "source" value that closes
+    it (encoded here, in the worker, so the main process only joins bytes)."""
     return (
         f'{{"instruction": {_json_string(instruction)}, "input": {_json_string(extra)}, '
         f'"output": {_json_string(output)}, "source": '
-    )
+    ).encode()
 
 
 def exact_quotas(total: int, ratios: dict[str, float]) -> dict[str, int]:
@@ -396,8 +397,8 @@ class Mixer:
         self.bad_row_report_limit = cfg.BAD_ROW_REPORT_LIMIT
         self.stats = {source.key: SourceStats() for source in plan.sources}
         self.seen: set[bytes] = set()
-        self.lines: list[str] = []
-        self.closings = {key: f"{_json_string(key)}}}" for key in plan.buckets}  # the "source" value and the "}"
+        self.lines: list[bytes] = []
+        self.closings = {key: f"{_json_string(key)}}}".encode() for key in plan.buckets}  # "source" value and "}"
 
     def _bad_row(self, source: Source, number: int, problem: str, stats: SourceStats) -> None:
         where = source.where(number)
@@ -510,13 +511,13 @@ def _shortfalls(plan: MixPlan, stats: dict[str, SourceStats]) -> dict[str, dict]
     }
 
 
-def _write_shuffled(lines: list[str], output_file: Path, seed: int) -> str:
+def _write_shuffled(lines: list[bytes], output_file: Path, seed: int) -> str:
     """Shuffle with `seed`, write atomically and return the file's sha256."""
     random.Random(seed).shuffle(lines)
     digest = hashlib.sha256()
     with atomic_file(output_file, "wb") as handle:
         for start in range(0, len(lines), WRITE_BLOCK_ROWS):
-            block = ("\n".join(lines[start : start + WRITE_BLOCK_ROWS]) + "\n").encode()
+            block = b"\n".join(lines[start : start + WRITE_BLOCK_ROWS]) + b"\n"
             digest.update(block)
             handle.write(block)
     return digest.hexdigest()
