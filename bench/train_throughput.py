@@ -138,7 +138,7 @@ def main():
         )
         print(output.stdout[-2000:], output.stderr[-1500:], flush=True)
         results[key] = json.loads(output.stdout.split("RESULT ", 1)[1])
-    results["c"] = training_stage(args.model, args.mix, args.stage_steps, args.stage_flags.split(), Path("/tmp/bench_c"))
+    results["c"] = training_stage(args.model, str(Path(args.mix).resolve()), args.stage_steps, args.stage_flags.split(), Path("/tmp/bench_c"))
 
     import torch
 
