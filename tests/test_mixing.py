@@ -354,6 +354,22 @@ def test_malformed_source_line_is_named(tmp_path, monkeypatch):
     assert not (tmp_path / "mix.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("corrupt.parquet", b"PAR1 this is not parquet", r"corrupt.parquet: not a readable Parquet file"),
+        ("empty.jsonl", b"\n  \n", r"orca: no usable rows left in .*empty.jsonl after 0 read \(the source is empty\)"),
+    ],
+)
+def test_unreadable_or_empty_source_file(tmp_path, monkeypatch, name, content, message):
+    source = tmp_path / name
+    source.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        option_a(tmp_path, monkeypatch, "--sources", f"orca={source},pubmed={PUBMED}", "--ratios",
+                 "reports=0,orca=1,pubmed=0", "--total_samples", 5)
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
 def test_wrong_schema_rows_are_skipped_and_reported_up_to_the_limit(tmp_path, monkeypatch, capsys):
     lines = ORCA.read_text(encoding="utf-8").splitlines()
     wrong = ['{"question": "not orca"}', '{"conversations": "text"}', '{"conversations": [{"from": "gpt"}]}']
