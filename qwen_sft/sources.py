@@ -85,10 +85,10 @@ def _text_field(row, key: str) -> str:
 
 
 class Schema(ABC):
-    """Turns one raw row into (instruction, input, raw_output); `finish_output` is paid only for kept rows."""
+    """Turns one raw row into (instruction, input, raw_output); `finish_output`, where a schema's costly part lives,
+    runs only for rows that can still be kept."""
 
     name = ""
-    hub_id = ""
 
     @abstractmethod
     def convert(self, row) -> tuple[str, str, str]:
@@ -108,7 +108,6 @@ class ReportSchema(Schema):
 
 class SlimOrcaSchema(Schema):
     name = "SlimOrca"
-    hub_id = "Open-Orca/SlimOrca"
 
     def convert(self, row):
         turns = row.get("conversations") if isinstance(row, dict) else None
@@ -138,7 +137,6 @@ class SlimOrcaSchema(Schema):
 
 class PubMedQASchema(Schema):
     name = "PubMedQA pqa_labeled"
-    hub_id = "qiaojin/PubMedQA"
     decisions = {"yes": "Yes", "no": "No", "maybe": "Maybe"}
 
     def convert(self, row):
@@ -170,7 +168,6 @@ _SELECTED = (True, "true", "True")  # the accepted answer's flag: a bool, or its
 
 class StackExchangeSchema(Schema):
     name = "stack-exchange-preferences"
-    hub_id = "HuggingFaceH4/stack-exchange-preferences"
 
     def convert(self, row):
         question = _text_field(row, "question")
