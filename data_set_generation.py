@@ -7,9 +7,10 @@ domains goes to the one with the most hits that still needs rows. `bio` takes Pu
 StackExchange questions. Sources are streamed through a seeded shuffle buffer, so memory stays bounded however
 large they are, and the manifest next to the output accounts for every row read and every keyword hit.
 
-  python data_set_generation.py                                      # hub sources (needs the Hugging Face Hub)
-  python data_set_generation.py --sources orca=samples/slimorca.jsonl,pubmed=samples/pubmedqa_pqa_labeled.jsonl,stackexchange=samples/stack_exchange_preferences.jsonl \\
-      --total_samples 300                                            # offline, from the bundled samples
+  python data_set_generation.py                    # hub sources (needs the Hugging Face Hub)
+  # offline, from the bundled samples:
+  python data_set_generation.py --total_samples 300 \\
+      --sources orca=samples/slimorca.jsonl,pubmed=samples/pubmedqa_pqa_labeled.jsonl,stackexchange=samples/stack_exchange_preferences.jsonl
   python data_set_generation.py --keywords '{"ai": ["LLM", "neural network"], "ic": ["FPGA"], "bio": ["genome"]}'
 """
 
@@ -22,7 +23,7 @@ SOURCES = {
     "stackexchange": "HuggingFaceH4/stack-exchange-preferences",
 }  # hub id or local .json/.jsonl/.parquet file in that dataset's schema
 TOTAL_SAMPLES = 240000  # rows in the mix (fewer only when a source falls short)
-RATIOS = {"my_reports": 0.05, "orca": 0.45, "bio": 0.2, "ai": 0.15, "ic": 0.15}  # share of TOTAL_SAMPLES per bucket; must sum to 1
+RATIOS = {"my_reports": 0.05, "orca": 0.45, "bio": 0.2, "ai": 0.15, "ic": 0.15}  # shares of TOTAL_SAMPLES; sum 1
 KEYWORDS = {
     "ai": [
         "artificial intelligence", "AI", "machine learning", "deep learning", "neural network", "neural networks",
@@ -52,7 +53,11 @@ KEYWORDS = {
         "蛋白质", "临床",
     ],
 }  # terms per domain, matched in StackExchange questions as whole words or phrases, any case (JSON on the command line)
-DOMAIN_SOURCES = {"ai": ["stackexchange"], "ic": ["stackexchange"], "bio": ["pubmed", "stackexchange"]}  # SOURCES that fill each domain, read in SOURCES order; StackExchange rows are split by KEYWORDS
+DOMAIN_SOURCES = {
+    "ai": ["stackexchange"],
+    "ic": ["stackexchange"],
+    "bio": ["pubmed", "stackexchange"],
+}  # SOURCES that fill each domain (read in SOURCES order); StackExchange rows are split by KEYWORDS
 OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written next to it
 SEED = 42  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
 MAX_SEQ_LENGTH = 2048  # training sequence length; rows estimated to exceed it are dropped

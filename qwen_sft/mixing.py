@@ -342,7 +342,8 @@ def plan_mix(cfg, report_key: str) -> MixPlan:
         if domain not in keywords:
             errors.append(f"DOMAIN_SOURCES key {domain!r} is not a KEYWORDS domain ({', '.join(keywords)})")
         elif not isinstance(names, list) or not all(name in sources_config for name in names):
-            errors.append(f"DOMAIN_SOURCES[{domain!r}] = {names!r} must list SOURCES keys ({', '.join(sources_config)})")
+            known_sources = ", ".join(sources_config)
+            errors.append(f"DOMAIN_SOURCES[{domain!r}] = {names!r} must list SOURCES keys ({known_sources})")
 
     buckets: dict[str, Bucket] = {}
     if isinstance(ratios, dict):
@@ -410,9 +411,11 @@ class Mixer:
         stats.rejected["wrong_schema"] += 1
         if stats.bad_rows_shown < self.bad_row_report_limit:
             stats.bad_rows_shown += 1
-            tqdm.write(f"warning: {where}: skipped, not in the {source.schema.name} schema ({problem})", file=sys.stdout)
+            warning = f"warning: {where}: skipped, not in the {source.schema.name} schema ({problem})"
+            tqdm.write(warning, file=sys.stdout)
             if stats.bad_rows_shown == self.bad_row_report_limit:
-                tqdm.write(f"warning: further wrong-schema rows of {source.key} are counted, not shown", file=sys.stdout)
+                warning = f"warning: further wrong-schema rows of {source.key} are counted, not shown"
+                tqdm.write(warning, file=sys.stdout)
 
     def _router(self, source: Source, domains: list[str]):
         """A function from a row's keyword hits to the bucket it fills, or to why it fills none."""
@@ -492,7 +495,8 @@ class Mixer:
             reasons = {**stats.rejected, **stats.filtered, "duplicates": stats.duplicates}
             if domains:
                 reasons["no_keyword_match"] = stats.unrouted["no_keyword_match"]
-            detail = ", ".join(f"{reason} {count}" for reason, count in reasons.items() if count) or "the source is empty"
+            detail = ", ".join(f"{reason} {count}" for reason, count in reasons.items() if count)
+            detail = detail or "the source is empty"
             raise UserError(f"{source.key}: no usable rows left in {source.spec} after {stats.read} read ({detail})")
 
 
@@ -541,7 +545,7 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
     started = time.perf_counter()
     plan = plan_mix(cfg, report_key)
     if report_key in plan.feeds:
-        read_records(cfg.MY_REPORT_DATA_PATH)  # a bad row anywhere in the report file stops the run, not only a drawn one
+        read_records(cfg.MY_REPORT_DATA_PATH)  # a bad row anywhere in the file stops the run, not only a drawn one
     for source in plan.sources:
         if not source.is_hub:
             check_local_file(source)  # every missing file is reported before the slow imports and the hub
@@ -569,7 +573,9 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
         )
     if shortfalls and cfg.SHORTFALL_IS_ERROR:
         detail = ", ".join(f"{key} {item['delivered']}/{item['requested']}" for key, item in shortfalls.items())
-        raise UserError(f"shortfall (delivered/requested): {detail}; pass --shortfall_is_error false to write it anyway")
+        raise UserError(
+            f"shortfall (delivered/requested): {detail}; pass --shortfall_is_error false to write it anyway"
+        )
 
     output_file = Path(cfg.OUTPUT_FILE)
     output_sha256 = _write_shuffled(mixer.lines, output_file, cfg.SEED)
@@ -589,7 +595,10 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
         cfg,
         seed=cfg.SEED,
         output={"path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256},
-        buckets={key: {"requested": b.quota, "delivered": b.kept, "sources": b.sources} for key, b in plan.buckets.items()},
+        buckets={
+            key: {"requested": bucket.quota, "delivered": bucket.kept, "sources": bucket.sources}
+            for key, bucket in plan.buckets.items()
+        },
         shortfall=shortfalls,
         sources=sources,
         length_budget={"max_seq_length": cfg.MAX_SEQ_LENGTH, "content_bytes": content_byte_budget(cfg.MAX_SEQ_LENGTH)},

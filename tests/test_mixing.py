@@ -18,7 +18,9 @@ from qwen_sft.mixing import count_keyword_hits, exact_quotas, keyword_patterns
 from qwen_sft.sources import SCHEMAS, StackExchangeSchema, WrongSchema, html_to_text
 
 HUB = Path(__file__).resolve().parent / "fixtures" / "hub"
-ORCA, PUBMED, STACKEXCHANGE = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "stack_exchange_preferences.jsonl"
+ORCA = HUB / "slimorca.jsonl"
+PUBMED = HUB / "pubmedqa_pqa_labeled.jsonl"
+STACKEXCHANGE = HUB / "stack_exchange_preferences.jsonl"
 REPORTS = HUB / "reports.json"
 ORCA_UNIQUE_ROWS = 10  # 12 rows: one exact and one near-exact (case, whitespace) duplicate
 
@@ -97,7 +99,9 @@ def test_schema_adapters_produce_the_expected_records(tmp_path, monkeypatch):
 
 
 def test_quotas_round_then_give_the_remainder_to_the_largest_share():
-    assert exact_quotas(2000, {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}) == {"reports": 200, "orca": 1200, "pubmed": 600}
+    assert exact_quotas(2000, {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}) == {
+        "reports": 200, "orca": 1200, "pubmed": 600
+    }
     assert exact_quotas(10, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 4, "b": 3, "c": 3}
     assert exact_quotas(7, {"small": 0.25, "large": 0.5, "rest": 0.25}) == {"small": 2, "large": 3, "rest": 2}
 
@@ -248,7 +252,8 @@ def test_html_to_text_leaves_no_tags_or_entities():
         '<ul><li>one</li><li class="x">two</li></ul><!-- a comment --><script>var a = "<p>";</script>'
         "<pre><code>if a:\n    b()\n</code></pre><p>end<br/>line</p>"
     )
-    assert html_to_text(markup) == "Use x < y & bold text \u2014 caf\u00e9 \u2019s\n\n- one\n- two\nif a:\n    b()\n\nend\nline"
+    expected = "Use x < y & bold text \u2014 caf\u00e9 \u2019s\n\n- one\n- two\nif a:\n    b()\n\nend\nline"
+    assert html_to_text(markup) == expected
 
 
 def test_best_answer_is_highest_pm_score_then_selected():
@@ -347,7 +352,8 @@ def test_bad_configuration_and_sources_raise_a_user_error(tmp_path, monkeypatch,
 
 def test_malformed_source_line_is_named(tmp_path, monkeypatch):
     lines = ORCA.read_text(encoding="utf-8").splitlines()
-    broken = bad_file(tmp_path, "broken.jsonl", "\n".join(lines[:2] + ["  ", '{"conversations": [}'] + lines[2:]) + "\n")
+    text = "\n".join(lines[:2] + ["  ", '{"conversations": [}'] + lines[2:]) + "\n"  # the bad row is line 4
+    broken = bad_file(tmp_path, "broken.jsonl", text)
     with pytest.raises(UserError, match=r"orca: .*broken.jsonl:4: malformed JSON"):
         option_a(tmp_path, monkeypatch, "--sources", f"orca={broken},pubmed={PUBMED}", "--total_samples", 20,
                  "--ratios", "reports=0,orca=1,pubmed=0")
