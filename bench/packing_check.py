@@ -60,7 +60,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/qwen7b-random")
     parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"))
-    parser.add_argument("--examples", type=int, default=8, help="examples compared")
+    parser.add_argument("--examples", type=int, default=8, help="at most this many examples, together within max_seq_length")
     parser.add_argument("--max_seq_length", type=int, default=2048)
     parser.add_argument("--tolerance", type=float, default=0.02, help="largest allowed |loss difference| (bf16)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "packing_check.json"))
@@ -81,7 +81,13 @@ def main():
     rows, _ = tokenize_records(tokenizer, read_records(args.mix), DEFAULT_SYSTEM_PROMPT, args.max_seq_length)
     shares = real_token_shares(rows, 2, args.max_seq_length, 3407)
 
-    sample = random.Random(0).sample(rows, args.examples)
+    # One packed row's worth of examples: a sequence past max_seq_length would be cut by Unsloth when the
+    # boundaries are hidden, so the examples together fit in max_seq_length, as a packed training row does.
+    shuffled, sample = random.Random(0).sample(rows, len(rows)), []
+    for row in shuffled:
+        if len(sample) < args.examples and sum(len(r["input_ids"]) for r in sample) + len(row["input_ids"]) <= \
+                args.max_seq_length:
+            sample.append(row)
     sample = [{"input_ids": row["input_ids"],
                "labels": [t if bit else -100 for t, bit in zip(row["input_ids"], row["completion_mask"])]}
               for row in sample]
