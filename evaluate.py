@@ -22,7 +22,7 @@ EVAL_RATIO = 0.1  # share of rows held out, as in training (the same seeded spli
 SEED = 42  # split seed (training's SPLIT_SEED); also picks the MAX_GEN_SAMPLES rows
 EVAL_BATCH_SIZE = 8  # rows per teacher-forced forward pass
 MAX_NEW_TOKENS = 512  # length limit of each generated answer
-GEN_BATCH_SIZE = 32  # rows per generate() call, left-padded; lower it if the GPU runs out of memory
+GEN_BATCH_SIZE = 64  # rows per generate() call, left-padded; lower it if the GPU runs out of memory
 MAX_GEN_SAMPLES = 0  # eval rows to generate answers for (a seeded choice); 0 or -1 = all
 TEMPERATURE = 0.0  # 0 = greedy (reproducible); above 0 samples
 TOP_P = 1.0  # nucleus sampling share (only when TEMPERATURE > 0)
