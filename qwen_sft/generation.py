@@ -55,6 +55,12 @@ def decoding_settings(cfg) -> dict:
     }
 
 
+def cut_at_stop(ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """The answer up to its first stop token, and whether one ended it (rather than the length limit)."""
+    end = next((position for position, token in enumerate(ids) if token in stops), None)
+    return (ids, False) if end is None else (ids[:end], True)
+
+
 def model_device(model):
     return next(model.parameters()).device
 
@@ -102,9 +108,8 @@ def generate_token_ids(model, prompts: list[list[int]], generate_kwargs: dict, b
         with torch.inference_mode():
             output = model.generate(**batch, **generate_kwargs)
         for index, new_tokens in zip(rows, output[:, batch["input_ids"].shape[1]:].tolist()):
-            end = next((position for position, token in enumerate(new_tokens) if token in stops), None)
-            answer = new_tokens if end is None else new_tokens[:end]
-            results[index] = {"ids": answer, "stopped": end is not None}
+            answer, stopped = cut_at_stop(new_tokens, stops)
+            results[index] = {"ids": answer, "stopped": stopped}
             generated += len(answer)
         bar.update(len(rows))
         bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
@@ -207,8 +212,5 @@ def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decodin
         worker.join()
     if "error" in outcome:
         raise outcome["error"]
-    stops = set(kwargs["eos_token_id"])
-    ids = outcome["ids"]
-    end = next((position for position, token in enumerate(ids) if token in stops), None)
-    answer = ids if end is None else ids[:end]
-    return Reply(decode_answer(tokenizer, answer), len(answer), end is not None, interrupt.is_set())
+    answer, stopped = cut_at_stop(outcome["ids"], set(kwargs["eos_token_id"]))
+    return Reply(decode_answer(tokenizer, answer), len(answer), stopped, interrupt.is_set())
