@@ -33,6 +33,17 @@ DATA_DIR = ""  # where the sources are written (and reused if present); empty = 
 RUNS = 2  # timed runs of data_set_generation.py; the median is reported
 SEED = 0  # seed of the synthetic sources
 SOURCES_ONLY = False  # write the sources and stop (to inspect them, or to reuse them with --data_dir)
+REFERENCE_LOOP = 5_000_000  # iterations of the fixed pure-Python loop timed before each run
+
+
+def reference_loop_seconds() -> float:
+    """CPU seconds of a fixed pure-Python loop. On a shared VM the host's speed drifts (the same mix took 16 to
+    21 CPU s within minutes here), so each run is shown next to this measure of how fast the CPU was."""
+    started = time.process_time()
+    total = 0
+    for number in range(REFERENCE_LOOP):
+        total += number
+    return time.process_time() - started
 
 
 def timed_run(command: list[str]) -> tuple[float, int]:
@@ -75,6 +86,7 @@ def main():
         timings, cpu_seconds, tree_peaks = [], [], []
         for run in range(cfg.runs):
             load = os.getloadavg()[0]  # other work on the machine slows the run: report it
+            reference = reference_loop_seconds()
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             elapsed, tree_peak = timed_run(command)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage and its workers, once they have exited
@@ -85,7 +97,7 @@ def main():
             tree_peaks.append(tree_peak)
             print(f"run {run + 1}: {rows:,} rows in {elapsed:.2f} s = {rows / elapsed:,.0f} rows/s; "
                   f"{cpu:.1f} CPU s; peak RSS of the process tree {tree_peak / 2**30:.2f} GiB; "
-                  f"load average before it {load:.1f} on {os.cpu_count()} CPUs")
+                  f"load average before it {load:.1f} on {os.cpu_count()} CPUs, reference loop {reference:.2f} CPU s")
         largest_process = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
         median = statistics.median(timings)
         print(f"median of {cfg.runs} runs: {rows:,} rows in {median:.2f} s = {rows / median:,.0f} output rows/s, "

@@ -2,8 +2,9 @@
 schema into instruction/input/output.
 
 A source is a hub id (streamed with `datasets`, never downloaded whole) or a local .json/.jsonl/.parquet file in
-that dataset's own schema. Both are drawn through the same seeded shuffle buffer (`IterableDataset.shuffle`), so
-memory stays bounded by the buffer, whatever the source's size.
+that dataset's own schema. Both are drawn through the same seeded shuffle buffer (`IterableDataset.shuffle` for a
+hub id, its exact replica `shuffle_buffered` for a local file), so memory stays bounded by the buffer, whatever the
+source's size.
 
 Schemas (the SOURCES key picks the adapter):
 - orca: Open-Orca/SlimOrca, `conversations` = [{from: system|human|gpt, value}].
@@ -31,6 +32,7 @@ FILE_SUFFIXES = LOCAL_SUFFIXES + (".csv", ".tsv", ".txt", ".gz", ".zip", ".arrow
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_CONFIGS = {"qiaojin/PubMedQA": "pqa_labeled"}  # hub datasets that need a config name
 PARQUET_BATCH_ROWS = 1024  # rows converted to Python objects at a time
+RANDOM_SLOTS_PER_DRAW = 1000  # shuffle-buffer slots drawn at a time, as datasets draws them
 
 
 class WrongSchema(ValueError):
@@ -238,7 +240,7 @@ def check_local_file(source: Source) -> None:
 
 
 def _numbered_local_rows(path: str):
-    """Yield {"number", "row"} for each row of a local file, or {"number", "offset", "length"} for a JSONL line,
+    """Yield (number, row, None) for each row of a local file, or (number, None, (offset, length)) for a JSONL line,
     whose text is read and parsed only once it is drawn. JSONL and Parquet are read in bounded memory."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
@@ -248,7 +250,7 @@ def _numbered_local_rows(path: str):
         head = handle.read(4096).lstrip()
     if head.startswith(b"["):  # a JSON array has to be parsed whole
         for line, row in iter_json_rows(path):
-            yield {"number": line, "row": row}
+            yield line, row, None
         return
     yield from _numbered_jsonl_spans(path)
 
@@ -257,26 +259,33 @@ _BLANK_BYTES = frozenset(b" \t\r\x0b\x0c")
 
 
 def _numbered_jsonl_spans(path: Path, block_size: int = 1 << 20):
-    """{"number", "offset", "length"} for each non-blank line of a JSONL file."""
-    number = 0
-    with open(path, "rb") as handle:
-        block_offset, block = 0, b""
+    """(line number, None, (offset, length)) for each non-blank line of a JSONL file.
+
+    The file is read into one reused buffer: a fresh 1 MiB bytes object per read would be mapped and unmapped by
+    malloc each time (page faults), and smaller reads give up the GIL more often, each time waiting to get it back
+    from the threads that hash files and collect the workers' results."""
+    number, block_offset, filled = 0, 0, 0
+    block = bytearray(block_size)
+    with open(path, "rb", buffering=0) as handle:
         while True:
-            more = handle.read(block_size)
-            block += more
+            if filled == len(block):  # one line fills the buffer: make room for the rest of it
+                block.extend(bytes(len(block)))
+            read = handle.readinto(memoryview(block)[filled:])
+            filled += read
             start = 0
-            end = block.find(b"\n")
-            while end != -1 or (not more and start < len(block)):
-                end = len(block) if end == -1 else end  # a last line without a newline
+            end = block.find(b"\n", 0, filled)
+            while end != -1 or (not read and start < filled):
+                end = filled if end == -1 else end  # a last line without a newline
                 number += 1
                 if end > start and (block[start] not in _BLANK_BYTES or block[start:end].strip()):
-                    yield {"number": number, "offset": block_offset + start, "length": end - start}
+                    yield number, None, (block_offset + start, end - start)
                 start = end + 1
-                end = block.find(b"\n", start)
-            if not more:
+                end = block.find(b"\n", start, filled)
+            if not read:
                 return
+            block[: filled - start] = block[start:filled]  # the partial last line moves to the front
             block_offset += start
-            block = block[start:]
+            filled -= start
 
 
 def read_span(handle, span: tuple[int, int]) -> bytes:
@@ -294,23 +303,52 @@ def _numbered_parquet_rows(path: Path):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
             for row in batch.to_pylist():
                 number += 1
-                yield {"number": number, "row": row}
+                yield number, row, None
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"{path}: not a readable Parquet file ({error})") from None
 
 
-def open_stream(source: Source, seed: int, buffer_size: int):
-    """The source as a seeded, shuffle-buffered `datasets.IterableDataset`; nothing is read yet.
+def _random_slots(rng, buffer_size: int):
+    while True:
+        yield from rng.integers(0, buffer_size, size=RANDOM_SLOTS_PER_DRAW).tolist()
+
+
+def shuffle_buffered(items, seed: int, buffer_size: int):
+    """`items` in the order `datasets.IterableDataset.shuffle(seed=seed, buffer_size=buffer_size)` gives them.
+
+    The same algorithm and the same random draws (a test compares the two), so the output does not change, but a
+    local file no longer imports datasets and torch (about 2.5 CPU s) or pays datasets' per-row overhead. A full
+    buffer yields a random slot and refills it with the next item; at the end the rest of the buffer is shuffled.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    slots = _random_slots(rng, buffer_size)  # drawn only once the buffer is full, as datasets does
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+        else:
+            slot = next(slots)
+            yield buffer[slot]
+            buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def open_rows(source: Source, seed: int, buffer_size: int):
+    """The source's rows through a seeded shuffle buffer, as (row number, parsed row or None, (offset, length) of a
+    JSONL line or None); the number is the file's line or row for local files and the position in the stream for
+    hub ids. Nothing is read yet.
 
     A local file must have passed check_local_file; a hub id is resolved here, so an unreachable one fails before
     any row is mixed.
     """
+    if not source.is_hub:
+        return shuffle_buffered(_numbered_local_rows(source.spec), seed, buffer_size)
     import datasets
 
     datasets.logging.set_verbosity_error()
-    if not source.is_hub:
-        stream = datasets.IterableDataset.from_generator(_numbered_local_rows, gen_kwargs={"path": source.spec})
-        return stream.shuffle(seed=seed, buffer_size=buffer_size)
     try:
         stream = datasets.load_dataset(source.spec, HUB_CONFIGS.get(source.spec), split="train", streaming=True)
     except Exception as error:  # offline, unknown id, gated, network: all end the same way for the user
@@ -320,15 +358,5 @@ def open_stream(source: Source, seed: int, buffer_size: int):
             f"is reachable and point the source at the file, e.g. --sources {source.key}=/path/to/"
             f"{source.key}.jsonl (or .json/.parquet, in the {source.schema.name} schema)"
         ) from None
-    return stream.shuffle(seed=seed, buffer_size=buffer_size)
-
-
-def numbered_rows(source: Source, stream):
-    """(row number, parsed row or None, (offset, length) of a JSONL line or None) from an opened stream; the number
-    is the file's line or row for local files and the position in the stream for hub ids."""
-    if source.is_hub:
-        return ((number, row, None) for number, row in enumerate(stream, start=1))
-    return (
-        (item["number"], item.get("row"), (item["offset"], item["length"]) if "offset" in item else None)
-        for item in stream
-    )
+    stream = stream.shuffle(seed=seed, buffer_size=buffer_size)
+    return ((number, row, None) for number, row in enumerate(stream, start=1))

@@ -14,8 +14,15 @@ from conftest import ROOT, run_script
 
 from qwen_sft.artifacts import sha256_file
 from qwen_sft.cli import UserError
-from qwen_sft.mixing import count_keyword_hits, exact_quotas, keyword_patterns
-from qwen_sft.sources import SCHEMAS, StackExchangeSchema, WrongSchema, html_to_text
+from qwen_sft.mixing import (
+    count_keyword_hits,
+    duplicate_key,
+    exact_quotas,
+    json_body,
+    keyword_patterns,
+    parse_json_line,
+)
+from qwen_sft.sources import SCHEMAS, StackExchangeSchema, WrongSchema, html_to_text, shuffle_buffered
 
 HUB = Path(__file__).resolve().parent / "fixtures" / "hub"
 ORCA = HUB / "slimorca.jsonl"
@@ -157,16 +164,66 @@ def test_jsonl_lines_with_blank_lines_crlf_and_no_final_newline(tmp_path, monkey
     assert not any("\r" in row["output"] for row in rows)
 
 
-def test_parallel_preparation_gives_the_same_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_parallel_preparation_gives_the_same_bytes(tmp_path, monkeypatch, start_method):
     from qwen_sft import mixing
 
     flags = ("--total_samples", 20, "--ratios", "reports=0.25,orca=0.45,pubmed=0.3")
     option_a(tmp_path, monkeypatch, *flags, output="serial.jsonl")
     monkeypatch.setattr(mixing, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(mixing, "worker_start_method", lambda: start_method)
     monkeypatch.setattr(mixing, "CHUNK_ROWS", 3)
     monkeypatch.setattr(mixing.os, "sched_getaffinity", lambda pid: {0, 1})
     option_a(tmp_path, monkeypatch, *flags, output="parallel.jsonl")
     assert (tmp_path / "parallel.jsonl").read_bytes() == (tmp_path / "serial.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("rows, buffer_size", [(5, 10), (2500, 1), (2500, 999), (2500, 1000), (4321, 2001)])
+def test_local_shuffle_buffer_draws_rows_in_the_order_datasets_does(rows, buffer_size):
+    import datasets
+
+    def numbered():
+        yield from ({"number": number} for number in range(rows))
+
+    for seed in (0, 42):
+        stream = datasets.IterableDataset.from_generator(numbered).shuffle(seed=seed, buffer_size=buffer_size)
+        assert list(shuffle_buffered(range(rows), seed, buffer_size)) == [item["number"] for item in stream]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"a": [1, -0.0, 2.5e-308, 18446744073709551615, true, null], "b": {"c": "\\u00e9\\n\\"x"}}'.encode(),
+        '{"é": "中文", "a": 1, "a": 2}'.encode(),
+        b'{"x": NaN, "y": -Infinity}',  # json extensions that orjson refuses
+        b'\xef\xbb\xbf{"a": 1}',
+        b'{"a": "\\ud800"}',
+        b'{"a": 1,}',  # malformed: the same message as json's
+        b'{"a": "\xff"}',
+    ],
+)
+def test_source_lines_parse_as_json_loads_parses_them(line):
+    try:
+        expected = repr(json.loads(line))
+    except ValueError as error:
+        with pytest.raises(type(error)) as raised:
+            parse_json_line(line)
+        assert str(raised.value) == str(error)
+    else:
+        assert repr(parse_json_line(line)) == expected
+
+
+def test_rows_are_written_as_json_dumps_writes_them():
+    every_character = "".join(chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000)
+    record = {"instruction": every_character, "input": '"\\\n\t', "output": "\x00\x1f\x7f\u2028", "source": "ai"}
+    body = json_body(record["instruction"], record["input"], record["output"])
+    assert body + b'"ai"}' == json.dumps(record, ensure_ascii=False).encode()
+
+
+def test_duplicate_keys_ignore_case_and_whitespace_in_any_script():
+    assert duplicate_key("Hello  World", "", "OK\n") == duplicate_key("hello world", "", "ok")
+    assert duplicate_key("ÉCOLE Straße", "Ünïcode\t", "x") == duplicate_key("école straße", "ünïcode", "X")
+    assert duplicate_key("a", "", "b") != duplicate_key("a", "b", "")
 
 
 # ---------------------------------------------------------------------------------------------------- shortfall
