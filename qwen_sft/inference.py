@@ -14,29 +14,15 @@ from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_fi
 from .cli import UserError
 from .generation import decoding_settings, generate_batch, stream_reply
 from .modeling import load_adapter_model, read_adapter_manifest
-from .records import iter_json_rows
+from .records import PROMPT_HELP, iter_json_rows, validate_record
 from .template import build_messages
-
-PROMPT_HELP = 'each row needs a non-empty "instruction" string and, optionally, an "input" string'
-
-
-def validate_prompt_row(row, where: str) -> dict:
-    """The row with a checked instruction and input ("" when absent); a bad row raises UserError naming `where`."""
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {PROMPT_HELP}")
-    instruction = row.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
-        problem = "is missing" if "instruction" not in row else "must be a non-empty string"
-        raise UserError(f'{where}: field "instruction" {problem}; {PROMPT_HELP}')
-    extra = "" if row.get("input") is None else row["input"]
-    if not isinstance(extra, str):
-        raise UserError(f'{where}: field "input" must be a string; {PROMPT_HELP}')
-    return {**row, "input": extra}
-
 
 def read_prompt_rows(path: str) -> list[dict]:
     where = "<stdin>" if path == "-" else path
-    rows = [validate_prompt_row(row, f"{where}:{line}") for line, row in iter_json_rows(path)]
+    # Other fields (an id, a reference output) are carried through to the answers.
+    rows = [
+        {**row, **validate_record(row, f"{where}:{line}", with_output=False)} for line, row in iter_json_rows(path)
+    ]
     if not rows:
         raise UserError(f"{where}: holds no rows; {PROMPT_HELP}")
     return rows

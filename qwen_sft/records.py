@@ -13,23 +13,30 @@ from pathlib import Path
 from .cli import UserError
 
 RECORD_HELP = 'each row needs a non-empty "instruction" and "output" string and, optionally, an "input" string'
+PROMPT_HELP = 'each row needs a non-empty "instruction" string and, optionally, an "input" string'
 
 
-def validate_record(row, where: str) -> dict:
-    """Return the row as a clean record, or raise UserError naming `where` (file:line)."""
+def validate_record(row, where: str, with_output: bool = True) -> dict:
+    """Return the row as a clean record, or raise UserError naming `where` (file:line).
+
+    With `with_output=False` the row is a prompt (inference): "output" is neither required nor returned.
+    """
+    help_text = RECORD_HELP if with_output else PROMPT_HELP
     if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {RECORD_HELP}")
-    for field in ("instruction", "output"):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {help_text}")
+    for field in ("instruction", "output") if with_output else ("instruction",):
         value = row.get(field)
         if not isinstance(value, str) or not value.strip():
             problem = "is missing" if field not in row else "must be a non-empty string"
-            raise UserError(f'{where}: field "{field}" {problem}; {RECORD_HELP}')
+            raise UserError(f'{where}: field "{field}" {problem}; {help_text}')
     extra = row.get("input", "")
     if extra is None:
         extra = ""
     if not isinstance(extra, str):
-        raise UserError(f'{where}: field "input" must be a string; {RECORD_HELP}')
-    record = {"instruction": row["instruction"], "input": extra, "output": row["output"]}
+        raise UserError(f'{where}: field "input" must be a string; {help_text}')
+    record = {"instruction": row["instruction"], "input": extra}
+    if with_output:
+        record["output"] = row["output"]
     if isinstance(row.get("source"), str):
         record["source"] = row["source"]
     return record
