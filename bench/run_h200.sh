@@ -4,10 +4,11 @@
 #
 #   bash bench/run_h200.sh pipeline LOG_DIR   # the real GPU path: data mix -> 30 steps -> evaluate -> inference,
 #                                             # and the packed-vs-padded loss check
-#   bash bench/run_h200.sh speed LOG_DIR      # training throughput (a)/(b)/(c) and generation throughput
+#   bash bench/run_h200.sh speed LOG_DIR      # training throughput (a)/(b)/(c) and the profile behind it
+#   bash bench/run_h200.sh generation LOG_DIR # generation throughput, batched vs one prompt at a time
 set -uo pipefail
-part=${1:?usage: run_h200.sh pipeline|speed LOG_DIR}
-logs=${2:?usage: run_h200.sh pipeline|speed LOG_DIR}
+part=${1:?usage: run_h200.sh pipeline|speed|generation LOG_DIR}
+logs=${2:?usage: run_h200.sh pipeline|speed|generation LOG_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=/tmp/qwen7b-random
 work=/tmp/h200_run
@@ -19,7 +20,7 @@ run() {  # run NAME TIMEOUT COMMAND...: log to LOG_DIR/NAME.log, keep going when
   local started=$SECONDS
   (cd "$work" && timeout "$limit" "$@") > "$logs/$name.log" 2>&1
   echo "=== $name: exit $? after $((SECONDS - started)) s"
-  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:" | tail -15
+  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|GPU busy" | tail -15
 }
 
 python3 "$root/bench/random_qwen7b.py" "$model"
@@ -44,8 +45,12 @@ pipeline)
     --out "$logs/packing_check.json"
   ;;
 speed)
-  run train_throughput 480 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
+  run train_throughput 360 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
     --out "$logs/train_throughput.json"
+  run profile_training 300 python3 "$root/bench/profile_training.py" --model "$model" --mix mix.jsonl \
+    --out "$logs/profile_training.json"
+  ;;
+generation)
   run generation_throughput 360 python3 "$root/bench/generation_throughput.py" --backend unsloth \
     --model_dir "$model" --output_json "$logs/generation_throughput_{model}_{backend}.json"
   ;;

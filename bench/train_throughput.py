@@ -5,10 +5,16 @@ transformers when imported, so the plain HF loop must not share a process with i
       batch 2 x 2048 tokens, every token real;
   (b) the same loop with plain transformers + PEFT + bitsandbytes;
   (c) our training stage, `Qwen_finetuning.py`, through its real entry point on the data stage's mix
-      (a realistic length mix), with packing on.
+      (a realistic length mix), with packing on and 4 packed rows x 2 accumulation steps per optimizer step;
+      then the same with the seed's 2 x 4, recorded as c_2x4 (the same 8 rows of up to 2048 tokens per step).
 
 For each: real (non-pad) tokens/s and token slots/s after warm-up, peak GPU memory and time to the first step.
 Prints the ratios c/a and c/b and writes a JSON record.
+
+Why 4 x 2 for (c): with packed batches Unsloth runs its eager per-op decoder (its per-block torch.compile skips
+batches that carry packed sequence lengths), and at 2 x 2048 tokens per micro-batch the host's kernel launches,
+not the GPU, set the pace (`bench/profile_training.py` measures this). Twice the tokens per micro-batch keep the
+GPU busy for the same tokens per optimizer step.
 
   python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl
 """
@@ -26,50 +32,65 @@ sys.path.insert(0, str(ROOT))
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def bare_loop(kind: str, model_path: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def load_bare_model(kind: str, model_path: str, seq: int):
+    """The NF4 base with LoRA r16 on the 7 projections and gradient checkpointing, as Unsloth or plain HF + PEFT."""
     import torch
 
-    started = time.perf_counter()
     if kind == "unsloth":
         from unsloth import FastLanguageModel
 
         model, _ = FastLanguageModel.from_pretrained(model_path, max_seq_length=seq, load_in_4bit=True, dtype=None)
-        model = FastLanguageModel.get_peft_model(
+        return FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=32, lora_dropout=0, target_modules=LORA_TARGETS, bias="none",
             use_gradient_checkpointing="unsloth", random_state=3407,
         )
-    else:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
-        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization,
-                                                     dtype=torch.bfloat16, device_map={"": 0})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0, target_modules=LORA_TARGETS,
-                                                 task_type="CAUSAL_LM"))
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization,
+                                                 dtype=torch.bfloat16, device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0, target_modules=LORA_TARGETS,
+                                            task_type="CAUSAL_LM"))
+
+
+def bare_training_steps(model, batch: int, seq: int):
+    """An endless bare loop (8-bit AdamW, every token real); yields each step's token count after the step."""
     import bitsandbytes as bnb
+    import torch
 
     model.train()
     optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(100, model.config.vocab_size, (batch, seq), generator=generator).cuda()
-    torch.cuda.reset_peak_memory_stats()
-    loop_started = time.perf_counter()
-    first_step_s = timed_from = None
-    for step in range(warmup + steps):
+    while True:
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        yield input_ids.numel()
+
+
+def bare_loop(kind: str, model_path: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    started = time.perf_counter()
+    model = load_bare_model(kind, model_path, seq)
+    torch.cuda.reset_peak_memory_stats()
+    loop_started = time.perf_counter()
+    first_step_s = timed_from = None
+    for step, _ in enumerate(bare_training_steps(model, batch, seq)):
         if step == 0:
             torch.cuda.synchronize()
             first_step_s = time.perf_counter() - loop_started
         if step == warmup - 1:
             torch.cuda.synchronize()
             timed_from = time.perf_counter()
+        if step == warmup + steps - 1:
+            break
     torch.cuda.synchronize()
     rate = batch * seq * steps / (time.perf_counter() - timed_from)
     return {
@@ -116,6 +137,8 @@ def main():
     parser.add_argument("--steps", type=int, default=12, help="timed steps of the bare loops")
     parser.add_argument("--warmup", type=int, default=4, help="untimed first steps of the bare loops")
     parser.add_argument("--stage_steps", type=int, default=20, help="optimizer steps of the training stage run")
+    parser.add_argument("--stage_batches", default="4x2,2x4",
+                        help="rows per micro-batch x accumulation steps of the stage runs; the first is (c)")
     parser.add_argument("--stage_flags", default="", help="extra flags for Qwen_finetuning.py, space-separated")
     parser.add_argument("--only", choices=["a", "b"], help="internal: run one bare loop and print its JSON")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
@@ -138,7 +161,13 @@ def main():
         )
         print(output.stdout[-2000:], output.stderr[-1500:], flush=True)
         results[key] = json.loads(output.stdout.split("RESULT ", 1)[1])
-    results["c"] = training_stage(args.model, str(Path(args.mix).resolve()), args.stage_steps, args.stage_flags.split(), Path("/tmp/bench_c"))
+    for index, shape in enumerate(args.stage_batches.split(",")):
+        rows, accumulation = shape.split("x")
+        batch_flags = ["--per_device_train_batch_size", rows, "--gradient_accumulation_steps", accumulation]
+        results["c" if index == 0 else f"c_{shape}"] = training_stage(
+            args.model, str(Path(args.mix).resolve()), args.stage_steps, batch_flags + args.stage_flags.split(),
+            Path(f"/tmp/bench_c_{shape}"),
+        )
 
     import torch
 
