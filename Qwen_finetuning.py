@@ -38,7 +38,7 @@ SAVE_STEPS = 50  # write a checkpoint every N steps
 SAVE_TOTAL_LIMIT = 3  # keep at most N checkpoints (the best is always kept)
 LOAD_BEST_MODEL_AT_END = True  # restore the checkpoint with the lowest eval loss at the end
 NEFTUNE_NOISE_ALPHA = 5.0  # NEFTune embedding noise; 0 = off
-PACKING = False  # pack rows padding-free (CUDA only: attention must not cross example boundaries)
+PACKING = False  # pack rows padding-free (Unsloth on CUDA only); fastest with 4 rows x 2 accumulation (README)
 SEED = 3407  # training seed (LoRA init, data order, dropout)
 SPLIT_SEED = 42  # seed of the 90/10 train/eval split (evaluate.py uses the same)
 EVAL_RATIO = 0.1  # share of rows held out for evaluation; 0 = no eval split

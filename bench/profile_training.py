@@ -133,15 +133,13 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile_training.json"))
     args = parser.parse_args()
 
-    stage_flags = [
-        "--base_model", args.model, "--dataset_path", str(Path(args.mix).resolve()), "--max_steps", "10",
-        "--eval_ratio", "0", "--save_steps", "100000", "--logging_steps", "5", "--backend", "unsloth",
-        "--packing", "true", *args.stage_flags.split(),
-    ]
     if args.only == "a":
         return profile_bare_loop(args.model, args.start, args.count)
     if args.only == "c":
-        return profile_stage(stage_flags, args.start, args.count)
+        from train_throughput import stage_flags
+
+        flags = stage_flags(args.model, str(Path(args.mix).resolve()), 10) + args.stage_flags.split()
+        return profile_stage(flags, args.start, args.count)
 
     from random_qwen7b import build
 

@@ -105,13 +105,17 @@ def bare_loop(kind: str, model_path: str, batch: int, seq: int, steps: int, warm
     }
 
 
+def stage_flags(model_path: str, mix: str, steps: int) -> list[str]:
+    """Qwen_finetuning.py's flags in every benchmark run: Unsloth, packing on, no eval split, no checkpoints."""
+    return [
+        "--base_model", model_path, "--dataset_path", mix, "--max_steps", str(steps), "--eval_ratio", "0",
+        "--save_steps", "100000", "--logging_steps", "5", "--backend", "unsloth", "--packing", "true",
+    ]
+
+
 def training_stage(model_path: str, mix: str, steps: int, extra: list[str], workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, str(ROOT / "Qwen_finetuning.py"), "--base_model", model_path, "--dataset_path", mix,
-        "--max_steps", str(steps), "--eval_ratio", "0", "--save_steps", "100000", "--logging_steps", "5",
-        "--backend", "unsloth", "--packing", "true", *extra,
-    ]
+    command = [sys.executable, str(ROOT / "Qwen_finetuning.py"), *stage_flags(model_path, mix, steps), *extra]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=workdir, check=True)
     manifest = json.loads((workdir / "Qwen_finetuning_model" / "manifest.json").read_text())
