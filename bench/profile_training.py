@@ -118,7 +118,8 @@ def profile_stage(stage_flags: list[str], start: int, count: int):
         if stop.code:
             raise
     if not window.done:
-        raise SystemExit(f"the stage ran {window.ticks} micro-batches, fewer than the window needs; raise --max_steps")
+        raise SystemExit(f"the stage ran {window.ticks} micro-batches, fewer than the window needs; lower --start or --count, or "
+                         "add a larger --max_steps to --stage_flags")
 
 
 def main():
@@ -128,7 +129,7 @@ def main():
     parser.add_argument("--start", type=int, default=21, help="first profiled micro-batch (after warm-up)")
     parser.add_argument("--count", type=int, default=4, help="profiled micro-batches")
     parser.add_argument("--stage_flags", default="--per_device_train_batch_size 2 --gradient_accumulation_steps 4",
-                        help="extra flags for Qwen_finetuning.py, space-separated")
+                        help='extra flags for Qwen_finetuning.py, space-separated: --stage_flags="--seed 1"')
     parser.add_argument("--only", choices=["a", "c"], help="internal: profile one side in this process")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile_training.json"))
     args = parser.parse_args()

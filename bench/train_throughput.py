@@ -58,7 +58,7 @@ def load_bare_model(kind: str, model_path: str, seq: int):
 
 
 def bare_training_steps(model, batch: int, seq: int):
-    """An endless bare loop (8-bit AdamW, every token real); yields each step's token count after the step."""
+    """An endless bare loop (8-bit AdamW, every token real); yields after each step, for the caller to time it."""
     import bitsandbytes as bnb
     import torch
 
@@ -71,7 +71,7 @@ def bare_training_steps(model, batch: int, seq: int):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        yield input_ids.numel()
+        yield
 
 
 def bare_loop(kind: str, model_path: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -103,6 +103,14 @@ def bare_loop(kind: str, model_path: str, batch: int, seq: int, steps: int, warm
         "load_s": round(loop_started - started, 1),
         "timed_steps": steps,
     }
+
+
+def batch_shape(text: str) -> tuple[str, str]:
+    """`4x2` -> ("4", "2"): rows per micro-batch and accumulation steps, for --stage_batches."""
+    rows, _, accumulation = text.partition("x")
+    if not (rows.isdigit() and accumulation.isdigit() and int(rows) > 0 and int(accumulation) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxACCUMULATION, e.g. 4x2")
+    return rows, accumulation
 
 
 def stage_flags(model_path: str, mix: str, steps: int) -> list[str]:
@@ -141,9 +149,11 @@ def main():
     parser.add_argument("--steps", type=int, default=12, help="timed steps of the bare loops")
     parser.add_argument("--warmup", type=int, default=4, help="untimed first steps of the bare loops")
     parser.add_argument("--stage_steps", type=int, default=20, help="optimizer steps of the training stage run")
-    parser.add_argument("--stage_batches", default="4x2,2x4",
-                        help="rows per micro-batch x accumulation steps of the stage runs; the first is (c)")
-    parser.add_argument("--stage_flags", default="", help="extra flags for Qwen_finetuning.py, space-separated")
+    parser.add_argument("--stage_batches", type=batch_shape, nargs="+", default=[("4", "2"), ("2", "4")],
+                        help="rows per micro-batch x accumulation steps of each stage run (default 4x2 2x4); "
+                             "the first is (c)")
+    parser.add_argument("--stage_flags", default="",
+                        help='extra flags for Qwen_finetuning.py, space-separated: --stage_flags="--seed 1"')
     parser.add_argument("--only", choices=["a", "b"], help="internal: run one bare loop and print its JSON")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     args = parser.parse_args()
@@ -165,8 +175,8 @@ def main():
         )
         print(output.stdout[-2000:], output.stderr[-1500:], flush=True)
         results[key] = json.loads(output.stdout.split("RESULT ", 1)[1])
-    for index, shape in enumerate(args.stage_batches.split(",")):
-        rows, accumulation = shape.split("x")
+    for index, (rows, accumulation) in enumerate(args.stage_batches):
+        shape = f"{rows}x{accumulation}"
         batch_flags = ["--per_device_train_batch_size", rows, "--gradient_accumulation_steps", accumulation]
         results["c" if index == 0 else f"c_{shape}"] = training_stage(
             args.model, str(Path(args.mix).resolve()), args.stage_steps, batch_flags + args.stage_flags.split(),
