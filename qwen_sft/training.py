@@ -91,18 +91,41 @@ def find_resume_checkpoint(setting: str, output_dir: str) -> str | None:
     return None
 
 
+def answer_only_loss(model, inputs, num_items_in_batch=None):
+    """The causal-LM loss with the LM head applied to the labelled (answer) positions only.
+
+    The same value as the model's own loss, but Qwen2.5's 151,936-wide head is not run over the prompt tokens,
+    whose logits carry no loss: on a CPU that matmul dominates a small model's step.
+    """
+    import torch
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = inputs["labels"]
+    decoder_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
+    hidden = causal_lm.model(**decoder_inputs).last_hidden_state
+    targets = labels[:, 1:]
+    labelled = targets != -100
+    logits = causal_lm.lm_head(hidden[:, :-1][labelled]).float()
+    total = torch.nn.functional.cross_entropy(logits, targets[labelled], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else labelled.sum()
+    return total / count
+
+
 def sft_trainer_class():
-    """TRL's SFTTrainer with two CPU fixes, so that the CPU path (tests, CI) runs the same stage code."""
+    """TRL's SFTTrainer with CPU fixes, so that the CPU path (tests, CI) runs the same stage code."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
     class PortableSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss.
+            # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss, with the
+            # LM head on the answer tokens only where no wrapper (data parallel) needs the full forward.
             if self.args.device.type in ("cuda", "xpu"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if return_outputs or self.args.world_size > 1 or "labels" not in inputs:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return answer_only_loss(model, inputs, num_items_in_batch)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             # Under CPU data parallel, transformers maps the optimizer state to "cpu:<rank>", which torch.load

@@ -223,3 +223,31 @@ def test_help_lists_the_seed_defaults():
                  "--num_train_epochs 3", "--learning_rate 0.0002", "--neftune_noise_alpha 5.0", "--split_seed 42",
                  "--seed 3407", "--resume_from_checkpoint false"):
         assert line in result.stdout, line
+
+
+def test_answer_only_loss_equals_the_models_own_loss_and_gradients():
+    """The CPU loss runs the LM head on labelled positions only; value and LoRA gradients match the full forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwen_sft.training import answer_only_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path()),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 151000, (2, 12))
+    labels = ids.clone()
+    labels[0, :7], labels[1, :4] = -100, -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    gradients = []
+    for loss_of in (lambda: model(**inputs).loss, lambda: answer_only_loss(model, inputs)):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        gradients.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (full_loss, full_grads), (answer_loss, answer_grads) = gradients
+    torch.testing.assert_close(answer_loss, full_loss)
+    for full, answer in zip(full_grads, answer_grads, strict=True):
+        torch.testing.assert_close(answer, full, rtol=1e-4, atol=1e-6)
+    summed = answer_only_loss(model, inputs, num_items_in_batch=torch.tensor(2 * 12))  # token-weighted form
+    torch.testing.assert_close(summed * 24, full_loss * (labels[:, 1:] != -100).sum())
