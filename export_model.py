@@ -1,10 +1,12 @@
 """Merge the LoRA adapter into its base model and write a standalone 16-bit model folder.
 
 OUTPUT_DIR gets safetensors weights, config, generation config (stops at <|im_end|>), the tokenizer with the
-chat template training used, a manifest and, optionally, an Ollama Modelfile. Plain transformers and vLLM load
-it as is; llama.cpp's convert_hf_to_gguf.py turns it into a GGUF file (see the README).
+chat template training used, a manifest, an Ollama Modelfile and, with --gguf, a GGUF file written by llama.cpp's
+own converter (llama.cpp, llama-cpp-python, Ollama and LM Studio load it). Plain transformers and vLLM load the
+folder as is.
 
   python export_model.py                                     # Qwen_finetuning_model -> Qwen_finetuning_merged (bf16)
+  python export_model.py --gguf q8_0                         # also Qwen_finetuning_merged/model-q8_0.gguf
   python export_model.py --dtype float16 --output_dir qwen-ft-fp16
   python export_model.py --ollama_modelfile false
 """
@@ -17,6 +19,11 @@ OUTPUT_DIR = "Qwen_finetuning_merged"  # the merged model folder (replaced only 
 DTYPE = "bfloat16"  # weight type of the merged model: bfloat16, float16, or float32 (exact, twice the size)
 OLLAMA_MODELFILE = True  # also write OUTPUT_DIR/Modelfile (ChatML template, SYSTEM_PROMPT, stop tokens)
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # the Modelfile's system prompt (keep it as in training)
+TEMPERATURE = 0.8  # the Modelfile's sampling temperature (the seed's, as in inference.py and chat.py)
+TOP_P = 0.9  # the Modelfile's nucleus sampling share
+REPETITION_PENALTY = 1.3  # the Modelfile's repeat_penalty
+GGUF = ""  # also write OUTPUT_DIR/model-<type>.gguf with llama.cpp's converter: q8_0, bf16, f16 or f32; empty = no
+LLAMA_CPP_DIR = ""  # a llama.cpp checkout whose converter to use; empty = llama-cpp-python 0.3.36's, fetched once by pip
 BACKEND = "auto"  # auto (Unsloth's merged save when CUDA and unsloth are present), unsloth, or hf (PEFT merge)
 
 

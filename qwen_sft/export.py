@@ -1,7 +1,7 @@
 """The export stage behind export_model.py: merge the LoRA adapter into its base model and write a standalone
 16-bit model folder (safetensors weights, config, generation config, tokenizer with the chat template training
-used, manifest) that plain transformers, vLLM and llama.cpp's convert_hf_to_gguf.py load; optionally an Ollama
-Modelfile in it.
+used, manifest) that plain transformers, vLLM and llama.cpp's convert_hf_to_gguf.py load; optionally a GGUF file
+written by that converter, and an Ollama Modelfile.
 
 With Unsloth, its merged save does the merge. Otherwise PEFT merges into a base loaded fresh in 16 bits (or
 float32), never into a 4-bit one, whose rounding would be baked into every weight.
@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic, write_text_atomic
 from .cli import UserError
+from .qwen_tokenizer_build import write_portable_tokenizer_config
 from .generation import stop_token_ids
+from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir
 from .modeling import (
     ADAPTER_MANIFEST,
     adapter_base_path,
@@ -44,13 +46,24 @@ OLLAMA_TEMPLATE = """{{- if .System }}<|im_start|>system
 {{- end }}"""
 
 
-def ollama_modelfile(system_prompt: str, stop_tokens: list[str]) -> str:
+def modelfile_system(system_prompt: str) -> str:
+    if '"""' in system_prompt:  # a Modelfile has no escape for it: it would end the block and inject lines
+        raise UserError('--system_prompt contains """, which would end the Modelfile\'s SYSTEM block; remove it')
+    return f'SYSTEM """{system_prompt}"""'
+
+
+def ollama_modelfile(cfg, stop_tokens: list[str], context_length: int, gguf_file: str = "") -> str:
+    """Ollama's Modelfile: FROM the GGUF when one was written (Ollama imports safetensors only for some families),
+    the ChatML template, the training system prompt, its context and the seed's sampling settings."""
     lines = [
         "# Ollama model of this folder: `ollama create NAME -f Modelfile` here, then `ollama run NAME`.",
-        "# For a quantized model, convert this folder to GGUF (see the README) and point FROM at the .gguf file.",
-        "FROM .",
+        f"FROM ./{gguf_file}" if gguf_file else "FROM .",
         f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
-        f'SYSTEM """{system_prompt}"""',
+        modelfile_system(cfg.system_prompt),
+        f"PARAMETER num_ctx {context_length}",
+        f"PARAMETER temperature {cfg.temperature}",
+        f"PARAMETER top_p {cfg.top_p}",
+        f"PARAMETER repeat_penalty {cfg.repetition_penalty}",
         *(f'PARAMETER stop "{token}"' for token in stop_tokens),
     ]
     return "\n".join(lines) + "\n"
@@ -85,9 +98,31 @@ def write_generation_config(folder: Path, tokenizer) -> None:
     generation.save_pretrained(folder)
 
 
-def export_merged(cfg) -> None:
+def gguf_name(gguf_type: str) -> str:
+    return f"model-{gguf_type}.gguf"
+
+
+def write_gguf(cfg, folder: Path) -> dict:
+    """llama.cpp's converter on the merged folder; the GGUF lands inside it, so it appears only with the folder."""
+    outfile = folder / gguf_name(cfg.gguf)
+    convert(folder, outfile, cfg.gguf, Path(cfg.output_dir).name, cfg.llama_cpp_dir)
+    converter = cfg.llama_cpp_dir or f"llama-cpp-python {LLAMA_CPP_PYTHON} sdist"
+    return {"file": outfile.name, "type": cfg.gguf, "sha256": sha256_file(outfile), "converter": converter}
+
+
+def check_export_flags(cfg) -> None:
     if cfg.dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {cfg.dtype!r}")
+    if cfg.gguf and cfg.gguf not in GGUF_TYPES:
+        raise UserError(f"--gguf must be one of {', '.join(GGUF_TYPES)} (or empty for none), got {cfg.gguf!r}")
+    if cfg.ollama_modelfile:
+        modelfile_system(cfg.system_prompt)
+    if cfg.gguf:
+        converter_dir(cfg.llama_cpp_dir)  # fetched (or found missing) before the merge, not after it
+
+
+def export_merged(cfg) -> None:
+    check_export_flags(cfg)
     if Path(cfg.output_dir).resolve() == Path(cfg.adapter_dir).resolve():
         raise UserError(f"--output_dir {cfg.output_dir} is the adapter folder; choose another folder")
     manifest = read_adapter_manifest(cfg.adapter_dir)
@@ -108,18 +143,22 @@ def export_merged(cfg) -> None:
         else:
             merge_with_peft(cfg.adapter_dir, manifest["base_model"], folder, dtype, max_seq_length)
         tokenizer.save_pretrained(folder)  # the adapter's tokenizer: the chat template training used
+        write_portable_tokenizer_config(folder)
         write_generation_config(folder, tokenizer)
         stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
+        gguf = write_gguf(cfg, folder) if cfg.gguf else None
         if cfg.ollama_modelfile:
-            write_text_atomic(folder / MODELFILE, ollama_modelfile(cfg.system_prompt, stops))
+            modelfile = ollama_modelfile(cfg, stops, max_seq_length, gguf["file"] if gguf else "")
+            write_text_atomic(folder / MODELFILE, modelfile)
         write_json_atomic(
             folder / ADAPTER_MANIFEST,
             build_manifest(
                 "export", cfg, base_model=manifest["base_model"], backend=backend, dtype=cfg.dtype,
                 adapter={"path": cfg.adapter_dir, "sha256": sha256_file(Path(cfg.adapter_dir) / ADAPTER_WEIGHTS),
                          "trained": manifest.get("created"), "dataset": manifest.get("dataset")},
-                stop_tokens=stops, wall_time_s=round(time.time() - started, 2),
+                stop_tokens=stops, gguf=gguf, wall_time_s=round(time.time() - started, 2),
             ),
         )
-    extra = f" and an Ollama {MODELFILE}" if cfg.ollama_modelfile else ""
+    extra = f", {gguf['file']}" if gguf else ""
+    extra += f" and an Ollama {MODELFILE}" if cfg.ollama_modelfile else ""
     print(f"merged {cfg.dtype} model, tokenizer, generation config, manifest{extra} written to {cfg.output_dir}/")
