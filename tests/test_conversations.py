@@ -1,0 +1,157 @@
+"""Multi-turn `messages` rows: validation, masks from the official template, truncation by whole turns."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from qwen_sft.cli import UserError
+from qwen_sft.records import read_records
+from qwen_sft.template import (
+    DEFAULT_SYSTEM_PROMPT,
+    build_messages,
+    conversation_example,
+    reference_answer,
+    tokenize_example,
+)
+from qwen_sft.tiny import tiny_path
+from qwen_sft.training import tokenize_records
+
+THREE_TURNS = [
+    {"role": "user", "content": "请记住数字7。"},
+    {"role": "assistant", "content": "好的，记住了。"},
+    {"role": "user", "content": "Add 2 to it."},
+    {"role": "assistant", "content": "That makes 9."},
+    {"role": "user", "content": "我让你记住的数字是几？"},
+    {"role": "assistant", "content": "数字是7。"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(tiny_path())
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_one_file_mixes_single_turn_and_conversation_rows(tmp_path):
+    path = write_rows(tmp_path / "mixed.jsonl", [
+        {"instruction": "q", "output": "a"},
+        {"messages": [{"role": "system", "content": "S"}, *THREE_TURNS], "source": "chat", "id": 3},
+    ])
+    single, conversation = read_records(path)
+    assert single == {"instruction": "q", "input": "", "output": "a"}
+    assert conversation == {"messages": [{"role": "system", "content": "S"}, *THREE_TURNS], "source": "chat"}
+    assert reference_answer(conversation) == "数字是7。" and reference_answer(single) == "a"
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}],
+         "rows.jsonl:2: message 1: role must be system, user or assistant, got 'human'"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}],
+         'rows.jsonl:2: message 2: "content" must be a non-empty string'),
+        ([{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}],
+         "rows.jsonl:2: message 2: two user turns in a row"),
+        ([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}],
+         "rows.jsonl:2: no assistant turn"),
+        ([*THREE_TURNS[:3]], "rows.jsonl:2: ends with a user turn"),
+        ([{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}],
+         "rows.jsonl:2: message 1: unknown key(s) 'name'"),
+        ([{"role": "assistant", "content": "a"}], "rows.jsonl:2: message 1: an assistant turn must follow a user turn"),
+        ([*THREE_TURNS[:2], {"role": "system", "content": "S"}], "rows.jsonl:2: message 3: a system turn may only"),
+        ([], 'rows.jsonl:2: "messages" must be a non-empty list'),
+        ("hello", 'rows.jsonl:2: "messages" must be a non-empty list'),
+    ],
+)
+def test_bad_conversation_names_file_line_and_problem(tmp_path, messages, message):
+    path = write_rows(tmp_path / "rows.jsonl", [{"instruction": "q", "output": "a"}, {"messages": messages}])
+    with pytest.raises(UserError) as caught:
+        read_records(path)
+    assert message in str(caught.value)
+
+
+def test_a_row_is_either_kind_not_both(tmp_path):
+    path = write_rows(tmp_path / "rows.jsonl", [{"messages": THREE_TURNS, "output": "a"}])
+    with pytest.raises(UserError, match='rows.jsonl:1: a row holds either "messages" or "output", not both'):
+        read_records(path)
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_three_turn_mask_covers_every_answer_and_nothing_else(tokenizer):
+    """The mask, built by hand from hand-written ChatML: 0 on the system and user turns and on the role headers,
+    1 on each answer and its <|im_end|>."""
+    example, dropped = tokenize_example(tokenizer, {"messages": THREE_TURNS}, "SYS", 4096)
+    assert dropped == 0
+    pieces = [
+        ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n请记住数字7。<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("好的，记住了。<|im_end|>", 1),
+        ("\n<|im_start|>user\nAdd 2 to it.<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("That makes 9.<|im_end|>", 1),
+        ("\n<|im_start|>user\n我让你记住的数字是几？<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("数字是7。<|im_end|>", 1),
+    ]
+    expected_ids = [token for text, _ in pieces for token in ids(tokenizer, text)]
+    expected_mask = [bit for text, bit in pieces for _ in ids(tokenizer, text)]
+    assert example == {"input_ids": expected_ids, "completion_mask": expected_mask}
+    assert sum(expected_mask) == sum(len(ids(tokenizer, text)) for text, bit in pieces if bit) > 0
+    labelled = tokenizer.decode([token for token, bit in zip(example["input_ids"], example["completion_mask"]) if bit])
+    assert labelled == "好的，记住了。<|im_end|>That makes 9.<|im_end|>数字是7。<|im_end|>"
+    # The example is the official template's full render, less its trailing newline.
+    full = tokenizer.apply_chat_template(build_messages({"messages": THREE_TURNS}, "SYS", with_answer=True),
+                                         tokenize=False)
+    assert tokenizer.decode(example["input_ids"]) + "\n" == full
+
+
+def test_single_exchange_conversation_tokenizes_exactly_as_a_single_turn_row(tokenizer):
+    single = {"instruction": "报告的良率是多少？", "input": "", "output": "良率为93%。"}
+    conversation = {"messages": [{"role": "user", "content": single["instruction"]},
+                                 {"role": "assistant", "content": single["output"]}]}
+    assert tokenize_example(tokenizer, conversation, DEFAULT_SYSTEM_PROMPT, 2048) == \
+        tokenize_example(tokenizer, single, DEFAULT_SYSTEM_PROMPT, 2048)
+    assert build_messages(conversation, DEFAULT_SYSTEM_PROMPT) == build_messages(single, DEFAULT_SYSTEM_PROMPT)
+
+
+def test_configured_system_prompt_only_where_the_conversation_has_none(tokenizer):
+    own = {"messages": [{"role": "system", "content": "OWN"}, *THREE_TURNS]}
+    assert build_messages(own, "CONFIGURED")[0] == {"role": "system", "content": "OWN"}
+    assert build_messages({"messages": THREE_TURNS}, "CONFIGURED")[0] == {"role": "system", "content": "CONFIGURED"}
+    prompt = build_messages({"messages": THREE_TURNS}, "CONFIGURED")
+    assert prompt[-1] == THREE_TURNS[-2] and len(prompt) == 6  # the prompt of the last answer: all turns before it
+    example, _ = tokenize_example(tokenizer, own, "CONFIGURED", 4096)
+    assert "CONFIGURED" not in tokenizer.decode(example["input_ids"]) and "OWN" in tokenizer.decode(example["input_ids"])
+
+
+def test_long_conversation_drops_its_oldest_whole_exchanges(tokenizer):
+    record = {"messages": [{"role": "system", "content": "S"}, *THREE_TURNS]}
+    last_two = conversation_example(tokenizer, [{"role": "system", "content": "S"}, *THREE_TURNS[2:]])
+    whole = conversation_example(tokenizer, record["messages"])
+    example, dropped = tokenize_example(tokenizer, record, DEFAULT_SYSTEM_PROMPT, len(whole["input_ids"]) - 1)
+    assert (example, dropped) == (last_two, 1)  # the system turn stays, the first exchange goes whole
+    last = conversation_example(tokenizer, [{"role": "system", "content": "S"}, *THREE_TURNS[4:]])
+    assert tokenize_example(tokenizer, record, "", len(last["input_ids"])) == (last, 2)
+    assert tokenize_example(tokenizer, record, "", len(last["input_ids"]) - 1) == (None, 0)
+
+    rows, stats = tokenize_records(
+        tokenizer, [record, record, {"instruction": "q", "input": "", "output": "a"}], "", len(last["input_ids"])
+    )
+    assert rows == [last, last] + rows[2:] and len(rows) == 3
+    assert stats == {"prompt_truncated": 0, "dropped_answer_too_long": 0, "conversations_shortened": 2,
+                     "exchanges_dropped": 4, "dropped_last_exchange_too_long": 0}
+    _, stats = tokenize_records(tokenizer, [record], "", len(last["input_ids"]) - 1)
+    assert stats["dropped_last_exchange_too_long"] == 1
+
+
+def test_a_template_that_is_not_prefix_consistent_is_refused(tokenizer):
+    odd = AutoTokenizer.from_pretrained(tiny_path())
+    odd.chat_template = ("{{ messages | length }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(UserError, match="does not render a conversation turn by turn"):
+        tokenize_example(odd, {"messages": THREE_TURNS}, "S", 4096)
