@@ -155,3 +155,79 @@ def test_a_template_that_is_not_prefix_consistent_is_refused(tokenizer):
                          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(UserError, match="does not render a conversation turn by turn"):
         tokenize_example(odd, {"messages": THREE_TURNS}, "S", 4096)
+
+
+# ---------------------------------------------------------------------------------------------------- data stages
+
+def orca_chat(*turns, system="Be brief."):
+    return {"conversations": [{"from": "system", "value": system, "weight": None}]
+            + [{"from": speaker, "value": text, "weight": 1.0} for speaker, text in turns]}
+
+
+def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
+    from qwen_sft.sources import SCHEMAS
+
+    orca = SCHEMAS["orca"]
+    chat = orca_chat(("human", "Pick a number."), ("gpt", "Seven."), ("human", " Which one? "), ("gpt", "Seven, as said."))
+    assert orca.convert(chat) == [
+        {"role": "user", "content": "Be brief.\n\nPick a number."}, {"role": "assistant", "content": "Seven."},
+        {"role": "user", "content": "Which one?"}, {"role": "assistant", "content": "Seven, as said."},
+    ]
+    single = orca_chat(("human", "Pick a number."), ("gpt", "Seven."))
+    assert orca.convert(single) == ("Be brief.\n\nPick a number.", "", "Seven.")  # single-turn, as before
+    # A chat that stops alternating, or whose later exchange is empty, keeps its exchanges before that point.
+    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("gpt", "c"), ("human", "d"), ("gpt", "e"))) == \
+        ("Be brief.\n\na", "", "b")
+    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", " "), ("gpt", "c"))) == ("Be brief.\n\na", "", "b")
+    assert len(orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d"), ("human", "e")))) == 4
+
+
+def test_conversation_rows_are_written_as_json_dumps_writes_them():
+    from qwen_sft.mixing import conversation_duplicate_key, conversation_json_body
+
+    messages = [{"role": "user", "content": '"引号"\n\\ \u2028'}, {"role": "assistant", "content": "\x00 ok"}]
+    expected = json.dumps({"messages": messages, "source": "orca"}, ensure_ascii=False).encode()
+    assert conversation_json_body(messages) + b'"orca"}' == expected
+    shouted = [{"role": "user", "content": '"引号"\n\\ \u2028'.upper() + "  "}, {"role": "assistant", "content": "\x00 OK"}]
+    assert conversation_duplicate_key(messages) == conversation_duplicate_key(shouted)
+    swapped = [{"role": "assistant", "content": messages[0]["content"]}, {"role": "user", "content": "\x00 ok"}]
+    assert conversation_duplicate_key(messages) != conversation_duplicate_key(swapped)
+
+
+def test_data_stage_keeps_conversations_whole_and_counts_each_as_one_row(tmp_path, monkeypatch):
+    import runpy
+    import sys
+
+    from conftest import FIXTURES, ROOT
+
+    chats = [orca_chat(("human", f"Remember {n}."), ("gpt", f"Noted: {n}."), ("human", "Which number?"),
+                       ("gpt", f"It was {n}.")) for n in range(6)]
+    chats.append(orca_chat(("human", "REMEMBER 0."), ("gpt", "noted:  0."), ("human", "Which number?"),
+                           ("gpt", "It was 0.")))  # a near-duplicate of the first chat
+    chats.append(orca_chat(("human", "Long one."), ("gpt", "x"), ("human", "More?"), ("gpt", "word " * 2000)))
+    chats += [orca_chat(("human", f"Single {n}?"), ("gpt", f"Answer {n}.")) for n in range(4)]
+    orca = write_rows(tmp_path / "orca.jsonl", chats)
+    reports = write_rows(tmp_path / "reports.jsonl", [
+        {"instruction": "报告良率？", "input": "", "output": "良率为93%。"},
+        {"messages": [{"role": "system", "content": "S"}, *THREE_TURNS]},
+    ])
+    namespace = runpy.run_path(str(ROOT / "data_integration.py"))
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "data_integration.py", "--my_report_data_path", reports, "--sources",
+        f"orca={orca},pubmed={FIXTURES / 'hub' / 'pubmedqa_pqa_labeled.jsonl'}", "--total_samples", 12,
+        "--ratios", "reports=0.2,orca=0.8,pubmed=0", "--min_output_chars", 1, "--output_file", tmp_path / "mix.jsonl",
+    ])))
+    namespace["main"]()
+    rows = read_records(tmp_path / "mix.jsonl")  # every row valid for training
+    manifest = json.loads((tmp_path / "mix.manifest.json").read_text(encoding="utf-8"))
+    orca_rows = [row for row in rows if row["source"] == "orca"]
+    assert len(orca_rows) == 10 and manifest["sources"]["orca"]["kept"] == {"orca": 10}  # one chat = one row
+    conversations = [row["messages"] for row in orca_rows if "messages" in row]
+    assert len(conversations) == 6 and all(len(messages) == 4 for messages in conversations)
+    assert manifest["sources"]["orca"]["duplicates"] == 1
+    assert manifest["sources"]["orca"]["filtered"] == {"too_long": 1}
+    first = next(messages for messages in conversations if messages[1]["content"] == "Noted: 0.")
+    assert first[0] == {"role": "user", "content": "Be brief.\n\nRemember 0."}
+    report_rows = [row for row in rows if row["source"] == "reports"]
+    assert len(report_rows) == 2
+    assert {"messages": [{"role": "system", "content": "S"}, *THREE_TURNS], "source": "reports"} in report_rows
