@@ -231,3 +231,98 @@ def test_data_stage_keeps_conversations_whole_and_counts_each_as_one_row(tmp_pat
     report_rows = [row for row in rows if row["source"] == "reports"]
     assert len(report_rows) == 2
     assert {"messages": [{"role": "system", "content": "S"}, *THREE_TURNS], "source": "reports"} in report_rows
+
+
+# ---------------------------------------------------------------------------------------------------- learning proof
+
+SYSTEM = "你是助手。"  # short, so the examples stay short (the real vocabulary's LM head is costly on CPU)
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """The tiny model trained on 8 "remember the number" conversations and 2 single-turn rows, in one file."""
+    from conftest import FIXTURES, LEARNING_FLAGS, run_script
+
+    workdir = tmp_path_factory.mktemp("memorised")
+    dataset = FIXTURES / "conversations_10.jsonl"
+    result = run_script("Qwen_finetuning.py", *LEARNING_FLAGS, "--per_device_train_batch_size", "10",
+                        "--dataset_path", dataset, "--system_prompt", SYSTEM, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "Qwen_finetuning_model", read_records(dataset), dataset
+
+
+@pytest.mark.slow
+def test_multi_turn_learning_proof_greedy_chat_recalls_the_first_exchange(memorised, monkeypatch, capsys):
+    """Each second answer ("是7。") depends only on the first exchange: the question is the same in every chat."""
+    import io
+    import sys
+
+    from qwen_sft.chat import ChatSession, chat_loop
+    from qwen_sft.modeling import load_adapter_model
+
+    adapter, records, _ = memorised
+    model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
+    chats = [record["messages"] for record in records if "messages" in record]
+    assert len({messages[2]["content"] for messages in chats}) == 1 and len(chats) == 8
+    script = [line for messages in chats for line in (messages[0]["content"], messages[2]["content"], "/reset")]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    session = ChatSession(tokenizer, SYSTEM, 1024, 32)
+    greedy = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0}
+    chat_loop(model, tokenizer, session, greedy, show_prompt=False)
+    out = capsys.readouterr().out
+    replies = [line.removeprefix("助手> ") for line in out.splitlines() if line.startswith("助手> ")]
+    assert replies == [messages[turn]["content"] for messages in chats for turn in (1, 3)]
+    assert "cut at max_new_tokens" not in out  # every reply stopped at <|im_end|>
+
+
+@pytest.mark.slow
+def test_evaluation_scores_every_answer_and_generates_the_last(memorised, tmp_path):
+    from conftest import run_script
+
+    from qwen_sft.training import split_records
+
+    adapter, records, dataset = memorised
+    result = run_script("evaluate.py", "--adapter_dir", adapter, "--dataset_path", dataset, "--eval_ratio", "0.5",
+                        "--system_prompt", SYSTEM, "--temperature", "0", "--max_new_tokens", "24",
+                        "--compare_base", "false", "--output_dir", tmp_path / "eval", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    _, eval_records = split_records(records, 0.5, 42)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    masks = [tokenize_example(tokenizer, record, SYSTEM, 2048)[0]["completion_mask"] for record in eval_records]
+    assert metrics["teacher_forcing"]["answer_tokens"] == sum(map(sum, masks))  # every answer of every row
+    assert metrics["exact_match"] == 1.0 and metrics["stop_rate"] == 1.0  # trained rows, reproduced
+    sources = {record.get("source") for record in eval_records}
+    assert "memory" in sources and set(metrics["by_source"]) == sources
+    assert metrics["by_source"]["memory"]["exact_match"] == 1.0
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    chat_lines = [line for line in lines if "messages" in line]
+    assert chat_lines and len(lines) == len(eval_records)
+    for line in chat_lines:  # the turns before the generated answer, which equals the reference
+        assert len(line["messages"]) == 3 and line["prediction"] == line["reference"]
+        assert line["reference"] == f"是{line['messages'][0]['content'][-2]}。"
+
+
+@pytest.mark.slow
+def test_inference_file_mode_answers_conversations(memorised, tmp_path):
+    from conftest import run_script
+
+    adapter, records, _ = memorised
+    chat = next(record["messages"] for record in records if "messages" in record)
+    prompts = write_rows(tmp_path / "prompts.jsonl", [
+        {"id": "open", "messages": chat[:3]},  # ends with the user's question
+        {"id": "trained", "messages": chat},  # ends with an answer: that is the reference
+        {"id": "single", "instruction": records[2]["instruction"]},
+    ])
+    result = run_script("inference.py", "--adapter_dir", adapter, "--instruction_file", prompts, "--output_file",
+                        tmp_path / "answers.jsonl", "--system_prompt", SYSTEM, "--temperature", "0",
+                        "--repetition_penalty", "1", "--no_repeat_ngram_size", "0", "--max_new_tokens", "24",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answered = {row["id"]: row for row in map(json.loads, (tmp_path / "answers.jsonl").read_text().splitlines())}
+    assert answered["open"]["output"] == answered["trained"]["output"] == chat[3]["content"]
+    assert "reference" not in answered["open"] and answered["trained"]["reference"] == chat[3]["content"]
+    assert answered["trained"]["messages"] == chat
+    assert answered["single"]["output"] == records[2]["output"]
+    assert all(row["stopped"] for row in answered.values())
