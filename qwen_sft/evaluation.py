@@ -251,7 +251,9 @@ class EvalRows:
     """The eval split tokenized once, for teacher forcing (exactly as training tokenizes) and for generation."""
 
     def __init__(self, tokenizer, records: list[dict], cfg):
-        from .template import answer_ids, build_messages, is_conversation, prompt_ids, reference_answer, tokenize_example
+        from .template import (
+            answer_ids, build_messages, is_conversation, prompt_ids, prompt_within, reference_answer, tokenize_example,
+        )
 
         self.records = records
         self.sources = [record.get("source", NO_SOURCE) for record in records]
@@ -277,10 +279,16 @@ class EvalRows:
             self.examples.append(example)
             self.example_rows.append(row)
 
-        # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH keeps its end.
+        # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH loses a conversation's oldest exchanges
+        # first, then keeps its end.
         self.generation_rows = choose_generation_rows(len(records), cfg.max_gen_samples, cfg.seed)
-        self.generation_prompts = [prompts[row][-cfg.max_seq_length:] for row in self.generation_rows]
-        self.generation_prompts_cut = sum(len(prompts[row]) > cfg.max_seq_length for row in self.generation_rows)
+        fitted = [
+            prompt_within(tokenizer, build_messages(records[row], cfg.system_prompt), cfg.max_seq_length)
+            if len(prompts[row]) > cfg.max_seq_length else (prompts[row], False)
+            for row in self.generation_rows
+        ]
+        self.generation_prompts = [ids for ids, _ in fitted]
+        self.generation_prompts_cut = sum(cut for _, cut in fitted)
 
 
 def run_model(model, tokenizer, cfg, rows: EvalRows, label: str) -> dict:

@@ -74,6 +74,17 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
+def prompt_within(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], bool]:
+    """prompt_ids of `messages` within `max_tokens`, and whether anything was cut: the oldest exchanges after the
+    system turn go first, whole; a prompt still too long keeps its last `max_tokens` tokens."""
+    ids = prompt_ids(tokenizer, messages)
+    cut = len(ids) > max_tokens
+    while len(ids) > max_tokens and len(messages) > 2:
+        messages = [messages[0], *messages[3:]]
+        ids = prompt_ids(tokenizer, messages)
+    return ids[-max_tokens:], cut
+
+
 def answer_ids(tokenizer, answer: str) -> list[int]:
     """The answer followed by the end-of-turn token, the only tokens that carry loss."""
     return tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]

@@ -326,3 +326,15 @@ def test_inference_file_mode_answers_conversations(memorised, tmp_path):
     assert answered["trained"]["messages"] == chat
     assert answered["single"]["output"] == records[2]["output"]
     assert all(row["stopped"] for row in answered.values())
+
+
+def test_a_long_prompt_loses_whole_exchanges_before_tokens(tokenizer):
+    from qwen_sft.template import prompt_ids, prompt_within
+
+    messages = build_messages({"messages": THREE_TURNS}, "S")  # system, 2 exchanges, the last question
+    without_first = [messages[0], *messages[3:]]
+    assert len(without_first) == 4 and prompt_within(tokenizer, messages, 4096) == (prompt_ids(tokenizer, messages), False)
+    fits_one = len(prompt_ids(tokenizer, without_first))
+    assert prompt_within(tokenizer, messages, fits_one) == (prompt_ids(tokenizer, without_first), True)
+    bare = prompt_ids(tokenizer, [messages[0], messages[-1]])
+    assert prompt_within(tokenizer, messages, len(bare) - 2) == (bare[2:], True)  # then its end is kept
