@@ -119,6 +119,17 @@ def test_single_exchange_conversation_tokenizes_exactly_as_a_single_turn_row(tok
     assert build_messages(conversation, DEFAULT_SYSTEM_PROMPT) == build_messages(single, DEFAULT_SYSTEM_PROMPT)
 
 
+def test_single_turn_rows_render_and_tokenize_as_before(tokenizer):
+    """The single-turn example is the hand-written ChatML it always was: prompt, then answer + <|im_end|>."""
+    record = {"instruction": "总结", "input": "良率 93%", "output": "良率为93%。"}
+    prompt = f"<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n总结\n\n补充信息：\n良率 93%<|im_end|>\n<|im_start|>assistant\n"
+    example, cut = tokenize_example(tokenizer, record, "SYS", 2048)
+    answer = ids(tokenizer, "良率为93%。<|im_end|>")
+    assert not cut and example == {"input_ids": ids(tokenizer, prompt) + answer,
+                                   "completion_mask": [0] * len(ids(tokenizer, prompt)) + [1] * len(answer)}
+    assert tokenizer.decode(example["input_ids"]).encode() == (prompt + "良率为93%。<|im_end|>").encode()
+
+
 def test_configured_system_prompt_only_where_the_conversation_has_none(tokenizer):
     own = {"messages": [{"role": "system", "content": "OWN"}, *THREE_TURNS]}
     assert build_messages(own, "CONFIGURED")[0] == {"role": "system", "content": "OWN"}
@@ -338,3 +349,25 @@ def test_a_long_prompt_loses_whole_exchanges_before_tokens(tokenizer):
     assert prompt_within(tokenizer, messages, fits_one) == (prompt_ids(tokenizer, without_first), True)
     bare = prompt_ids(tokenizer, [messages[0], messages[-1]])
     assert prompt_within(tokenizer, messages, len(bare) - 2) == (bare[2:], True)  # then its end is kept
+
+
+@pytest.mark.slow
+def test_training_manifest_counts_shortened_and_dropped_conversations(tokenizer, tmp_path):
+    from conftest import run_script
+
+    short_end = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    fits = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, *short_end]}
+    too_long = {"messages": [*short_end, {"role": "user", "content": "long " * 60}, {"role": "assistant", "content": "b"}]}
+    limit = len(conversation_example(tokenizer, [{"role": "system", "content": SYSTEM}, *short_end])["input_ids"])
+    dataset = write_rows(tmp_path / "rows.jsonl", [fits, too_long, {"instruction": "q", "output": "a"}])
+    result = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--load_in_4bit", "false", "--max_steps", "1",
+                        "--per_device_train_batch_size", "1", "--eval_ratio", "0", "--optim", "adamw_torch",
+                        "--dataset_path", dataset, "--system_prompt", SYSTEM, "--max_seq_length", limit, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "Qwen_finetuning_model" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["rows"]["train"] == 2
+    assert manifest["rows"]["train_stats"] == {
+        "prompt_truncated": 0, "dropped_answer_too_long": 0, "conversations_shortened": 1, "exchanges_dropped": 1,
+        "dropped_last_exchange_too_long": 1,
+    }
+    assert "1 conversations lost their 1 oldest exchanges; 1 conversations dropped" in result.stdout
