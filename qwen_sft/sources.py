@@ -121,9 +121,12 @@ class SlimOrcaSchema(Schema):
             raise WrongSchema('"conversations" must be a list of {"from", "value"} turns')
         system, exchanges = None, []
         for turn in turns:
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            well_formed = isinstance(turn, dict) and isinstance(turn.get("value"), str)
+            role = turn.get("from") if well_formed else None
+            if exchanges and exchanges[0][1] is not None and role not in ("system", "human", "gpt"):
+                break  # after a first whole exchange, a broken turn ends the chat (as it always did)
+            if not well_formed:
                 raise WrongSchema('each turn in "conversations" needs "from" and a string "value"')
-            role = turn.get("from")
             if role not in ("system", "human", "gpt"):
                 raise WrongSchema(f'turn "from" must be system, human or gpt, got {role!r}')
             if role == "system" and not exchanges:

@@ -191,6 +191,7 @@ def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
         ("Be brief.\n\na", "", "b")
     assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", " "), ("gpt", "c"))) == ("Be brief.\n\na", "", "b")
     assert len(orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d"), ("human", "e")))) == 4
+    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("bot", "c"))) == ("Be brief.\n\na", "", "b")
 
 
 def test_conversation_rows_are_written_as_json_dumps_writes_them():
