@@ -13,7 +13,7 @@ from qwen_sft.modeling import LORA_TARGET_MODULES
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # hub id, local model folder, or `tiny` (built offline)
-DATASET_PATH = "mixed_finetune_dataset.jsonl"  # JSONL or JSON array of instruction/input/output rows
+DATASET_PATH = "mixed_finetune_dataset.jsonl"  # JSONL or JSON array of instruction/input/output and/or "messages" rows
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message of every example
 MAX_SEQ_LENGTH = 2048  # tokens per example; longer prompts are cut from the left, never the answer
 LOAD_IN_4BIT = True  # load the base model in NF4 4-bit (bitsandbytes)

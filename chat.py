@@ -1,6 +1,6 @@
 """Chat with the fine-tuned model in a terminal: multi-turn, streamed replies, line editing and input history.
 
-Commands: /reset, /system TEXT, /save FILE (append the chat as training rows), /help; exit, quit or Ctrl-D
+Commands: /reset, /system TEXT, /save FILE (append the chat as "messages" training rows), /help; exit, quit or Ctrl-D
 leave. Ctrl-C stops the reply being written and keeps the conversation; at the prompt it leaves.
 
   python chat.py                                    # the seed's decoding defaults (sampling)

@@ -12,7 +12,7 @@ TOTAL_SAMPLES, and the manifest next to the output accounts for every row read.
 
 from qwen_sft.cli import parse_config, run_stage
 
-MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output
+MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output or "messages"
 SOURCES = {"orca": "Open-Orca/SlimOrca", "pubmed": "qiaojin/PubMedQA"}  # hub id or local file in that dataset's schema
 TOTAL_SAMPLES = 2000  # rows in the mix (fewer only when a source falls short)
 RATIOS = {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}  # share of TOTAL_SAMPLES per source; must sum to 1

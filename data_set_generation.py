@@ -16,7 +16,7 @@ large they are, and the manifest next to the output accounts for every row read 
 
 from qwen_sft.cli import parse_config, run_stage
 
-MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output
+MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output or "messages"
 SOURCES = {
     "orca": "Open-Orca/SlimOrca",
     "pubmed": "qiaojin/PubMedQA",

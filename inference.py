@@ -1,8 +1,9 @@
 """Answer with the fine-tuned model: one streamed answer, or batched answers for a JSONL file of prompts.
 
 The prompt is built by the same template as training (system, instruction, input under 补充信息). With
-INSTRUCTION_FILE, each row's "instruction" (and optional "input") is answered in batches and OUTPUT_FILE gets
-the row plus "output", "tokens" and "stopped", with a manifest beside it.
+INSTRUCTION_FILE, each row's "instruction" (and optional "input"), or conversation ("messages", answered after its
+last user turn), is answered in batches and OUTPUT_FILE gets the row plus "output", "tokens" and "stopped", with
+a manifest beside it.
 
   python inference.py                                              # the example question below, streamed
   python inference.py --instruction "解释什么是LoRA微调" --temperature 0
@@ -18,7 +19,7 @@ ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py;
 INSTRUCTION = "请解释什么是LoRA微调，并说明它为什么能降低显存占用。"  # the question (ignored with INSTRUCTION_FILE)
 INPUT = ""  # extra context for INSTRUCTION, shown under 补充信息; empty = none
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message (keep it as in training)
-INSTRUCTION_FILE = ""  # JSONL or JSON array of {"instruction", "input"} rows to answer; - = stdin; empty = INSTRUCTION
+INSTRUCTION_FILE = ""  # JSONL/JSON array of {"instruction", "input"} or {"messages"} rows; - = stdin; empty = INSTRUCTION
 OUTPUT_FILE = "inference_results.jsonl"  # answers for INSTRUCTION_FILE, one row per prompt row
 BATCH_SIZE = 32  # prompts per generate() call with INSTRUCTION_FILE; lower it if the GPU runs out of memory
 MAX_NEW_TOKENS = 512  # length limit of each answer

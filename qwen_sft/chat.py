@@ -4,12 +4,15 @@ the input loop (readline line editing and history, streamed replies, Ctrl-C hand
 Every message is sent with the system prompt and the earlier exchanges. When the prompt would leave fewer than
 MAX_NEW_TOKENS of MAX_CONTEXT_TOKENS free, the oldest exchanges are dropped (the system prompt stays).
 
-`/save FILE` turns exchanges into training rows that records.read_records accepts, one row per exchange:
-instruction = the user's message, output = the reply, input = the earlier exchanges the model saw with it, as
-"用户：…" / "助手：…" lines (empty for the first one), source = "chat". The template puts `input` under the
-补充信息 heading, so a row trained on shows the model the same context it answered in. The system prompt is not
-saved (training applies its own SYSTEM_PROMPT). Only replies that ended at <|im_end|> become rows: one cut at
-MAX_NEW_TOKENS is kept in the history but not saved, and one stopped with Ctrl-C is dropped altogether.
+`/save FILE` appends the exchanges not saved yet to FILE as conversation rows that records.read_records accepts:
+{"messages": [system, user, assistant, ...], "source": "chat"}, each holding exactly what the model saw (the
+system prompt then in force and the earlier exchanges sent with it, as dropped to fit MAX_CONTEXT_TOKENS) and the
+replies it gave. One row covers every exchange it shows with the context that exchange had, so a plain
+conversation is one row; training on it gives the model the same tokens it answered from. Every assistant turn of a
+row is learned, so an exchange saved before reappears as context (and is learned again) in a later row that
+continues it. Only replies that ended at <|im_end|> are saved: one cut at MAX_NEW_TOKENS is kept in the history
+but not saved, nor are the later exchanges that were sent with it (they could not be saved without it); one
+stopped with Ctrl-C is dropped altogether.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from .template import prompt_ids, render_prompt
 
 USER_PROMPT = "你> "
 REPLY_PREFIX = "助手> "
-CONTEXT_LABELS = ("用户", "助手")  # how earlier exchanges are labelled in a saved row's input
 SAVED_SOURCE = "chat"
 HISTORY_LENGTH = 1000  # input lines kept in the readline history file
 EXIT_WORDS = ("exit", "quit")
@@ -39,7 +41,7 @@ HELP = """\
 commands:
   /reset          forget the conversation (the system prompt stays)
   /system TEXT    use TEXT as the system prompt from the next message on (/system alone shows it)
-  /save FILE      append the exchanges not saved yet to FILE as instruction/input/output JSONL rows
+  /save FILE      append the exchanges not saved yet to FILE as JSONL "messages" rows (system prompt included)
   /help           show this list
   exit, quit      leave (so do Ctrl-D and Ctrl-C at the prompt); Ctrl-C during a reply stops that reply"""
 
@@ -49,14 +51,37 @@ class Exchange:
     user: str
     reply: str
     complete: bool  # the reply ended at <|im_end|> rather than at MAX_NEW_TOKENS
+    system: str = ""  # the system prompt sent with it
     context: list[Exchange] = field(default_factory=list)  # the earlier exchanges sent with this one
 
-    def training_row(self) -> dict:
-        user_label, reply_label = CONTEXT_LABELS
-        context = "\n".join(
-            f"{user_label}：{earlier.user}\n{reply_label}：{earlier.reply}" for earlier in self.context
+    @property
+    def savable(self) -> bool:
+        return self.complete and bool(self.reply.strip())
+
+    def conversation(self) -> list[dict]:
+        """What the model saw, followed by its reply: the system prompt, the earlier exchanges, this one."""
+        messages = [{"role": "system", "content": self.system}]
+        for exchange in [*self.context, self]:
+            messages += [{"role": "user", "content": exchange.user}, {"role": "assistant", "content": exchange.reply}]
+        return messages
+
+    def shows(self, earlier: Exchange) -> bool:
+        """Whether this exchange's conversation holds `earlier` with exactly the context `earlier` was sent with."""
+        position = next((index for index, item in enumerate(self.context) if item is earlier), None)
+        return (
+            position is not None
+            and self.system == earlier.system
+            and len(earlier.context) == position
+            and all(mine is theirs for mine, theirs in zip(self.context, earlier.context))
         )
-        return {"instruction": self.user, "input": context, "output": self.reply, "source": SAVED_SOURCE}
+
+
+@dataclass
+class SaveResult:
+    rows: int  # conversation rows appended
+    exchanges: int  # exchanges those rows hold that were not saved before
+    cut: int  # replies cut at MAX_NEW_TOKENS (or empty), left out
+    after_cut: int  # exchanges left out because a cut reply was sent with them
 
 
 class ChatSession:
@@ -92,7 +117,7 @@ class ChatSession:
         return 0, tokens
 
     def add(self, user_text: str, reply: str, complete: bool) -> None:
-        exchange = Exchange(user_text, reply, complete, list(self.history))
+        exchange = Exchange(user_text, reply, complete, self.system_prompt, list(self.history))
         self.history.append(exchange)
         self.unsaved.append(exchange)
 
@@ -100,24 +125,35 @@ class ChatSession:
         self.history.clear()
         self.unsaved.clear()
 
-    def save(self, path: str) -> tuple[int, int]:
-        """Append the unsaved complete exchanges to the JSONL file `path`; returns (rows written, replies left out).
+    def save(self, path: str) -> SaveResult:
+        """Append the unsaved exchanges to the JSONL file `path` as conversation rows (see the module docstring).
 
-        The file is rewritten through a temporary copy, so an interrupted save never leaves half a row.
+        The newest exchange's conversation is a row, covering the earlier unsaved exchanges it shows; then the
+        newest exchange not covered yet, and so on. The file is rewritten through a temporary copy, so an
+        interrupted save never leaves half a row.
         """
         target = Path(path).expanduser()
-        rows = [validate_record(exchange.training_row(), "chat") for exchange in self.unsaved
-                if exchange.complete and exchange.reply]
+        rows, covered, after_cut = [], [], 0
+        for exchange in reversed(self.unsaved):
+            if not exchange.savable or any(exchange is item for item in covered):
+                continue
+            if not all(earlier.savable for earlier in exchange.context):
+                after_cut += 1
+                continue
+            row = {"messages": exchange.conversation(), "source": SAVED_SOURCE}
+            rows.append(validate_record(row, "chat"))
+            covered += [exchange, *(earlier for earlier in exchange.context if exchange.shows(earlier))]
         existing = target.read_text(encoding="utf-8") if target.is_file() else ""
         if existing and not existing.endswith("\n"):
             existing += "\n"
         with atomic_file(target) as handle:
             handle.write(existing)
-            for row in rows:
+            for row in reversed(rows):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        left_out = len(self.unsaved) - len(rows)
+        saved = sum(any(exchange is item for item in covered) for exchange in self.unsaved)
+        cut = sum(not exchange.savable for exchange in self.unsaved)
         self.unsaved.clear()
-        return len(rows), left_out
+        return SaveResult(len(rows), saved, cut, after_cut)
 
 
 def notice(text: str) -> None:
@@ -157,12 +193,14 @@ def run_command(session: ChatSession, line: str) -> None:
         notice(f"system prompt: {session.system_prompt}")
     elif name == "/save" and argument:
         try:
-            written, left_out = session.save(argument)
+            saved = session.save(argument)
         except OSError as error:
             notice(f"could not write {argument}: {error.strerror or error}")
             return
-        extra = f"; {left_out} reply(ies) cut at max_new_tokens left out" if left_out else ""
-        notice(f"appended {written} row(s) to {argument}{extra}")
+        extra = f"; {saved.cut} reply(ies) cut at max_new_tokens (or empty) left out" if saved.cut else ""
+        if saved.after_cut:
+            extra += f", and {saved.after_cut} later exchange(s) sent with a cut reply"
+        notice(f"appended {saved.rows} conversation row(s) ({saved.exchanges} exchange(s)) to {argument}{extra}")
     elif name == "/save":
         notice("usage: /save FILE")
     else:

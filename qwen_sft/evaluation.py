@@ -3,11 +3,13 @@ for the adapter and (with the adapter switched off) for its base model, on the e
 
 Metric definitions (README, "evaluate.py"):
 - eval_loss: mean negative log-likelihood per answer token under teacher forcing, over every answer token of the
-  split (token-weighted: a long answer counts per token, not once). Only the answer and its closing <|im_end|>
-  carry loss, exactly as in training (template.tokenize_example). perplexity = exp(eval_loss).
-- length statistics: tokens of each full sample (system + user + reference answer + <|im_end|>, as training
-  tokenizes it); truncation_rate is the share longer than MAX_SEQ_LENGTH.
-- generation, from system + user only: empty_rate (share of empty answers), exact_match (answer == reference
+  split (token-weighted: a long answer counts per token, not once). Only the answers (every assistant turn of a
+  conversation) and their closing <|im_end|> carry loss, exactly as in training (template.tokenize_example).
+  perplexity = exp(eval_loss).
+- length statistics: tokens of each full sample (system + user + reference answer + <|im_end|>, or the whole
+  conversation); truncation_rate is the share longer than MAX_SEQ_LENGTH.
+- generation, from system + user only (for a conversation: every turn before its last answer, which is the
+  reference): empty_rate (share of empty answers), exact_match (answer == reference
   after trimming whitespace), stop_rate (share ended by <|im_end|> within MAX_NEW_TOKENS), avg_pred_len_tokens
   and avg_ref_len_tokens (model tokens, stop token excluded), len_ratio_pred_over_ref (ratio of those means),
   distinct-1/2 (unique n-grams / all n-grams over all answers, in text units, see `text_units`) and, on request,
@@ -249,31 +251,44 @@ class EvalRows:
     """The eval split tokenized once, for teacher forcing (exactly as training tokenizes) and for generation."""
 
     def __init__(self, tokenizer, records: list[dict], cfg):
-        from .template import answer_ids, build_messages, prompt_ids, tokenize_example
+        from .template import (
+            answer_ids, build_messages, is_conversation, prompt_ids, prompt_within, reference_answer, tokenize_example,
+        )
 
         self.records = records
         self.sources = [record.get("source", NO_SOURCE) for record in records]
+        self.references = [reference_answer(record) for record in records]
         prompts = [prompt_ids(tokenizer, build_messages(record, cfg.system_prompt)) for record in records]
-        answers = [answer_ids(tokenizer, record["output"]) for record in records]
+        answers = [answer_ids(tokenizer, reference) for reference in self.references]
         self.full_lengths = [len(prompt) + len(answer) for prompt, answer in zip(prompts, answers)]
         self.reference_tokens = [len(answer) - 1 for answer in answers]  # the answer without its <|im_end|>
 
-        # Teacher forcing: the prompt is cut from the left to fit MAX_SEQ_LENGTH, the answer never is (as in
-        # training); a row whose answer alone does not fit carries no loss.
+        # Teacher forcing, fitted to MAX_SEQ_LENGTH as in training: a prompt is cut from the left and a
+        # conversation loses its oldest exchanges; a row whose (last) answer alone does not fit carries no loss.
         self.examples, self.example_rows, self.prompts_cut, self.dropped = [], [], 0, 0
+        self.conversations_shortened = self.conversations_dropped = 0
         for row, record in enumerate(records):
             example, cut = tokenize_example(tokenizer, record, cfg.system_prompt, cfg.max_seq_length)
+            conversation = is_conversation(record)
             if example is None:
-                self.dropped += 1
+                self.conversations_dropped += conversation
+                self.dropped += not conversation
                 continue
-            self.prompts_cut += cut
+            self.conversations_shortened += conversation and bool(cut)
+            self.prompts_cut += not conversation and bool(cut)
             self.examples.append(example)
             self.example_rows.append(row)
 
-        # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH keeps its end.
+        # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH loses a conversation's oldest exchanges
+        # first, then keeps its end.
         self.generation_rows = choose_generation_rows(len(records), cfg.max_gen_samples, cfg.seed)
-        self.generation_prompts = [prompts[row][-cfg.max_seq_length:] for row in self.generation_rows]
-        self.generation_prompts_cut = sum(len(prompts[row]) > cfg.max_seq_length for row in self.generation_rows)
+        fitted = [
+            prompt_within(tokenizer, build_messages(records[row], cfg.system_prompt), cfg.max_seq_length)
+            if len(prompts[row]) > cfg.max_seq_length else (prompts[row], False)
+            for row in self.generation_rows
+        ]
+        self.generation_prompts = [ids for ids, _ in fitted]
+        self.generation_prompts_cut = sum(cut for _, cut in fitted)
 
 
 def run_model(model, tokenizer, cfg, rows: EvalRows, label: str) -> dict:
@@ -299,7 +314,7 @@ def grouped_metrics(runs: dict, rows: EvalRows, scorer, source: str | None = Non
     """Tuned metrics, plus `base` and `delta` when the base ran, over the rows of `source` (None = all rows)."""
     loss_positions = [i for i, row in enumerate(rows.example_rows) if source in (None, rows.sources[row])]
     answer_positions = [i for i, row in enumerate(rows.generation_rows) if source in (None, rows.sources[row])]
-    references = [rows.records[rows.generation_rows[i]]["output"] for i in answer_positions]
+    references = [rows.references[rows.generation_rows[i]] for i in answer_positions]
     reference_tokens = [rows.reference_tokens[rows.generation_rows[i]] for i in answer_positions]
 
     per_model = {}
@@ -343,7 +358,10 @@ def write_predictions(path: Path, rows: EvalRows, runs: dict) -> None:
     with atomic_file(path) as handle:
         for position, row in enumerate(rows.generation_rows):
             record = rows.records[row]
-            line = {"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
+            # A conversation is shown up to the answer that was generated: its turns, less the reference.
+            shown = ({"messages": record["messages"][:-1]} if "messages" in record
+                     else {"instruction": record["instruction"], "input": record["input"]})
+            line = {**shown, "reference": rows.references[row],
                     "prediction": runs["tuned"]["answers"][position]["text"], "source": rows.sources[row]}
             if "base" in runs:
                 line["base_prediction"] = runs["base"]["answers"][position]["text"]
@@ -404,7 +422,9 @@ def evaluate(cfg) -> dict:
         length_stats=length_stats(rows.full_lengths),
         truncation_rate=sum(length > cfg.max_seq_length for length in rows.full_lengths) / len(rows.full_lengths),
         teacher_forcing={"rows": len(rows.examples), "answer_tokens": sum(count for _, count in runs["tuned"]["losses"]),
-                         "prompts_cut_from_left": rows.prompts_cut, "rows_dropped_answer_too_long": rows.dropped},
+                         "prompts_cut_from_left": rows.prompts_cut, "rows_dropped_answer_too_long": rows.dropped,
+                         "conversations_shortened": rows.conversations_shortened,
+                         "conversations_dropped_last_exchange_too_long": rows.conversations_dropped},
         generation={"rows": len(rows.generation_rows), "prompts_cut_from_left": rows.generation_prompts_cut,
                     "decoding": "greedy" if cfg.temperature <= 0 else "sampled",
                     "throughput": {label: run["throughput"] for label, run in runs.items()}},

@@ -1,8 +1,10 @@
 """The inference stage behind inference.py: one streamed answer, or batched answers for a JSONL file of prompts.
 
-Prompt rows hold "instruction" (non-empty) and optionally "input"; other fields are carried through. Each
-output row is the prompt row plus "output" (the answer), "tokens" and "stopped" (false when the answer was cut
-at MAX_NEW_TOKENS); a row's own "output" is kept as "reference".
+Prompt rows hold "instruction" (non-empty) and optionally "input", or a conversation ("messages"); other fields
+are carried through. Each output row is the prompt row plus "output" (the answer), "tokens" and "stopped" (false
+when the answer was cut at MAX_NEW_TOKENS); a row's own "output" is kept as "reference". A conversation is
+answered after its last user turn: one that ends with an assistant turn (a training row) is answered from the
+turns before it, and that turn is its "reference".
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .cli import UserError
 from .generation import decoding_settings, generate_batch, stream_reply
 from .modeling import load_adapter_model, read_adapter_manifest
 from .records import PROMPT_HELP, iter_json_rows, validate_record
-from .template import build_messages
+from .template import build_messages, is_conversation, reference_answer
 
 def read_prompt_rows(path: str) -> list[dict]:
     where = "<stdin>" if path == "-" else path
@@ -32,6 +34,8 @@ def answer_row(row: dict, result: dict) -> dict:
     answered = {key: value for key, value in row.items() if key != "output"}
     if "output" in row:
         answered["reference"] = row["output"]
+    elif is_conversation(row) and row["messages"][-1]["role"] == "assistant":
+        answered["reference"] = reference_answer(row)
     return {**answered, "output": result["text"], "tokens": result["tokens"], "stopped": result["stopped"]}
 
 

@@ -56,6 +56,7 @@ RATIO_TOLERANCE = 1e-6
 # 3 over-counts tokens, so a row under the budget fits MAX_SEQ_LENGTH.
 BYTES_PER_TOKEN = 3.0
 TEMPLATE_TOKENS = 32  # ChatML markers, role names and the 补充信息 heading around the three fields
+EXCHANGE_TEMPLATE_TOKENS = 12  # ChatML markers and role names of each further exchange of a conversation
 CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain each; fewer calls, less overhead)
 # Mixes at least this large prepare rows in one worker process per CPU core, for each source that still has to
 # deliver at least this many rows; a smaller one (the report file, PubMedQA) is quicker to prepare in this process.
@@ -78,7 +79,15 @@ def duplicate_key(instruction: str, extra: str, output: str) -> bytes:
     an order of magnitude faster than blake2b on this hot path. ASCII text (str.lower() changes only A-Z there)
     is lower-cased in the same pass that drops the whitespace.
     """
-    joined = f"{instruction}\x00{extra}\x00{output}"
+    return _folded_digest(f"{instruction}\x00{extra}\x00{output}")
+
+
+def conversation_duplicate_key(messages: list[dict]) -> bytes:
+    """duplicate_key for a conversation: its roles and contents, equal once case and whitespace are ignored."""
+    return _folded_digest("\x00".join(f"{turn['role']}\x01{turn['content']}" for turn in messages))
+
+
+def _folded_digest(joined: str) -> bytes:
     if joined.isascii():
         folded = joined.encode().translate(_ASCII_LOWER_CASE, _ASCII_WHITESPACE)
     else:
@@ -107,6 +116,23 @@ def json_body(instruction: str, extra: str, output: str) -> bytes:
         b'{"instruction": ', orjson.dumps(instruction), b', "input": ', orjson.dumps(extra),
         b', "output": ', orjson.dumps(output), b', "source": ',
     ))
+
+
+def conversation_json_body(messages: list[dict]) -> bytes:
+    """json_body for a conversation row: {"messages": [{"role": ..., "content": ...}, ...], "source": """
+    turns = b", ".join(
+        b'{"role": ' + orjson.dumps(turn["role"]) + b', "content": ' + orjson.dumps(turn["content"]) + b"}"
+        for turn in messages
+    )
+    return b'{"messages": [' + turns + b'], "source": '
+
+
+def conversation_utf8_length(messages: list[dict]) -> int:
+    """What a conversation weighs against content_byte_budget: its contents, plus the template of each exchange
+    beyond the first in bytes."""
+    exchanges = sum(turn["role"] == "assistant" for turn in messages)
+    extra_template = (exchanges - 1) * EXCHANGE_TEMPLATE_TOKENS * BYTES_PER_TOKEN
+    return sum(utf8_length(turn["content"]) for turn in messages) + int(extra_template)
 
 
 def exact_quotas(total: int, ratios: dict[str, float]) -> dict[str, int]:
@@ -180,11 +206,14 @@ def _convert(schema: Schema, row, text: bytes | None):
         except UnicodeDecodeError as error:
             return MALFORMED, f"not UTF-8 text ({error.reason} at byte {error.start})", None
     try:
-        instruction, extra, raw_output = schema.convert(row)
+        converted = schema.convert(row)
     except WrongSchema as error:
         return WRONG_SCHEMA, str(error), None
     except Rejected as error:
         return REJECTED, error.reason, None
+    if isinstance(converted, list):
+        return (converted,)  # a conversation
+    instruction, extra, raw_output = converted
     if not instruction:
         return REJECTED, "empty_instruction", None
     if not raw_output:
@@ -204,18 +233,19 @@ def prepare_rows(rules: RowRules, rows: list[tuple[int, object, tuple[int, int] 
         converted = [_convert(schema, row, read_span(handle, span) if span else None) for _, row, span in rows]
     hits = None
     if rules.keyword_patterns:
-        counts = count_keyword_hits(
-            rules.keyword_patterns, [item[0] if isinstance(item[0], str) else "" for item in converted]
-        )
+        counts = count_keyword_hits(rules.keyword_patterns, [_question(item) for item in converted])
         hits = list(zip(*counts.values()))
     prepared = []
     for position, item in enumerate(converted):
-        if not isinstance(item[0], str):
+        if not isinstance(item[0], (str, list)):
             prepared.append(item)
             continue
         row_hits = hits[position] if hits else None
         if hits and not any(row_hits):
             prepared.append((NO_KEYWORD_MATCH, None, row_hits))
+            continue
+        if isinstance(item[0], list):
+            prepared.append((*_prepare_conversation(rules, item[0]), row_hits))
             continue
         instruction, extra, raw_output = item
         output = schema.finish_output(raw_output)
@@ -229,6 +259,29 @@ def prepare_rows(rules: RowRules, rows: list[tuple[int, object, tuple[int, int] 
             detail = (duplicate_key(instruction, extra, output), json_body(instruction, extra, output))
             prepared.append((USABLE, detail, row_hits))
     return prepared
+
+
+def _question(item: tuple) -> str:
+    """The text a converted row's keywords are matched in: its instruction, or a conversation's first user turn."""
+    if isinstance(item[0], list):
+        return next(turn["content"] for turn in item[0] if turn["role"] == "user")
+    return item[0] if isinstance(item[0], str) else ""
+
+
+def _prepare_conversation(rules: RowRules, messages: list[dict]) -> tuple:
+    """(kind, detail) of a conversation, by the rules of a single-turn row; its last answer is its output."""
+    messages = [
+        {"role": "assistant", "content": rules.schema.finish_output(turn["content"])}
+        if turn["role"] == "assistant" else turn
+        for turn in messages
+    ]
+    if not all(turn["content"] for turn in messages):
+        return REJECTED, "empty_output" if not messages[-1]["content"] else "empty_turn"
+    if len(messages[-1]["content"]) < rules.min_output_chars:
+        return FILTERED, "too_short"
+    if conversation_utf8_length(messages) > rules.byte_budget:
+        return FILTERED, "too_long"
+    return USABLE, (conversation_duplicate_key(messages), conversation_json_body(messages))
 
 
 def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, workers: int):

@@ -1,6 +1,7 @@
-"""Reading and validating instruction records: {"instruction", "input", "output"} plus an optional "source".
+"""Reading and validating records. A row is single-turn, {"instruction", "input", "output"}, or a conversation,
+{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}; either may carry a "source".
 
-Files are a JSON array or JSONL. Every bad row is reported with its file and line.
+Files are a JSON array or JSONL, and may mix both kinds. Every bad row is reported with its file and line.
 """
 
 from __future__ import annotations
@@ -12,18 +13,70 @@ from pathlib import Path
 
 from .cli import UserError
 
-RECORD_HELP = 'each row needs a non-empty "instruction" and "output" string and, optionally, an "input" string'
-PROMPT_HELP = 'each row needs a non-empty "instruction" string and, optionally, an "input" string'
+RECORD_HELP = (
+    'each row needs a non-empty "instruction" and "output" string and, optionally, an "input" string '
+    '(or, for a conversation, a "messages" list)'
+)
+PROMPT_HELP = (
+    'each row needs a non-empty "instruction" string and, optionally, an "input" string (or a "messages" list)'
+)
+MESSAGES_HELP = (
+    '"messages" is a list of {"role": "system"|"user"|"assistant", "content": non-empty string}: an optional '
+    "system turn first, then user and assistant turns alternating, starting with a user turn"
+)
+ROLES = ("system", "user", "assistant")
+SINGLE_TURN_FIELDS = ("instruction", "input", "output")
+
+
+def validate_messages(messages, where: str, with_output: bool = True) -> list[dict]:
+    """The turns as clean {"role", "content"} dicts, or a UserError naming `where`, the turn and what is wrong.
+
+    With `with_output` the conversation ends with an assistant turn (the answer that is learned); without it
+    (a prompt for inference) it may end with either.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f'{where}: "messages" must be a non-empty list; {MESSAGES_HELP}')
+    turns = []
+    for number, message in enumerate(messages, start=1):
+        turn = f"{where}: message {number}"
+        if not isinstance(message, dict):
+            raise UserError(f"{turn}: expected a JSON object, got {type(message).__name__}; {MESSAGES_HELP}")
+        unknown = sorted(set(message) - {"role", "content"})
+        if unknown:
+            raise UserError(f"{turn}: unknown key(s) {', '.join(map(repr, unknown))}; {MESSAGES_HELP}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise UserError(f"{turn}: role must be system, user or assistant, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise UserError(f'{turn}: "content" must be a non-empty string')
+        previous = turns[-1]["role"] if turns else None
+        if role == "system" and previous is not None:
+            raise UserError(f"{turn}: a system turn may only come first")
+        if role == previous:
+            raise UserError(f"{turn}: two {role} turns in a row; user and assistant turns alternate")
+        if role == "assistant" and previous != "user":
+            raise UserError(f"{turn}: an assistant turn must follow a user turn")
+        turns.append({"role": role, "content": content})
+    last = turns[-1]["role"]
+    if last == "system":
+        raise UserError(f"{where}: no user turn; {MESSAGES_HELP}")
+    if with_output and last != "assistant":
+        problem = "ends with a user turn" if len(turns) > 2 else "no assistant turn"
+        raise UserError(f"{where}: {problem}; a conversation ends with the assistant's answer")
+    return turns
 
 
 def validate_record(row, where: str, with_output: bool = True) -> dict:
     """Return the row as a clean record, or raise UserError naming `where` (file:line).
 
-    With `with_output=False` the row is a prompt (inference): "output" is neither required nor returned.
+    With `with_output=False` the row is a prompt (inference): "output" is neither required nor returned, and a
+    conversation may end with a user turn.
     """
     help_text = RECORD_HELP if with_output else PROMPT_HELP
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {help_text}")
+    if "messages" in row:
+        return _validate_conversation(row, where, with_output)
     for field in ("instruction", "output") if with_output else ("instruction",):
         value = row.get(field)
         if not isinstance(value, str) or not value.strip():
@@ -37,6 +90,16 @@ def validate_record(row, where: str, with_output: bool = True) -> dict:
     record = {"instruction": row["instruction"], "input": extra}
     if with_output:
         record["output"] = row["output"]
+    if isinstance(row.get("source"), str):
+        record["source"] = row["source"]
+    return record
+
+
+def _validate_conversation(row: dict, where: str, with_output: bool) -> dict:
+    both = [field for field in SINGLE_TURN_FIELDS if field in row]
+    if both:
+        raise UserError(f'{where}: a row holds either "messages" or "{both[0]}", not both')
+    record = {"messages": validate_messages(row["messages"], where, with_output)}
     if isinstance(row.get("source"), str):
         record["source"] = row["source"]
     return record

@@ -1,5 +1,5 @@
 """Where mixing rows come from: local files or streamed hub datasets, and the adapters that turn each hub
-schema into instruction/input/output.
+schema into instruction/input/output (or, for a multi-turn conversation, into "messages").
 
 A source is a hub id (streamed with `datasets`, never downloaded whole) or a local .json/.jsonl/.parquet file in
 that dataset's own schema. Both are drawn through the same seeded shuffle buffer (`IterableDataset.shuffle` for a
@@ -7,7 +7,8 @@ hub id, its exact replica `shuffle_buffered` for a local file), so memory stays 
 source's size.
 
 Schemas (the SOURCES key picks the adapter):
-- orca: Open-Orca/SlimOrca, `conversations` = [{from: system|human|gpt, value}].
+- orca: Open-Orca/SlimOrca, `conversations` = [{from: system|human|gpt, value}]; a chat of several human/gpt
+  exchanges becomes a conversation row.
 - pubmed: qiaojin/PubMedQA pqa_labeled, `question, context{contexts, labels, meshes}, long_answer, final_decision`.
 - stackexchange: HuggingFaceH4/stack-exchange-preferences, `qid, question, answers[{answer_id, author, pm_score,
   selected, text}], date, metadata`; HTML becomes plain text and the answer is the best by pm_score, then selected.
@@ -87,13 +88,14 @@ def _text_field(row, key: str) -> str:
 
 
 class Schema(ABC):
-    """Turns one raw row into (instruction, input, raw_output); `finish_output`, where a schema's costly part lives,
-    runs only for rows that can still be kept."""
+    """Turns one raw row into (instruction, input, raw_output), or a conversation into its list of messages
+    ({"role", "content"}, raw answers); `finish_output`, where a schema's costly part lives, runs only for rows
+    that can still be kept (on each answer of a conversation)."""
 
     name = ""
 
     @abstractmethod
-    def convert(self, row) -> tuple[str, str, str]:
+    def convert(self, row) -> tuple[str, str, str] | list[dict]:
         """Raise WrongSchema for a row of another shape, Rejected for a row with nothing usable."""
 
     def finish_output(self, raw_output: str) -> str:
@@ -105,6 +107,8 @@ class ReportSchema(Schema):
 
     def convert(self, row):
         record = validate_record(row, "report")  # the file was validated whole before mixing starts
+        if "messages" in record:
+            return [{"role": turn["role"], "content": turn["content"].strip()} for turn in record["messages"]]
         return record["instruction"].strip(), record["input"].strip(), record["output"].strip()
 
 
@@ -115,26 +119,41 @@ class SlimOrcaSchema(Schema):
         turns = row.get("conversations") if isinstance(row, dict) else None
         if not isinstance(turns, list):
             raise WrongSchema('"conversations" must be a list of {"from", "value"} turns')
-        system = human = answer = None
+        system, exchanges = None, []
         for turn in turns:
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            well_formed = isinstance(turn, dict) and isinstance(turn.get("value"), str)
+            role = turn.get("from") if well_formed else None
+            if exchanges and exchanges[0][1] is not None and role not in ("system", "human", "gpt"):
+                break  # after a first whole exchange, a broken turn ends the chat (as it always did)
+            if not well_formed:
                 raise WrongSchema('each turn in "conversations" needs "from" and a string "value"')
-            role = turn.get("from")
-            if role == "system" and human is None:
-                system = turn["value"]
-            elif role == "human" and human is None:
-                human = turn["value"]
-            elif role == "gpt" and human is not None:
-                answer = turn["value"]
-                break  # SlimOrca is single-turn; a longer chat keeps its first exchange
-            elif role not in ("system", "human", "gpt"):
+            if role not in ("system", "human", "gpt"):
                 raise WrongSchema(f'turn "from" must be system, human or gpt, got {role!r}')
-        if human is None or answer is None:
+            if role == "system" and not exchanges:
+                system = turn["value"]
+            elif role == "human" and (not exchanges or exchanges[-1][1] is not None):
+                exchanges.append([turn["value"], None])
+            elif role == "gpt" and exchanges and exchanges[-1][1] is None:
+                exchanges[-1][1] = turn["value"]
+            elif exchanges and exchanges[0][1] is not None:
+                break  # the chat stops alternating: it keeps its exchanges so far
+        exchanges = [(human.strip(), answer.strip()) for human, answer in exchanges if answer is not None]
+        if not exchanges:
             raise WrongSchema('"conversations" needs a "human" turn followed by a "gpt" turn')
+        # A later exchange with an empty side ends the chat (the first one is judged as a single-turn row is).
+        empty = next((index for index, pair in enumerate(exchanges) if index and not all(pair)), len(exchanges))
+        del exchanges[empty:]
         # The system turn often carries the task ("explain like I'm five"); the answer only fits with it.
         system = (system or "").strip()
-        human = human.strip()
-        return (f"{system}\n\n{human}" if system and human else human), "", answer.strip()
+        first = exchanges[0][0]
+        exchanges[0] = ((f"{system}\n\n{first}" if system and first else first), exchanges[0][1])
+        if len(exchanges) == 1:
+            return exchanges[0][0], "", exchanges[0][1]
+        return [
+            {"role": role, "content": content}
+            for human, answer in exchanges
+            for role, content in (("user", human), ("assistant", answer))
+        ]
 
 
 class PubMedQASchema(Schema):

@@ -1,8 +1,10 @@
 """The one prompt template. Training, evaluation, inference and chat all build their text here.
 
 Messages are system (a fixed cross-domain expert prompt unless overridden), user (`instruction`, plus `input`
-under a "补充信息" heading when it is non-empty) and assistant (`output`). They are rendered by the tokenizer's
-own chat template (ChatML for Qwen2.5). The loss covers the answer and its closing `<|im_end|>` only.
+under a "补充信息" heading when it is non-empty) and assistant (`output`). A conversation record ("messages") keeps
+its own turns, led by the same system prompt when it has no system turn of its own. They are rendered by the
+tokenizer's own chat template (ChatML for Qwen2.5). The loss covers each answer (every assistant turn) and its
+closing `<|im_end|>` only.
 """
 
 from __future__ import annotations
@@ -23,7 +25,30 @@ def user_content(instruction: str, extra_input: str = "") -> str:
     return instruction
 
 
+def is_conversation(record: dict) -> bool:
+    return "messages" in record
+
+
+def conversation_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+    """A conversation record's turns, led by `system_prompt` when it has no system turn of its own."""
+    turns = record["messages"]
+    if turns[0]["role"] == "system":
+        return list(turns)
+    return [{"role": "system", "content": system_prompt}, *turns]
+
+
+def reference_answer(record: dict) -> str:
+    """The answer a record teaches last: `output`, or a conversation's final assistant turn."""
+    return record["messages"][-1]["content"] if is_conversation(record) else record["output"]
+
+
 def build_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT, with_answer: bool = False) -> list[dict]:
+    """The messages of a record; without `with_answer`, the prompt that its (last) answer replies to."""
+    if is_conversation(record):
+        messages = conversation_messages(record, system_prompt)
+        if not with_answer and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return messages
     messages = [
         {"role": "system", "content": system_prompt},
         {"role": "user", "content": user_content(record["instruction"], record.get("input", ""))},
@@ -49,17 +74,78 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
+def prompt_within(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], bool]:
+    """prompt_ids of `messages` within `max_tokens`, and whether anything was cut: the oldest exchanges after the
+    system turn go first, whole; a prompt still too long keeps its last `max_tokens` tokens."""
+    ids = prompt_ids(tokenizer, messages)
+    cut = len(ids) > max_tokens
+    while len(ids) > max_tokens and len(messages) > 2:
+        messages = [messages[0], *messages[3:]]
+        ids = prompt_ids(tokenizer, messages)
+    return ids[-max_tokens:], cut
+
+
 def answer_ids(tokenizer, answer: str) -> list[int]:
     """The answer followed by the end-of-turn token, the only tokens that carry loss."""
     return tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
+
+
+def conversation_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation (up to its last `<|im_end|>`) as consecutive (text, carries_loss) pieces.
+
+    Each assistant turn's content and its `<|im_end|>` carry loss; the system and user turns and the role
+    headers do not. The cuts come from the tokenizer's own template, rendered prefix by prefix: the text before
+    an answer is the template's render of the turns so far with the assistant turn opened.
+    """
+    pieces, rendered = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        opened = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        closed = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        answer = message["content"] + END_OF_TURN
+        if not (opened.startswith(rendered) and closed.startswith(opened + answer)):
+            raise UserError(
+                "the tokenizer's chat template does not render a conversation turn by turn (each render a prefix "
+                "of the next), so its answers cannot be masked; use a ChatML template such as Qwen2.5's"
+            )
+        pieces += [(opened[len(rendered):], False), (answer, True)]
+        rendered = opened + answer
+    return pieces
+
+
+def conversation_example(tokenizer, messages: list[dict]) -> dict:
+    """input_ids and completion_mask of a whole conversation, each piece tokenized as prompt_ids and
+    answer_ids tokenize it, so a single exchange gives exactly the single-turn tokens."""
+    example = {"input_ids": [], "completion_mask": []}
+    for text, carries_loss in conversation_pieces(tokenizer, messages):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        example["input_ids"] += ids
+        example["completion_mask"] += [int(carries_loss)] * len(ids)
+    return example
+
+
+def tokenize_conversation(tokenizer, record: dict, system_prompt: str, max_seq_length: int):
+    """A conversation's training example within `max_seq_length`: its oldest whole exchanges (a user turn and
+    its answer) are dropped until it fits, the system turn kept, so no turn is ever cut. Returns (example,
+    exchanges dropped), or (None, 0) when the last exchange alone does not fit."""
+    system, *turns = conversation_messages(record, system_prompt)
+    for start in range(0, len(turns), 2):
+        example = conversation_example(tokenizer, [system, *turns[start:]])
+        if len(example["input_ids"]) <= max_seq_length:
+            return example, start // 2
+    return None, 0
 
 
 def tokenize_example(tokenizer, record: dict, system_prompt: str, max_seq_length: int):
     """Token ids and completion mask of one training example, or None when the answer alone does not fit.
 
     A prompt that would push the example past `max_seq_length` loses its oldest tokens (the start of the
-    system prompt); the answer is never cut. Returns (example, prompt_was_truncated).
+    system prompt); the answer is never cut. Returns (example, prompt_was_truncated). A conversation record
+    goes through tokenize_conversation instead: it returns how many exchanges it dropped.
     """
+    if is_conversation(record):
+        return tokenize_conversation(tokenizer, record, system_prompt, max_seq_length)
     prompt = prompt_ids(tokenizer, build_messages(record, system_prompt))
     answer = answer_ids(tokenizer, record["output"])
     if len(answer) >= max_seq_length:

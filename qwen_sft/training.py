@@ -12,7 +12,7 @@ from .artifacts import atomic_directory, build_manifest, sha256_file, write_json
 from .cli import UserError, say
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .records import read_records
-from .template import tokenize_example
+from .template import is_conversation, tokenize_example
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Files without which a checkpoint cannot resume; trainer_state.json is written last, so it marks completion.
@@ -33,16 +33,22 @@ def split_records(records: list[dict], eval_ratio: float, seed: int) -> tuple[li
 
 
 def tokenize_records(tokenizer, records: list[dict], system_prompt: str, max_seq_length: int):
-    """Tokenize once: rows of input_ids + completion_mask, and counts of truncated prompts and dropped rows."""
-    rows, truncated, dropped = [], 0, 0
+    """Tokenize once: rows of input_ids + completion_mask, and what fitting them to `max_seq_length` did:
+    single-turn prompts cut from the left and rows dropped (answer alone too long); conversations shortened,
+    the oldest exchanges they lost, and conversations dropped (last exchange alone too long)."""
+    rows = []
+    stats = dict.fromkeys(("prompt_truncated", "dropped_answer_too_long", "conversations_shortened",
+                           "exchanges_dropped", "dropped_last_exchange_too_long"), 0)
     for record in records:
-        example, prompt_cut = tokenize_example(tokenizer, record, system_prompt, max_seq_length)
+        example, cut = tokenize_example(tokenizer, record, system_prompt, max_seq_length)
+        conversation = is_conversation(record)
         if example is None:
-            dropped += 1
+            stats["dropped_last_exchange_too_long" if conversation else "dropped_answer_too_long"] += 1
             continue
-        truncated += prompt_cut
+        stats["conversations_shortened" if conversation else "prompt_truncated"] += bool(cut)
+        stats["exchanges_dropped"] += cut if conversation else 0
         rows.append(example)
-    return rows, {"prompt_truncated": truncated, "dropped_answer_too_long": dropped}
+    return rows, stats
 
 
 def require_one_batch(cfg, train_rows: int, world_size: int) -> None:
@@ -190,7 +196,10 @@ def train(cfg, script_name: str):
         if any(stats.values()):
             say(
                 f"{name}: {stats['prompt_truncated']} prompts cut from the left to fit --max_seq_length "
-                f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long)"
+                f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long); "
+                f"{stats['conversations_shortened']} conversations lost their {stats['exchanges_dropped']} oldest "
+                f"exchanges; {stats['dropped_last_exchange_too_long']} conversations dropped (last exchange alone "
+                "too long)"
             )
     rows_per_step = cfg.per_device_train_batch_size * world_size
     say(

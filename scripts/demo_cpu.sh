@@ -16,13 +16,15 @@ stage "1. data mix, Option A: my_dataset.json + SlimOrca + PubMedQA samples -> m
 $PYTHON "$root/data_integration.py" --my_report_data_path "$root/my_dataset.json" --total_samples 200 \
   --ratios reports=0.15,orca=0.55,pubmed=0.3 \
   --sources "orca=$samples/slimorca.jsonl,pubmed=$samples/pubmedqa_pqa_labeled.jsonl"
+# The SlimOrca sample's multi-turn chats become "messages" rows: training gets a file of both formats.
+echo "conversation (messages) rows in the mix: $(grep -c '^{"messages"' mixed_finetune_dataset.jsonl)"
 
 stage "1b. data mix, Option B (keyword domains from StackExchange) -> mixed_option_b.jsonl"
 $PYTHON "$root/data_set_generation.py" --my_report_data_path "$root/my_dataset.json" --total_samples 300 \
   --output_file mixed_option_b.jsonl \
   --sources "orca=$samples/slimorca.jsonl,pubmed=$samples/pubmedqa_pqa_labeled.jsonl,stackexchange=$samples/stack_exchange_preferences.jsonl"
 
-stage "2. fine-tune the tiny model (4-bit NF4 + LoRA, the seed's other defaults), 30 steps"
+stage "2. fine-tune the tiny model on the mix of single-turn and conversation rows (4-bit NF4 + LoRA, the seed's other defaults), 30 steps"
 $PYTHON "$root/Qwen_finetuning.py" --base_model tiny --max_steps 30 --eval_steps 10 --save_steps 10 --logging_steps 10
 
 stage "3. evaluate: tuned vs base on the eval split"
@@ -31,7 +33,7 @@ $PYTHON "$root/evaluate.py" --max_new_tokens 32 --max_gen_samples 8
 stage "4. inference: one streamed answer"
 $PYTHON "$root/inference.py" --max_new_tokens 32
 
-stage "5. chat: a scripted two-turn conversation, saved as training rows"
+stage "5. chat: a scripted two-turn conversation, saved as a conversation (messages) training row"
 printf '报告的良率是多少？\n再简短一点。\n/save chat_rows.jsonl\nexit\n' | $PYTHON "$root/chat.py" --max_new_tokens 24 --history_file ""
 
 stage "6. export: merged 16-bit model + Ollama Modelfile"

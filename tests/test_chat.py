@@ -81,22 +81,92 @@ def test_session_drops_oldest_exchanges_first_and_keeps_the_system_prompt(tokeni
     assert dropped == 0 and len(session.history) == 2 and tokens == session.prompt_tokens("next", [])
 
 
-def test_save_appends_complete_exchanges_with_their_context(tokenizer, tmp_path):
+def conversation(system, *exchanges):
+    messages = [{"role": "system", "content": system}]
+    for user, reply in exchanges:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return messages
+
+
+def test_save_appends_conversation_rows_of_what_the_model_saw(tokenizer, tmp_path):
     target = tmp_path / "chats.jsonl"
     target.write_text('{"instruction": "old", "input": "", "output": "kept"}', encoding="utf-8")  # no final newline
-    session = ChatSession(tokenizer, DEFAULT_SYSTEM_PROMPT, 4096, 512)
+    session = ChatSession(tokenizer, "SYS-A", 4096, 512)
     session.add("第一问", "第一答", complete=True)
     session.add("cut question", "an answer cut at the length limit", complete=False)
-    session.add("第三问", "第三答", complete=True)
-    assert session.save(target) == (2, 1)
-    session.add("第四问", "第四答", complete=True)
-    assert session.save(target) == (1, 0)  # only what was not saved yet
+    session.add("第三问", "第三答", complete=True)  # sent with the cut reply: cannot be saved without it
+    saved = session.save(target)
+    assert (saved.rows, saved.exchanges, saved.cut, saved.after_cut) == (1, 1, 1, 1)
+
+    session.reset()
+    session.add("q4", "a4", complete=True)
+    session.add("q5", "a5", complete=True)
+    assert session.save(target).rows == 1  # one conversation: one row
+    del session.history[0]  # as make_room drops the oldest exchange
+    session.system_prompt = "SYS-B"
+    session.add("q6", "a6", complete=True)
+    session.add("q7", "a7", complete=True)
+    saved = session.save(target)
+    assert (saved.rows, saved.exchanges, saved.cut, saved.after_cut) == (1, 2, 0, 0)
 
     rows = read_records(target)
-    assert [row["instruction"] for row in rows] == ["old", "第一问", "第三问", "第四问"]
-    assert rows[1] == {"instruction": "第一问", "input": "", "output": "第一答", "source": "chat"}
-    assert rows[2]["input"] == "用户：第一问\n助手：第一答\n用户：cut question\n助手：an answer cut at the length limit"
-    assert rows[3]["input"].endswith("用户：第三问\n助手：第三答")
+    assert rows[0] == {"instruction": "old", "input": "", "output": "kept"}
+    assert rows[1:] == [
+        {"messages": conversation("SYS-A", ("第一问", "第一答")), "source": "chat"},
+        {"messages": conversation("SYS-A", ("q4", "a4"), ("q5", "a5")), "source": "chat"},
+        {"messages": conversation("SYS-B", ("q5", "a5"), ("q6", "a6"), ("q7", "a7")), "source": "chat"},
+    ]
+
+
+def test_exchanges_with_different_contexts_get_their_own_rows(tokenizer, tmp_path):
+    session = ChatSession(tokenizer, "SYS", 4096, 512)
+    session.add("q1", "a1", complete=True)
+    session.add("q2", "a2", complete=True)
+    del session.history[0]
+    session.add("q3", "a3", complete=True)  # saw q2 but not q1, while q2 itself was sent with q1
+    assert session.save(tmp_path / "rows.jsonl").rows == 2
+    assert [row["messages"] for row in read_records(tmp_path / "rows.jsonl")] == [
+        conversation("SYS", ("q1", "a1"), ("q2", "a2")),
+        conversation("SYS", ("q2", "a2"), ("q3", "a3")),
+    ]
+
+
+def test_a_saved_chat_trains_on_the_tokens_the_model_answered_from(tokenizer, tmp_path, monkeypatch, capsys):
+    """chat_loop with its generation replaced by canned replies: each prompt it sent, token for token, is what
+    training on the saved row puts before that reply, and each reply is learned as it was given."""
+    from qwen_sft import chat
+    from qwen_sft.generation import Reply
+    from qwen_sft.template import answer_ids, prompt_ids, tokenize_example
+
+    canned = iter([("Answer one.", True), ("第二个回答。", True), ("cut short", False), ("Fourth.", True)])
+    sent = []
+
+    def fake_stream_reply(model, tokenizer, messages, on_text=None, **decoding):
+        sent.append(prompt_ids(tokenizer, messages))
+        text, stopped = next(canned)
+        return Reply(text, len(answer_ids(tokenizer, text)) - 1, stopped, False)
+
+    monkeypatch.setattr(chat, "stream_reply", fake_stream_reply)
+    session = ChatSession(tokenizer, "You are a test assistant.", 4096, 32)
+    saved = tmp_path / "saved.jsonl"
+    script = ["Question one?", "第二个问题？", f"/save {saved}", "/reset", "third", "fourth", f"/save {saved}"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    chat_loop(None, tokenizer, session, {"max_new_tokens": 32}, show_prompt=False)
+    out = capsys.readouterr().out
+    assert f"[appended 1 conversation row(s) (2 exchange(s)) to {saved}]" in out
+    assert (f"[appended 0 conversation row(s) (0 exchange(s)) to {saved}; 1 reply(ies) cut at max_new_tokens (or "
+            "empty) left out, and 1 later exchange(s) sent with a cut reply]") in out
+
+    [row] = read_records(saved)
+    assert row["messages"][0] == {"role": "system", "content": "You are a test assistant."}
+    example, dropped = tokenize_example(tokenizer, row, "a different configured system prompt", 4096)
+    ids, mask = example["input_ids"], example["completion_mask"]
+    answer_starts = [i for i in range(len(mask)) if mask[i] and not (i and mask[i - 1])]
+    assert dropped == 0 and len(answer_starts) == 2
+    for start, prompt, reply in zip(answer_starts, sent, ["Answer one.", "第二个回答。"]):
+        assert ids[:start] == prompt  # the exact context the model answered from
+        answer = answer_ids(tokenizer, reply)
+        assert ids[start:start + len(answer)] == answer and all(mask[start:start + len(answer)])
 
 
 def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
@@ -115,10 +185,9 @@ def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
     assert prompts[2] == prompts[0]  # after /reset: the bare first prompt again...
     assert answers[2] == A0  # ...and the same exact answer
 
-    rows = read_records(saved)
-    assert rows[0] == {"instruction": Q0, "input": "", "output": A0, "source": "chat"}
-    assert rows[1]["instruction"] == Q2 and rows[1]["input"] == f"用户：{Q0}\n助手：{A0}"
-    assert rows[1]["output"] == answers[1] and len(rows) == 2
+    assert read_records(saved) == [
+        {"messages": conversation(DEFAULT_SYSTEM_PROMPT, (Q0, A0), (Q2, answers[1])), "source": "chat"}
+    ]
 
     assert "[conversation cleared]" in result.stdout and "/system TEXT" in result.stdout
     assert "[unknown command /nonsense; /help lists the commands]" in result.stdout

@@ -79,7 +79,7 @@ def test_missing_adapter_bad_row_and_missing_base_are_one_line_exit_2(adapter, t
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f'error: {prompts}:2: field "instruction" is missing; each row needs a non-empty "instruction" string '
-        'and, optionally, an "input" string'
+        'and, optionally, an "input" string (or a "messages" list)'
     ]
 
     moved_base = tmp_path / "moved_base"
