@@ -104,6 +104,16 @@ def sft_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # TRL trains the adapter of a quantized (QLoRA) model in bf16, but PEFT's load_adapter upcasts the
+            # resumed weights to fp32: without the cast back, a resumed 4-bit run drifts from an uninterrupted one.
+            # This runs before the optimizer is built and its state loaded, so that state keeps its dtypes too.
+            trained_dtypes = {name: p.dtype for name, p in (model or self.model).named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, parameter in (model or self.model).named_parameters():
+                if name in trained_dtypes and parameter.dtype != trained_dtypes[name]:
+                    parameter.data = parameter.data.to(trained_dtypes[name])
+
         def _load_optimizer_and_scheduler(self, checkpoint):
             # Under CPU data parallel, transformers maps the optimizer state to "cpu:<rank>", which torch.load
             # rejects; CPU tensors need no mapping.
