@@ -139,6 +139,14 @@ def find_resume_checkpoint(setting: str, output_dir: str, quiet: bool = False) -
     return None
 
 
+def keep_4bit_layout_trainable(model) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first forward in eval mode, and
+    never back: training after a mid-run evaluation then fails ("a view of a leaf Variable ... in-place")."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def sft_trainer_class():
     """TRL's SFTTrainer with two CPU fixes, so that the CPU path (tests, CI) runs the same stage code."""
     import torch
@@ -292,6 +300,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         model, backend, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
         cfg.gradient_checkpointing,
     )
+    keep_4bit_layout_trainable(model)
 
     import torch
     from datasets import Dataset

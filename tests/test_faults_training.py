@@ -1,7 +1,7 @@
 """Training under faults: exact resumes on the default 4-bit path, corrupt checkpoints, locks, step counts, kills.
 
-The runs use the default 4-bit path (NF4 base, adamw_8bit, NEFTune, gradient checkpointing) on the tiny model,
-kept short: 6 steps of 2 rows of at most 128 tokens.
+The runs use the default 4-bit path (NF4 base, adamw_8bit, NEFTune, gradient checkpointing, evaluations during
+training, best model at the end) on the tiny model, kept short: 6 steps of 2 rows of at most 128 tokens.
 """
 
 import contextlib
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow
 
 SHORT_4BIT = {"BASE_MODEL": "tiny", "DATASET_PATH": str(FIXTURES / "learning_20.jsonl"), "MAX_STEPS": 6,
               "SAVE_STEPS": 4, "SAVE_TOTAL_LIMIT": 10, "PER_DEVICE_TRAIN_BATCH_SIZE": 2,
-              "GRADIENT_ACCUMULATION_STEPS": 1, "MAX_SEQ_LENGTH": 128, "EVAL_RATIO": 0.0, "LOGGING_STEPS": 1}
+              "GRADIENT_ACCUMULATION_STEPS": 1, "MAX_SEQ_LENGTH": 128, "EVAL_RATIO": 0.1, "EVAL_STEPS": 2,
+              "LOGGING_STEPS": 1}
 SHORT_4BIT_FLAGS = [arg for name, value in SHORT_4BIT.items() for arg in (f"--{name.lower()}", str(value))]
 
 
@@ -77,6 +78,8 @@ def test_a_stale_lock_is_taken_over_and_the_lock_names_its_owner(uninterrupted):
     workdir, lock, out = uninterrupted
     assert f"taking over the lock {lock_path(workdir / 'outputs')} left by a run that is gone (PID" in out
     assert lock["pid"] == os.getpid() and lock["host"] and lock["started"]
+    manifest = json.loads((workdir / "adapter" / "manifest.json").read_text())
+    assert manifest["global_step"] == 6 and manifest["best_checkpoint"].endswith("checkpoint-6")  # final weights
     assert not lock_path(workdir / "outputs").exists() and not lock_path(workdir / "adapter").exists()
 
 
