@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import FIXTURES, ROOT, run_script
 from qwen_sft import progress
 from qwen_sft.cli import Config, UserError
-from qwen_sft.locking import folder_lock, lock_path
+from qwen_sft.locking import lock_path
 from qwen_sft.training import find_resume_checkpoint, train
 
 pytestmark = pytest.mark.slow
@@ -84,11 +84,10 @@ def test_a_stale_lock_is_taken_over_and_the_lock_names_its_owner(uninterrupted):
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from qwen_sft.locking import folder_lock\n"
-         f"with folder_lock({str(tmp_path / 'adapter')!r}, '--adapter_dir'):\n print('held', flush=True); time.sleep(60)"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )
+    hold = (f"import time\nfrom qwen_sft.locking import folder_lock\n"
+            f"with folder_lock({str(tmp_path / 'adapter')!r}, '--adapter_dir'):\n"
+            "    print('held', flush=True)\n    time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError) as refused:
@@ -163,7 +162,8 @@ def test_auto_falls_back_past_a_corrupt_checkpoint_naming_it(uninterrupted, tmp_
         shutil.copytree(uninterrupted[0] / "outputs" / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
     damage(tmp_path / "checkpoint-6")
     assert find_resume_checkpoint("auto", str(tmp_path)) == str(tmp_path / "checkpoint-4")
-    assert f"skipping {tmp_path / 'checkpoint-6'}: incomplete or corrupt checkpoint ({reason}" in capsys.readouterr().out
+    skipped = f"skipping {tmp_path / 'checkpoint-6'}: incomplete or corrupt checkpoint ({reason}"
+    assert skipped in capsys.readouterr().out
     with pytest.raises(UserError, match=f"checkpoint-6: not a usable checkpoint \\({reason}"):
         find_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
@@ -234,12 +234,16 @@ def test_kills_at_load_mid_run_and_at_the_adapter_write_leave_no_half_adapter_an
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert "taking over the lock" in out and "Resume with: python Qwen_finetuning.py --resume_from_checkpoint auto" in out
+    assert "taking over the lock" in out
+    assert "Resume with: python Qwen_finetuning.py --resume_from_checkpoint auto" in out
     assert_nothing_left_running(process)
     assert not adapter.exists() and not lock_path(tmp_path / "outputs").exists()
 
     process = start_stage(tmp_path, "--resume_from_checkpoint", "auto")  # SIGKILL while the adapter is written
-    wait_for(process, lambda: any(tmp_path.glob(".Qwen_finetuning_model.partial-*")))
+    def writing_adapter():  # a hidden sibling other than the lock: the adapter's temporary folder
+        return any(not path.name.endswith(".lock") for path in tmp_path.glob(".Qwen_finetuning_model.*"))
+
+    wait_for(process, writing_adapter)
     process.kill()
     process.wait()
     assert_nothing_left_running(process)
