@@ -24,7 +24,7 @@ LORA_DROPOUT = 0.0  # dropout on the LoRA path
 LORA_TARGET_MODULES = LORA_TARGET_MODULES  # projections that get adapters
 GRADIENT_CHECKPOINTING = True  # trade compute for memory (Unsloth's own mode on that backend)
 NUM_TRAIN_EPOCHS = 3  # passes over the training split (ignored when MAX_STEPS > 0)
-MAX_STEPS = -1  # optimizer steps; -1 = use NUM_TRAIN_EPOCHS
+MAX_STEPS = -1  # optimizer steps; -1 = use NUM_TRAIN_EPOCHS (0 is refused)
 PER_DEVICE_TRAIN_BATCH_SIZE = 2  # rows per device per micro-batch
 GRADIENT_ACCUMULATION_STEPS = 4  # micro-batches per optimizer step
 LEARNING_RATE = 2e-4  # peak learning rate

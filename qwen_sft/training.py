@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import zipfile
 from pathlib import Path
 
 from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
-from .cli import UserError, say
+from .cli import UserError, is_main_process, say
+from .locking import folder_lock
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .records import read_records
 from .template import is_conversation, tokenize_example
@@ -60,14 +63,55 @@ def require_one_batch(cfg, train_rows: int, world_size: int) -> None:
         )
 
 
-def is_complete_checkpoint(folder: Path) -> bool:
-    if not all((folder / name).is_file() and (folder / name).stat().st_size > 0 for name in CHECKPOINT_FILES):
-        return False
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unusable (unreadable header, or a size its header does not account for)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < header_size <= path.stat().st_size - 8:
+            return "its header is cut short"
+        try:
+            header = json.loads(handle.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its header is not valid JSON"
     try:
-        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return True
+        data_size = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                        default=0)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return "its header does not list tensors"
+    if 8 + header_size + data_size != path.stat().st_size:
+        return "its size does not match its header (truncated)"
+    return None
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why a torch.save file is unusable: torch writes zip archives, whose directory and CRCs catch cuts and flips."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return "it is truncated or not a torch file"
+    return f"its member {broken} fails its checksum" if broken else None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a missing, empty, truncated or corrupt file), or None."""
+    for name in CHECKPOINT_FILES:
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+            return f"{name} is missing or empty"
+    problems = {"adapter_model.safetensors": safetensors_problem(folder / "adapter_model.safetensors")}
+    for path in sorted(folder.glob("*.pt")) + sorted(folder.glob("rng_state*.pth")):
+        problems[path.name] = torch_file_problem(path)
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        problems["trainer_state.json"] = None if isinstance(state.get("global_step"), int) else "it has no global_step"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        problems["trainer_state.json"] = "it is not a JSON object"
+    return next((f"{name}: {problem}" for name, problem in problems.items() if problem), None)
+
+
+def checkpoint_global_step(folder: str | Path) -> int:
+    return json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -75,14 +119,15 @@ def checkpoint_step(folder: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
-def find_resume_checkpoint(setting: str, output_dir: str) -> str | None:
+def find_resume_checkpoint(setting: str, output_dir: str, quiet: bool = False) -> str | None:
     """`false` -> None; a path -> that checkpoint (validated); `auto` -> the latest complete one, if any."""
     if setting.lower() in ("", "false", "no", "none"):
         return None
     if setting.lower() != "auto":
         folder = Path(setting)
-        if not is_complete_checkpoint(folder):
-            raise UserError(f"{folder}: not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})")
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise UserError(f"{folder}: not a usable checkpoint ({problem}); pass another one, or auto")
         return str(folder)
     candidates = sorted(
         (path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(path) >= 0),
@@ -90,10 +135,13 @@ def find_resume_checkpoint(setting: str, output_dir: str) -> str | None:
         reverse=True,
     )
     for folder in candidates:
-        if is_complete_checkpoint(folder):
+        problem = checkpoint_problem(folder)
+        if not problem:
             return str(folder)
-        say(f"skipping {folder}: incomplete or corrupt checkpoint (an interrupted save)")
-    say(f"no complete checkpoint in {output_dir}; starting from scratch")
+        if not quiet:
+            say(f"skipping {folder}: incomplete or corrupt checkpoint ({problem})")
+    if not quiet:
+        say(f"no complete checkpoint in {output_dir}; starting from scratch")
     return None
 
 
@@ -117,6 +165,14 @@ def answer_only_loss(model, inputs, num_items_in_batch=None):
     return total / count
 
 
+def keep_4bit_layout_trainable(model) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first forward in eval mode, and
+    never back: training after a mid-run evaluation then fails ("a view of a leaf Variable ... in-place")."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def sft_trainer_class():
     """TRL's SFTTrainer with CPU fixes, so that the CPU path (tests, CI) runs the same stage code."""
     import torch
@@ -132,6 +188,16 @@ def sft_trainer_class():
             if return_outputs or self.args.world_size > 1 or "labels" not in inputs:
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             return answer_only_loss(model, inputs, num_items_in_batch)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # TRL trains the adapter of a quantized (QLoRA) model in bf16, but PEFT's load_adapter upcasts the
+            # resumed weights to fp32: without the cast back, a resumed 4-bit run drifts from an uninterrupted one.
+            # This runs before the optimizer is built and its state loaded, so that state keeps its dtypes too.
+            trained_dtypes = {name: p.dtype for name, p in (model or self.model).named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, parameter in (model or self.model).named_parameters():
+                if name in trained_dtypes and parameter.dtype != trained_dtypes[name]:
+                    parameter.data = parameter.data.to(trained_dtypes[name])
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             # Under CPU data parallel, transformers maps the optimizer state to "cpu:<rank>", which torch.load
@@ -169,8 +235,56 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def check_step_limit(cfg) -> None:
+    """-1 means "train --num_train_epochs epochs", as in transformers; there, 0 would silently train one step."""
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise UserError(
+            f"--max_steps must be 1 or more optimizer steps, or -1 to train --num_train_epochs epochs; got "
+            f"{cfg.max_steps}"
+        )
+
+
+def planned_steps(trainer) -> int:
+    """The step count the trainer will stop at, computed as trainer.train() computes it."""
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def is_finished(trainer, checkpoint: str, adapter_dir: str) -> tuple[bool, bool]:
+    """(the checkpoint is the run's last step, the adapter of that step is already written)."""
+    done, planned = checkpoint_global_step(checkpoint), planned_steps(trainer)
+    if done < planned:
+        return False, False
+    manifest = Path(adapter_dir) / ADAPTER_MANIFEST
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(manifest.read_text(encoding="utf-8")).get("global_step") == done:
+            say(f"the run is complete: {checkpoint} is step {done} of {planned} and its adapter is in {adapter_dir}/; "
+                "nothing left to train")
+            return True, True
+    say(f"the run is complete: {checkpoint} is step {done} of {planned}; writing its adapter without training")
+    return True, False
+
+
+def restore_finished_run(trainer, checkpoint: str) -> None:
+    """Put the trainer where train() leaves it at the end of a run, from the run's last checkpoint."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_best_model()
+
+
 def train(cfg, script_name: str):
     """Run the stage; returns the trainer (its model holds the trained adapter)."""
+    with contextlib.ExitStack() as locks:  # released however the stage ends
+        return _train(cfg, script_name, locks)
+
+
+def _train(cfg, script_name: str, locks: contextlib.ExitStack):
+    check_step_limit(cfg)
     backend = choose_backend(cfg.backend)
     if cfg.packing and backend != "unsloth":
         raise UserError(
@@ -181,6 +295,9 @@ def train(cfg, script_name: str):
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     require_one_batch(cfg, len(train_records), world_size)  # before the (slow) model load
+    if is_main_process():
+        for flag, folder in (("--output_dir", cfg.output_dir), ("--adapter_dir", cfg.adapter_dir)):
+            locks.enter_context(folder_lock(folder, flag))
 
     # Unsloth patches transformers and TRL when imported, so the backend is loaded before TRL.
     model, tokenizer = load_base_model(cfg.base_model, backend, cfg.load_in_4bit, cfg.max_seq_length)
@@ -215,6 +332,7 @@ def train(cfg, script_name: str):
         model, backend, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
         cfg.gradient_checkpointing,
     )
+    keep_4bit_layout_trainable(model)
 
     import torch
     from datasets import Dataset
@@ -284,10 +402,25 @@ def train(cfg, script_name: str):
     resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume:
         say(f"resuming from {resume}")
+    finished, adapter_written = is_finished(trainer, resume, cfg.adapter_dir) if resume else (False, False)
+    if adapter_written:
+        return trainer
     started = time.time()
     try:
         with stop_on_signal.installed():
-            trainer.train(resume_from_checkpoint=resume)
+            if finished:
+                restore_finished_run(trainer, resume)
+            else:
+                trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        if not stop_on_signal.received:  # Ctrl-C outside the handler's reach keeps its traceback
+            raise
+        saved = find_resume_checkpoint("auto", cfg.output_dir, quiet=True)
+        say(
+            f"stopped at once by a second {stop_on_signal.received} at step {trainer.state.global_step}, without "
+            f"saving; " + (f"resume from {saved} with --resume_from_checkpoint auto" if saved else "no checkpoint yet")
+        )
+        raise SystemExit(130) from None
     except torch.cuda.OutOfMemoryError:
         raise UserError(
             f"CUDA out of memory at step {trainer.state.global_step}: lower --per_device_train_batch_size "
@@ -298,7 +431,7 @@ def train(cfg, script_name: str):
     wall_time = time.time() - started
 
     if stop_on_signal.received:
-        saved = find_resume_checkpoint("auto", cfg.output_dir)
+        saved = find_resume_checkpoint("auto", cfg.output_dir, quiet=True)
         where = f"checkpoint {saved} is saved" if saved else "no checkpoint was saved yet"
         say(
             f"stopped by {stop_on_signal.received} at step {trainer.state.global_step}; {where}. "
