@@ -16,7 +16,7 @@ from .artifacts import atomic_directory, build_manifest, sha256_file, write_json
 from .cli import UserError
 from .qwen_tokenizer_build import write_portable_tokenizer_config
 from .generation import stop_token_ids
-from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir
+from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir, gguf_summary
 from .modeling import (
     ADAPTER_MANIFEST,
     adapter_base_path,
@@ -102,12 +102,20 @@ def gguf_name(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
-def write_gguf(cfg, folder: Path) -> dict:
-    """llama.cpp's converter on the merged folder; the GGUF lands inside it, so it appears only with the folder."""
+def write_gguf(cfg, folder: Path, tokenizer) -> dict:
+    """llama.cpp's converter on the merged folder, then its gguf-py reads the file back: Qwen's pre-tokenizer, the
+    stop and pad ids and the chat template must be there. The GGUF lands inside the folder, so it appears with it."""
     outfile = folder / gguf_name(cfg.gguf)
     convert(folder, outfile, cfg.gguf, Path(cfg.output_dir).name, cfg.llama_cpp_dir)
+    summary = gguf_summary(outfile, cfg.llama_cpp_dir)
+    expected = {"pre_tokenizer": "qwen2", "eos_token_id": tokenizer.eos_token_id,
+                "padding_token_id": tokenizer.pad_token_id, "chat_template": tokenizer.chat_template}
+    wrong = [f"{key} {summary[key]!r:.40}" for key, value in expected.items() if summary[key] != value]
+    if wrong:
+        raise UserError(f"{outfile.name} from llama.cpp's converter is not as expected: {', '.join(wrong)}")
     converter = cfg.llama_cpp_dir or f"llama-cpp-python {LLAMA_CPP_PYTHON} sdist"
-    return {"file": outfile.name, "type": cfg.gguf, "sha256": sha256_file(outfile), "converter": converter}
+    checked = {key: value for key, value in summary.items() if key != "chat_template"}
+    return {"file": outfile.name, "type": cfg.gguf, "sha256": sha256_file(outfile), "converter": converter, **checked}
 
 
 def check_export_flags(cfg) -> None:
@@ -146,7 +154,7 @@ def export_merged(cfg) -> None:
         write_portable_tokenizer_config(folder)
         write_generation_config(folder, tokenizer)
         stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
-        gguf = write_gguf(cfg, folder) if cfg.gguf else None
+        gguf = write_gguf(cfg, folder, tokenizer) if cfg.gguf else None
         if cfg.ollama_modelfile:
             modelfile = ollama_modelfile(cfg, stops, max_seq_length, gguf["file"] if gguf else "")
             write_text_atomic(folder / MODELFILE, modelfile)

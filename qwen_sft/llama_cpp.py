@@ -106,3 +106,26 @@ def convert(model_dir: Path, outfile: Path, gguf_type: str, model_name: str, lla
         raise UserError(f"llama.cpp's converter needs the Python package {name}: pip install {PIP_NAMES.get(name, name)}")
     last = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
     raise UserError(f"llama.cpp's converter failed on {model_dir}: {last}")
+
+
+def gguf_summary(path: Path, llama_cpp_dir: str = "") -> dict:
+    """What a GGUF file says about itself, read with the converter's own gguf-py."""
+    gguf_py = str(converter_dir(llama_cpp_dir) / "gguf-py")
+    if gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def field(name: str):
+        return reader.fields[name].contents() if name in reader.fields else None
+
+    return {
+        "architecture": field("general.architecture"),
+        "pre_tokenizer": field("tokenizer.ggml.pre"),
+        "tokens": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "padding_token_id": field("tokenizer.ggml.padding_token_id"),
+        "chat_template": field("tokenizer.chat_template"),
+        "tensors": len(reader.tensors),
+    }

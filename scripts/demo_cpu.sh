@@ -36,8 +36,9 @@ $PYTHON "$root/inference.py" --max_new_tokens 32
 stage "5. chat: a scripted two-turn conversation, saved as a conversation (messages) training row"
 printf '报告的良率是多少？\n再简短一点。\n/save chat_rows.jsonl\nexit\n' | $PYTHON "$root/chat.py" --max_new_tokens 24 --history_file ""
 
-stage "6. export: merged 16-bit model + Ollama Modelfile"
-$PYTHON "$root/export_model.py"
+stage "6. export: merged 16-bit model + GGUF (q8_0, llama.cpp's converter, read back and checked) + Ollama Modelfile"
+$PYTHON "$root/export_model.py" --gguf q8_0
+$PYTHON -c 'import json; print("GGUF:", json.load(open("Qwen_finetuning_merged/manifest.json"))["gguf"])'
 
 stage "done in $((SECONDS - started)) s; outputs in demo/"
 ls "$root/demo"
