@@ -176,3 +176,45 @@ def test_ollama_template_renders_like_the_hf_chat_template(conversation, go_rend
     expected = tokenizer.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
     assert result.stdout == expected
     assert re.search(r"<\|im_start\|>assistant\n$", result.stdout)
+
+
+CONVERTER_TRANSFORMERS = ["transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2"]  # llama.cpp's pins
+ENCODE_SCRIPT = """import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+texts = json.loads(sys.argv[2])
+print(json.dumps({"class": type(tokenizer).__name__, "ids": [tokenizer(t)["input_ids"] for t in texts],
+                  "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}))
+"""
+
+
+@pytest.fixture(scope="module")
+def converter_python():
+    """A venv (cached beside the downloads) with the transformers that llama.cpp's converter pins, without torch."""
+    from qwen_sft.llama_cpp import downloads_dir
+
+    venv = downloads_dir().parent / "venv-transformers-4.57.6"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").is_file():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *CONVERTER_TRANSFORMERS],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            if re.search(r"NewConnectionError|Temporary failure in name|ConnectTimeout", result.stderr):
+                pytest.skip("the package index is unreachable: cannot install transformers 4.57.6")
+            raise AssertionError(result.stderr[-2000:])
+        (venv / ".installed").touch()
+    return python
+
+
+def test_exported_tokenizer_loads_under_the_converters_transformers(exported, converter_python):
+    """transformers 4.57 (llama.cpp's pin) reads the exported tokenizer exactly as transformers 5.17 does."""
+    texts = ["Hello, world!", "<|im_start|>user\n你好 12345<|im_end|>\n", "<tool_call> e\u0301"]
+    result = subprocess.run([str(converter_python), "-c", ENCODE_SCRIPT, str(exported), json.dumps(texts)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    old = json.loads(result.stdout.strip().splitlines()[-1])
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert old["class"] == "Qwen2TokenizerFast"
+    assert old["ids"] == [tokenizer(text)["input_ids"] for text in texts]
+    assert (old["eos"], old["pad"]) == (151645, 151643)
