@@ -77,3 +77,28 @@ def test_saved_config_is_in_the_hubs_form():
     assert config["tokenizer_class"] == "Qwen2Tokenizer"
     assert config["additional_special_tokens"] == SPECIAL_TOKENS[1:]
     assert "extra_special_tokens" not in config  # transformers 4.x (llama.cpp's converter) reads that key as a dict
+
+
+def test_data_stage_length_estimate_is_conservative_on_real_tokens(tokenizer, tmp_path):
+    """The data stage drops rows by UTF-8 bytes (BYTES_PER_TOKEN, TEMPLATE_TOKENS) before any tokenizer loads: on
+    the bundled samples and my_dataset.json its estimate is never below the real Qwen2.5 token count."""
+    from conftest import ROOT, run_script
+    from qwen_sft.mixing import BYTES_PER_TOKEN, TEMPLATE_TOKENS, utf8_length
+    from qwen_sft.records import read_records
+    from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, tokenize_example
+
+    samples = ROOT / "samples"
+    result = run_script(
+        "data_set_generation.py", "--total_samples", "300", "--output_file", tmp_path / "mix.jsonl",
+        "--my_report_data_path", ROOT / "my_dataset.json", "--sources",
+        f"orca={samples / 'slimorca.jsonl'},pubmed={samples / 'pubmedqa_pqa_labeled.jsonl'},"
+        f"stackexchange={samples / 'stack_exchange_preferences.jsonl'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [row for row in read_records(tmp_path / "mix.jsonl") if "messages" not in row]
+    assert len({row["source"] for row in rows}) >= 5
+    system_bytes = utf8_length(DEFAULT_SYSTEM_PROMPT)
+    for row in rows:
+        content = utf8_length(row["instruction"]) + utf8_length(row["input"]) + utf8_length(row["output"])
+        estimate = (content + system_bytes) / BYTES_PER_TOKEN + TEMPLATE_TOKENS
+        example, _ = tokenize_example(tokenizer, row, DEFAULT_SYSTEM_PROMPT, 1 << 20)
+        assert len(example["input_ids"]) <= estimate, row
