@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
 from .cli import UserError, say
+from .neftune import per_example_neftune
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .records import read_records
 from .template import tokenize_example
@@ -218,7 +219,7 @@ def train(cfg, script_name: str):
         load_best_model_at_end=load_best,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        neftune_noise_alpha=cfg.neftune_noise_alpha or None,
+        neftune_noise_alpha=None,  # ours, sized per example also when packed (qwen_sft/neftune.py)
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
@@ -254,7 +255,7 @@ def train(cfg, script_name: str):
         say(f"resuming from {resume}")
     started = time.time()
     try:
-        with stop_on_signal.installed():
+        with stop_on_signal.installed(), per_example_neftune(trainer.model, cfg.neftune_noise_alpha):
             trainer.train(resume_from_checkpoint=resume)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
