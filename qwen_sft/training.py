@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
 from .cli import UserError, say
-from .neftune import per_example_neftune
+from .accumulation import TokenWeightedAccumulation
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
+from .neftune import per_example_neftune
 from .records import read_records
 from .template import tokenize_example
 
@@ -93,12 +94,13 @@ def find_resume_checkpoint(setting: str, output_dir: str) -> str | None:
 
 
 def sft_trainer_class():
-    """TRL's SFTTrainer with two CPU fixes, so that the CPU path (tests, CI) runs the same stage code."""
+    """TRL's SFTTrainer with token-weighted accumulation on every backend, and two CPU fixes, so that the CPU path
+    (tests, CI) runs the same stage code."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
-    class PortableSFTTrainer(SFTTrainer):
+    class PortableSFTTrainer(TokenWeightedAccumulation, SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss.
             if self.args.device.type in ("cuda", "xpu"):
@@ -296,6 +298,7 @@ def train(cfg, script_name: str):
         final_eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         wall_time_s=round(wall_time, 2),
         tokens=tokens,
+        loss_weighting={"token_weighted": trainer.model_accepts_loss_kwargs, "steps_counted_by_qwen_sft": trainer.steps_counted_here},
         throughput=throughput,
         log_history=trainer.state.log_history,
     )
