@@ -8,9 +8,10 @@ import os
 import time
 from pathlib import Path
 
-from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
-from .cli import UserError, say
 from .accumulation import TokenWeightedAccumulation
+from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
+from .batching import report_padding
+from .cli import UserError, say
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .neftune import per_example_neftune
 from .records import read_records
@@ -172,6 +173,8 @@ def train(cfg, script_name: str):
                 f"{name}: {stats['prompt_truncated']} prompts cut from the left to fit --max_seq_length "
                 f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long)"
             )
+    if not cfg.packing:
+        report_padding(cfg, [len(row["input_ids"]) for row in train_rows])
     rows_per_step = cfg.per_device_train_batch_size * world_size
     say(
         f"effective batch size: {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
@@ -230,6 +233,7 @@ def train(cfg, script_name: str):
         completion_only_loss=True,
         packing=cfg.packing,
         padding_free=cfg.packing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
         report_to=["tensorboard"],
         disable_tqdm=False,
         dataloader_num_workers=0,
