@@ -187,7 +187,7 @@ def versions() -> dict:
 def print_results(results: dict) -> None:
     for key, result in results.items():
         print(f"({key}) {result['real_tokens_per_s']:>9,.0f} real tok/s  {result['token_slots_per_s']:>9,.0f} slots/s  "
-              f"real share {result['real_token_share']:.1%}  peak {result['peak_gpu_memory_gib']:.1f} GiB  "
+              f"real share {result['real_token_share']:.1%}  peak {result['peak_gpu_memory_gib']} GiB  "
               f"first step {result['time_to_first_step_s']:.1f} s   {result['what']}")
 
 
@@ -207,7 +207,7 @@ def one_gpu(args, mix: str) -> dict:
         "ratio_c_over_c_current": round(fast["real_tokens_per_s"] / results["c_current"]["real_tokens_per_s"], 3),
         "loss_parity_c_vs_c_current": loss_parity(results["c_current"], fast, args.parity_tolerance),
         "peak_memory_c_gib": {"allocated": fast["peak_gpu_memory_gib"], "reserved": reserved,
-                              "fits_80_gb_gpu": reserved <= FITS_80GB_GIB},
+                              "fits_80_gb_gpu": reserved is not None and reserved <= FITS_80GB_GIB},
     }
     if "b" in results:
         record["ratio_c_over_b"] = round(fast["real_tokens_per_s"] / results["b"]["real_tokens_per_s"], 3)
