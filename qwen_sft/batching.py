@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .cli import UserError, format_value, say
 
 # Flag sets for common GPUs; flags given on the command line win over a preset. Both pack rows padding-free,
@@ -60,3 +62,13 @@ def report_padding(cfg, lengths: list[int]) -> None:
         line += ("; hint: --group_by_length true batches rows of similar length, and --packing true (Unsloth, "
                  "CUDA) removes padding; see README, Training speed")
     say(line)
+
+
+def report_packing(cfg, examples: int, packed_rows: int, world_size: int) -> None:
+    """What packing changed: examples per packed row, per optimizer step, and optimizer steps per epoch."""
+    rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    per_row = examples / max(packed_rows, 1)
+    say(f"packing: {examples} examples in {packed_rows} rows of up to {cfg.max_seq_length} tokens ({per_row:.1f} per "
+        f"row): about {rows_per_step * per_row:.0f} examples per optimizer step, "
+        f"{math.ceil(packed_rows / rows_per_step)} steps per epoch (unpacked: {rows_per_step} and "
+        f"{math.ceil(examples / rows_per_step)})")

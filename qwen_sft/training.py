@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .accumulation import TokenWeightedAccumulation
 from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
-from .batching import report_padding
+from .batching import report_packing, report_padding
 from .cli import UserError, say
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .neftune import per_example_neftune
@@ -251,6 +251,8 @@ def train(cfg, script_name: str):
         processing_class=tokenizer,
         callbacks=[stop_on_signal],
     )
+    if cfg.packing:
+        report_packing(cfg, len(train_rows), len(trainer.train_dataset), world_size)
     token_counter = TokenCountingCollator(trainer.data_collator)
     trainer.data_collator = token_counter
     progress = ProgressCallback(token_counter)

@@ -54,3 +54,13 @@ def test_stage_hints_at_padding_and_groups_rows_by_length(tmp_path):
         manifest = json.loads((workdir / "Qwen_finetuning_model" / "manifest.json").read_text())
         shares[grouped] = manifest["tokens"]["real_token_share"]
     assert shares["false"] < 0.8 and shares["true"] > 0.9, shares  # 3 steps from the long end of the sort
+
+
+def test_packing_line_says_examples_per_step_and_steps_per_epoch(capsys):
+    from qwen_sft.batching import report_packing
+
+    cfg = Config(PER_DEVICE_TRAIN_BATCH_SIZE=4, GRADIENT_ACCUMULATION_STEPS=2, MAX_SEQ_LENGTH=2048)
+    report_packing(cfg, examples=1350, packed_rows=400, world_size=2)
+    assert capsys.readouterr().out.strip() == (
+        "packing: 1350 examples in 400 rows of up to 2048 tokens (3.4 per row): about 54 examples per optimizer "
+        "step, 25 steps per epoch (unpacked: 16 and 85)")
