@@ -6,7 +6,7 @@ manifest to ADAPTER_DIR (and the tokenizer again to TOKENIZER_DIR).
   python Qwen_finetuning.py                                   # the seed defaults, Qwen/Qwen2.5-7B-Instruct
   python Qwen_finetuning.py --base_model tiny --max_steps 20  # the offline CPU demo
   python Qwen_finetuning.py --resume_from_checkpoint auto     # continue an interrupted run
-  python Qwen_finetuning.py --preset h200_fast                # fastest on an 80 GB+ GPU (gpu24 for 24 GB)
+  python Qwen_finetuning.py --preset h200_fast                # fastest on a 48 GB+ GPU (gpu24 for 24 GB)
 """
 
 import sys
@@ -44,7 +44,7 @@ LOAD_BEST_MODEL_AT_END = True  # restore the checkpoint with the lowest eval los
 NEFTUNE_NOISE_ALPHA = 5.0  # NEFTune embedding noise; 0 = off
 PACKING = False  # pack rows padding-free into MAX_SEQ_LENGTH rows (Unsloth on CUDA only); see README
 GROUP_BY_LENGTH = True  # unpacked: batch rows of similar length (less padding); batches still come in random order
-PRESET = "none"  # none, h200_fast (fastest on an 80 GB+ GPU) or gpu24 (fits 24 GB); flags given still win
+PRESET = "none"  # none, h200_fast (fastest, 48 GB+ GPU) or gpu24 (fits 24 GB); flags given still win
 SEED = 3407  # training seed (LoRA init, data order, dropout)
 SPLIT_SEED = 42  # seed of the 90/10 train/eval split (evaluate.py uses the same)
 EVAL_RATIO = 0.1  # share of rows held out for evaluation; 0 = no eval split

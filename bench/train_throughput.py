@@ -7,9 +7,10 @@ One GPU (default):
   (b) with --with_hf, the same loop with plain transformers + PEFT + bitsandbytes;
   (c_current) our training stage, `Qwen_finetuning.py`, through its real entry point on the data stage's mix,
       packed, 4 packed rows x 2 accumulation steps with gradient checkpointing (the earlier record; preset gpu24);
-  (c) the same stage with --preset h200_fast: no gradient checkpointing, one micro-batch of 8 packed rows. Both
-      stage runs take the same 8 packed rows per optimizer step in the same order, so their per-step losses
-      must agree up to bf16 noise (the loss parity).
+  (c) the same stage with --preset h200_fast: the same 4 x 2 without gradient checkpointing;
+  (c_8x1) with --also_flags (default: h200_fast as one micro-batch of 8 rows), a larger micro-batch for the record.
+      Every stage run takes the same 8 packed rows per optimizer step in the same order, so their losses must
+      agree with c_current's up to bf16 noise (the loss parity).
 For each: real (non-pad) tokens/s and token slots/s after warm-up, peak GPU memory and time to the first step.
 Prints c/a (target >= 1.35), the loss parity over --stage_steps steps, and whether c's peak fits an 80 GB GPU.
 
@@ -199,6 +200,13 @@ def one_gpu(args, mix: str) -> dict:
     results["c_current"] = training_stage(args.model, mix, args.stage_steps, args.current_flags.split(),
                                           Path("/tmp/bench_c_current"))
     results["c"] = training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(), Path("/tmp/bench_c"))
+    also = None
+    if args.also_flags:  # for the record only: its failure (say, out of memory) is recorded, not fatal
+        try:
+            also = training_stage(args.model, mix, args.stage_steps, args.also_flags.split(),
+                                  Path(f"/tmp/bench_{args.also_name}"))
+        except subprocess.CalledProcessError as error:
+            print(f"({args.also_name}) failed: {error}", flush=True)
     fast, bare = results["c"], results["a"]
     reserved = fast["peak_gpu_memory_reserved_gib"] or fast["peak_gpu_memory_gib"]
     record = {
@@ -209,12 +217,19 @@ def one_gpu(args, mix: str) -> dict:
         "peak_memory_c_gib": {"allocated": fast["peak_gpu_memory_gib"], "reserved": reserved,
                               "fits_80_gb_gpu": reserved is not None and reserved <= FITS_80GB_GIB},
     }
+    if also:
+        results[args.also_name] = also
+        record[f"ratio_{args.also_name}_over_a"] = round(also["real_tokens_per_s"] / bare["real_tokens_per_s"], 3)
+        record[f"loss_parity_{args.also_name}_vs_c_current"] = loss_parity(results["c_current"], also,
+                                                                           args.parity_tolerance)
+    elif args.also_flags:
+        record[f"{args.also_name}_failed"] = " ".join(args.also_flags.split())
     if "b" in results:
         record["ratio_c_over_b"] = round(fast["real_tokens_per_s"] / results["b"]["real_tokens_per_s"], 3)
     print_results(results)
     parity = record["loss_parity_c_vs_c_current"]
     print(f"c/a = {record['ratio_c_over_a']} (target >= 1.35)   c/c_current = {record['ratio_c_over_c_current']}   "
-          f"loss parity over {parity['steps']} steps: max {parity['max_relative_difference']}, mean "
+          f"loss parity over {parity['steps']} logged points: max {parity['max_relative_difference']}, mean "
           f"{parity['mean_relative_difference']} (within {args.parity_tolerance}: {parity['within_tolerance']})   "
           f"peak c {fast['peak_gpu_memory_gib']} GiB allocated, {reserved} GiB reserved (fits 80 GB: "
           f"{record['peak_memory_c_gib']['fits_80_gb_gpu']})")
@@ -248,6 +263,10 @@ def main():
                         help="Qwen_finetuning.py flags of the fast setting (c), space-separated")
     parser.add_argument("--current_flags", default="--per_device_train_batch_size 4 --gradient_accumulation_steps 2",
                         help="flags of the current packed setting (c_current; the same rows per optimizer step)")
+    parser.add_argument("--also_flags",
+                        default="--preset h200_fast --per_device_train_batch_size 8 --gradient_accumulation_steps 1",
+                        help="flags of one more stage run for the record ('' = none); pass as --also_flags='...'")
+    parser.add_argument("--also_name", default="c_8x1", help="the record's name for that run")
     parser.add_argument("--parity_tolerance", type=float, default=0.02,
                         help="largest relative per-step loss difference of c vs c_current that counts as bf16 noise")
     parser.add_argument("--with_hf", action="store_true", help="also run (b), the bare transformers + PEFT loop")

@@ -9,9 +9,9 @@ from .cli import UserError, format_value, say
 # Flag sets for common GPUs; flags given on the command line win over a preset. Both pack rows padding-free,
 # which needs the Unsloth backend (a CUDA GPU). bench/train_throughput.py measures them (README, Training speed).
 PRESETS = {
-    # 80 GB and up (H100, H200): no activation recompute, one micro-batch of 8 packed 2,048-token rows per step
-    "h200_fast": {"PACKING": True, "GRADIENT_CHECKPOINTING": False, "PER_DEVICE_TRAIN_BATCH_SIZE": 8,
-                  "GRADIENT_ACCUMULATION_STEPS": 1},
+    # 48 GB and up (H100, H200): no activation recompute (about 36 GiB of activations for 4 packed 2,048-token rows)
+    "h200_fast": {"PACKING": True, "GRADIENT_CHECKPOINTING": False, "PER_DEVICE_TRAIN_BATCH_SIZE": 4,
+                  "GRADIENT_ACCUMULATION_STEPS": 2},
     # 24 GB (RTX 3090/4090, L4, A10): Unsloth's gradient checkpointing, 4 packed rows x 2 accumulation steps
     "gpu24": {"PACKING": True, "GRADIENT_CHECKPOINTING": True, "PER_DEVICE_TRAIN_BATCH_SIZE": 4,
               "GRADIENT_ACCUMULATION_STEPS": 2},

@@ -24,10 +24,10 @@ def test_length_grouped_batches_cut_the_seed_defaults_padding_below_5_percent():
 
 def test_preset_sets_its_flags_but_command_line_flags_win():
     cfg = Config(PRESET="h200_fast", PACKING=False, GRADIENT_CHECKPOINTING=True, PER_DEVICE_TRAIN_BATCH_SIZE=2,
-                 GRADIENT_ACCUMULATION_STEPS=2)  # as parse_config resolved the flags below
-    apply_preset(cfg, ["--preset", "h200_fast", "--gradient-accumulation-steps=2"])
+                 GRADIENT_ACCUMULATION_STEPS=1)  # as parse_config resolved the flags below
+    apply_preset(cfg, ["--preset", "h200_fast", "--gradient-accumulation-steps=1"])
     assert cfg.packing is True and cfg.gradient_checkpointing is False
-    assert cfg.per_device_train_batch_size == 8 and cfg.gradient_accumulation_steps == 2
+    assert cfg.per_device_train_batch_size == 4 and cfg.gradient_accumulation_steps == 1
     with pytest.raises(UserError, match="--preset must be none or one of h200_fast, gpu24"):
         apply_preset(Config(PRESET="fast"), [])
 
