@@ -5,7 +5,9 @@ length (a mean of per-micro-batch means would differ by more than 10%). Runs the
 unpacked and packed (8 rows of 45-64 tokens, packed 2 per 128-token row), else with transformers + PEFT.
 
 It also records whether the trainer (Unsloth) left `num_items_in_batch` uncounted, so that
-`qwen_sft.accumulation` counted it: that is where Unsloth's "could not be counted" warning came from.
+`qwen_sft.accumulation` counted it: that is where Unsloth's "could not be counted" warning came from. And it checks
+that `qwen_sft.neftune`'s noise reaches the backend's embeddings with the same norm per example packed (position
+ids) and unpacked (one example per row).
 
   python bench/accumulation_check.py --out accumulation_check.json
 """
@@ -107,6 +109,40 @@ def compare_splits(backend: str, rows: list[dict], whole_batch: int, packing: bo
     return result
 
 
+def neftune_norms(backend: str, rows: list[dict], alpha: float = 5.0) -> dict:
+    """Per-example NEFTune noise norms through the backend's model: packed in one row vs each example alone."""
+    import torch
+
+    from qwen_sft.modeling import LORA_TARGET_MODULES, add_lora, load_base_model
+    from qwen_sft.neftune import per_example_neftune
+
+    model, _ = load_base_model("tiny", backend, False, 512)
+    model = add_lora(model, backend, 8, 16, 0.0, LORA_TARGET_MODULES, 0, False)
+    model.train()
+    embeddings = model.get_input_embeddings()
+    seen = []
+    examples = [torch.tensor(row["input_ids"], device=model.device) for row in rows[:4]]
+
+    def noise_norms():
+        ids, output = seen.pop()
+        return (output.float() - embeddings.weight[ids].float()).norm(dim=-1).pow(2)
+
+    with per_example_neftune(model, alpha), torch.no_grad():
+        # registered after the noise hook, so it sees the noisy output
+        capture = embeddings.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+        model(input_ids=torch.cat(examples)[None], position_ids=torch.cat([torch.arange(len(e)) for e in examples])
+              [None].to(model.device))
+        packed = [part.sum().sqrt().item() for part in noise_norms()[0].split([len(e) for e in examples])]
+        unpacked = []
+        for example in examples:
+            model(input_ids=example[None], attention_mask=torch.ones_like(example)[None])
+            unpacked.append(noise_norms()[0].sum().sqrt().item())
+    capture.remove()
+    ratios = [p / u for p, u in zip(packed, unpacked)]
+    return {"packed": packed, "unpacked": unpacked, "ratios": ratios, "expected": alpha / 3**0.5,
+            "passed": all(abs(ratio - 1) < 0.05 for ratio in ratios) and min(unpacked) > 0}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="accumulation_check.json")
@@ -128,6 +164,7 @@ def main():
     whole, _ = lora_gradients(backend, rows, 8, 1, False, workdir / "reference")
     mean_of_means = relative_difference(whole, mean_of_means_gradients(backend, rows, workdir / "rows"))
     worst = max(split["relative_difference"] for run in runs for split in run["splits"].values())
+    neftune = neftune_norms(backend, rows)
     record = {
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -137,6 +174,7 @@ def main():
         "worst_relative_difference": worst,
         "tolerance": args.tolerance,
         "passed": worst < args.tolerance < mean_of_means,
+        "neftune_noise_per_example": neftune,
     }
     for run in runs:
         for shape, split in run["splits"].items():
@@ -144,9 +182,12 @@ def main():
                   f"{split['relative_difference']:.2e}, token count supplied by qwen_sft: "
                   f"{split['token_count_supplied_by_qwen_sft']}")
     print(f"a mean of per-row means differs by {mean_of_means:.3f}; passed: {record['passed']}")
+    print(f"NEFTune noise per example, packed / unpacked: {[round(r, 3) for r in neftune['ratios']]} "
+          f"(unpacked norms {[round(n, 3) for n in neftune['unpacked']]}, expected {neftune['expected']:.3f}); "
+          f"passed: {neftune['passed']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    sys.exit(0 if record["passed"] else 1)
+    sys.exit(0 if record["passed"] and neftune["passed"] else 1)
 
 
 if __name__ == "__main__":
