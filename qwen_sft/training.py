@@ -267,7 +267,9 @@ def train(cfg, script_name: str):
             trainer.train(resume_from_checkpoint=resume)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
-            f"CUDA out of memory at step {trainer.state.global_step}: lower --per_device_train_batch_size "
+            f"CUDA out of memory at step {trainer.state.global_step}: "
+            + ("set --gradient_checkpointing true (or use --preset gpu24), or " if not cfg.gradient_checkpointing else "")
+            + "lower --per_device_train_batch_size "
             f"(now {cfg.per_device_train_batch_size}) and raise --gradient_accumulation_steps (now "
             f"{cfg.gradient_accumulation_steps}) to keep the effective batch, or lower --max_seq_length (now "
             f"{cfg.max_seq_length}); resume with --resume_from_checkpoint auto"
@@ -304,7 +306,8 @@ def train(cfg, script_name: str):
         final_eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         wall_time_s=round(wall_time, 2),
         tokens=tokens,
-        loss_weighting={"token_weighted": trainer.model_accepts_loss_kwargs, "steps_counted_by_qwen_sft": trainer.steps_counted_here},
+        loss_weighting={"token_weighted": trainer.model_accepts_loss_kwargs,
+                        "steps_counted_by_qwen_sft": trainer.steps_counted_here},
         throughput=throughput,
         log_history=trainer.state.log_history,
     )
