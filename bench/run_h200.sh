@@ -22,6 +22,9 @@ model=/tmp/qwen7b-random
 work=/tmp/h200_run
 mkdir -p "$logs" "$work"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# One GPU unless a part asks for more (train_throughput.py --two_gpus sets its own): a single process that sees two
+# GPUs would train with DataParallel.
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 run() {  # run NAME TIMEOUT COMMAND...: log to LOG_DIR/NAME.log, keep going when one step fails
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"

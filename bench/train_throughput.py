@@ -23,6 +23,7 @@ efficiency is the two-GPU rate over twice the one-GPU rate (target >= 90%).
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -117,9 +118,9 @@ def stage_flags(model_path: str, mix: str, steps: int) -> list[str]:
     ]
 
 
-def training_stage(model_path: str, mix: str, steps: int, extra: list[str], workdir: Path, gpus: int = 0) -> dict:
-    """One run of the stage through its entry point; `gpus` > 0 launches that many processes with torchrun."""
-    import os
+def training_stage(model_path: str, mix: str, steps: int, extra: list[str], workdir: Path, gpus: int = 1) -> dict:
+    """One run of the stage through its entry point on the first `gpus` GPUs (one process each, torchrun when more
+    than one). The others stay hidden: one process that sees two GPUs would train with DataParallel."""
 
     workdir.mkdir(parents=True, exist_ok=True)
     launcher = [sys.executable]
@@ -127,7 +128,7 @@ def training_stage(model_path: str, mix: str, steps: int, extra: list[str], work
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
     flags = [*stage_flags(model_path, mix, steps), *extra]
     command = [*launcher, str(ROOT / "Qwen_finetuning.py"), *flags]
-    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))} if gpus else {}))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=workdir, check=True, env=env)
     manifest = json.loads((workdir / "Qwen_finetuning_model" / "manifest.json").read_text())
@@ -172,7 +173,7 @@ def bare_loop_in_subprocess(key: str, args) -> dict:
     output = subprocess.run(
         [sys.executable, __file__, "--only", key, "--model", args.model, "--steps", str(args.steps),
          "--warmup", str(args.warmup)],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"),
     )
     print(output.stdout[-2000:], output.stderr[-1500:], flush=True)
     return json.loads(output.stdout.split("RESULT ", 1)[1])
@@ -289,7 +290,8 @@ def main():
 
     record = {
         "date": time.strftime("%Y-%m-%d"),
-        "gpu": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}",
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus_used": 2 if args.two_gpus else 1,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": "random-weight Qwen2.5-7B-Instruct shape, NF4 4-bit, LoRA r16 on 7 projections",
         "versions": versions(),
