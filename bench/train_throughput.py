@@ -193,21 +193,15 @@ def print_results(results: dict) -> None:
               f"first step {result['time_to_first_step_s']:.1f} s   {result['what']}")
 
 
-def one_gpu(args, mix: str) -> dict:
-    """(a), optionally (b), then the stage's current packed setting and the fast one, with ratios and parity."""
+def one_gpu(args, mix: str, write) -> dict:
+    """(a), optionally (b), the stage's current packed setting and the fast one, with ratios and parity; the record
+    is written then, and again after the optional extra run (so a time-out there loses nothing else)."""
     results = {"a": bare_loop_in_subprocess("a", args)}
     if args.with_hf:
         results["b"] = bare_loop_in_subprocess("b", args)
     results["c_current"] = training_stage(args.model, mix, args.stage_steps, args.current_flags.split(),
                                           Path("/tmp/bench_c_current"))
     results["c"] = training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(), Path("/tmp/bench_c"))
-    also = None
-    if args.also_flags:  # for the record only: its failure (say, out of memory) is recorded, not fatal
-        try:
-            also = training_stage(args.model, mix, args.stage_steps, args.also_flags.split(),
-                                  Path(f"/tmp/bench_{args.also_name}"))
-        except subprocess.CalledProcessError as error:
-            print(f"({args.also_name}) failed: {error}", flush=True)
     fast, bare = results["c"], results["a"]
     reserved = fast["peak_gpu_memory_reserved_gib"] or fast["peak_gpu_memory_gib"]
     record = {
@@ -218,13 +212,6 @@ def one_gpu(args, mix: str) -> dict:
         "peak_memory_c_gib": {"allocated": fast["peak_gpu_memory_gib"], "reserved": reserved,
                               "fits_80_gb_gpu": reserved is not None and reserved <= FITS_80GB_GIB},
     }
-    if also:
-        results[args.also_name] = also
-        record[f"ratio_{args.also_name}_over_a"] = round(also["real_tokens_per_s"] / bare["real_tokens_per_s"], 3)
-        record[f"loss_parity_{args.also_name}_vs_c_current"] = loss_parity(results["c_current"], also,
-                                                                           args.parity_tolerance)
-    elif args.also_flags:
-        record[f"{args.also_name}_failed"] = " ".join(args.also_flags.split())
     if "b" in results:
         record["ratio_c_over_b"] = round(fast["real_tokens_per_s"] / results["b"]["real_tokens_per_s"], 3)
     print_results(results)
@@ -233,7 +220,23 @@ def one_gpu(args, mix: str) -> dict:
           f"loss parity over {parity['steps']} logged points: max {parity['max_relative_difference']}, mean "
           f"{parity['mean_relative_difference']} (within {args.parity_tolerance}: {parity['within_tolerance']})   "
           f"peak c {fast['peak_gpu_memory_gib']} GiB allocated, {reserved} GiB reserved (fits 80 GB: "
-          f"{record['peak_memory_c_gib']['fits_80_gb_gpu']})")
+          f"{record['peak_memory_c_gib']['fits_80_gb_gpu']})", flush=True)
+    write(record)
+    if args.also_flags:  # for the record only: its failure (say, out of memory) is recorded, not fatal
+        name = args.also_name
+        try:
+            also = training_stage(args.model, mix, args.stage_steps, args.also_flags.split(), Path(f"/tmp/bench_{name}"))
+        except subprocess.CalledProcessError as error:
+            print(f"({name}) failed: {error}", flush=True)
+            record[f"{name}_failed"] = " ".join(args.also_flags.split())
+        else:
+            results[name] = also
+            record[f"ratio_{name}_over_a"] = round(also["real_tokens_per_s"] / bare["real_tokens_per_s"], 3)
+            record[f"loss_parity_{name}_vs_c_current"] = loss_parity(results["c_current"], also, args.parity_tolerance)
+            print_results({name: also})
+            print(f"{name}/a = {record[f'ratio_{name}_over_a']}   loss parity vs c_current: "
+                  f"{record[f'loss_parity_{name}_vs_c_current']}", flush=True)
+        write(record)
     return record
 
 
@@ -285,21 +288,28 @@ def main():
 
     build(args.model)
     mix = str(Path(args.mix).resolve())
-    measured = two_gpus(args, mix) if args.two_gpus else one_gpu(args, mix)
-    import torch
+    header = {}
 
-    record = {
-        "date": time.strftime("%Y-%m-%d"),
-        "gpu": torch.cuda.get_device_name(0),
-        "gpus_used": 2 if args.two_gpus else 1,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model": "random-weight Qwen2.5-7B-Instruct shape, NF4 4-bit, LoRA r16 on 7 projections",
-        "versions": versions(),
-        **measured,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    def write(measured: dict) -> None:
+        if not header:  # at the first write: this process touches CUDA (and imports Unsloth) only after the runs
+            import torch
+
+            header.update({
+                "date": time.strftime("%Y-%m-%d"),
+                "gpu": torch.cuda.get_device_name(0),
+                "gpus_used": 2 if args.two_gpus else 1,
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "model": "random-weight Qwen2.5-7B-Instruct shape, NF4 4-bit, LoRA r16 on 7 projections",
+                "versions": versions(),
+            })
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**header, **measured}, indent=2) + "\n")
+        print(f"wrote {args.out}", flush=True)
+
+    if args.two_gpus:
+        write(two_gpus(args, mix))
+    else:
+        one_gpu(args, mix, write)
 
 
 if __name__ == "__main__":
