@@ -240,19 +240,20 @@ def one_gpu(args, mix: str, write) -> dict:
     return record
 
 
-def two_gpus(args, mix: str) -> dict:
-    """The fast setting on 1 GPU, then data-parallel on 2 (torchrun): scaling efficiency = rate2 / (2 x rate1)."""
-    results = {
-        "one_gpu": training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(),
-                                  Path("/tmp/bench_1gpu"), gpus=1),
-        "two_gpus": training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(),
-                                   Path("/tmp/bench_2gpu"), gpus=2),
-    }
+def two_gpus(args, mix: str, write) -> dict:
+    """The fast setting on 1 GPU, then data-parallel on 2 (torchrun): scaling efficiency = rate2 / (2 x rate1).
+    The one-GPU result is written before the two-GPU run starts."""
+    results = {"one_gpu": training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(),
+                                         Path("/tmp/bench_1gpu"), gpus=1)}
+    write({"results": results})
+    results["two_gpus"] = training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(),
+                                         Path("/tmp/bench_2gpu"), gpus=2)
     one, two = results["one_gpu"]["real_tokens_per_s"], results["two_gpus"]["real_tokens_per_s"]
     record = {"results": results, "scaling_efficiency": round(two / (2 * one), 4), "speedup": round(two / one, 3)}
     print_results(results)
     print(f"2 GPUs: {two:,.0f} real tok/s = {record['speedup']}x one GPU ({one:,.0f}); efficiency "
-          f"{record['scaling_efficiency']:.1%} (target >= 90%)")
+          f"{record['scaling_efficiency']:.1%} (target >= 90%)", flush=True)
+    write(record)
     return record
 
 
@@ -306,10 +307,7 @@ def main():
         Path(args.out).write_text(json.dumps({**header, **measured}, indent=2) + "\n")
         print(f"wrote {args.out}", flush=True)
 
-    if args.two_gpus:
-        write(two_gpus(args, mix))
-    else:
-        one_gpu(args, mix, write)
+    (two_gpus if args.two_gpus else one_gpu)(args, mix, write)
 
 
 if __name__ == "__main__":
