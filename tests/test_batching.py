@@ -64,3 +64,10 @@ def test_packing_line_says_examples_per_step_and_steps_per_epoch(capsys):
     assert capsys.readouterr().out.strip() == (
         "packing: 1350 examples in 400 rows of up to 2048 tokens (3.4 per row): about 54 examples per optimizer "
         "step, 25 steps per epoch (unpacked: 16 and 85)")
+
+
+def test_unknown_preset_exits_2_with_one_line(tmp_path):
+    result = run_script("Qwen_finetuning.py", "--preset", "fast", "--base_model", "tiny", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --preset must be none or one of h200_fast, gpu24, got 'fast'"
+    assert not any(tmp_path.iterdir())
