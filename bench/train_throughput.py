@@ -1,26 +1,29 @@
-"""Training throughput on one GPU, three ways in one invocation, each in its own process (Unsloth patches
-transformers when imported, so the plain HF loop must not share a process with it):
+"""Training throughput on the GPU, in one invocation, each run in its own process (Unsloth patches transformers
+when imported, so the plain HF loop must not share a process with it).
 
+One GPU (default):
   (a) a bare Unsloth loop: NF4 base, LoRA r16 on the 7 projections, Unsloth gradient checkpointing, 8-bit AdamW,
       batch 2 x 2048 tokens, every token real;
-  (b) the same loop with plain transformers + PEFT + bitsandbytes;
-  (c) our training stage, `Qwen_finetuning.py`, through its real entry point on the data stage's mix
-      (a realistic length mix), with packing on and 4 packed rows x 2 accumulation steps per optimizer step;
-      then the same with the seed's 2 x 4, recorded as c_2x4 (the same 8 rows of up to 2048 tokens per step).
-
+  (b) with --with_hf, the same loop with plain transformers + PEFT + bitsandbytes;
+  (c_current) our training stage, `Qwen_finetuning.py`, through its real entry point on the data stage's mix,
+      packed, 4 packed rows x 2 accumulation steps with gradient checkpointing (the earlier record; preset gpu24);
+  (c) the same stage with --preset h200_fast: the same 4 x 2 without gradient checkpointing;
+  (c_8x1) with --also_flags (default: h200_fast as one micro-batch of 8 rows), a larger micro-batch for the record.
+      Every stage run takes the same 8 packed rows per optimizer step in the same order, so their losses must
+      agree with c_current's up to bf16 noise (the loss parity).
 For each: real (non-pad) tokens/s and token slots/s after warm-up, peak GPU memory and time to the first step.
-Prints the ratios c/a and c/b and writes a JSON record.
+Prints c/a (target >= 1.35), the loss parity over --stage_steps steps, and whether c's peak fits an 80 GB GPU.
 
-Why 4 x 2 for (c): with packed batches Unsloth runs its eager per-op decoder (its per-block torch.compile skips
-batches that carry packed sequence lengths), and at 2 x 2048 tokens per micro-batch the host's kernel launches,
-not the GPU, set the pace (`bench/profile_training.py` measures this). Twice the tokens per micro-batch keep the
-GPU busy for the same tokens per optimizer step.
+Two GPUs (--two_gpus): the fast setting (c) on one GPU, then data-parallel on two with torchrun; the scaling
+efficiency is the two-GPU rate over twice the one-GPU rate (target >= 90%).
 
   python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl
+  python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl --two_gpus
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+FITS_80GB_GIB = 78.0  # an 80 GB GPU has 79.6 GiB; leave room for the CUDA context
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -105,41 +109,152 @@ def bare_loop(kind: str, model_path: str, batch: int, seq: int, steps: int, warm
     }
 
 
-def batch_shape(text: str) -> tuple[str, str]:
-    """`4x2` -> ("4", "2"): rows per micro-batch and accumulation steps, for --stage_batches."""
-    rows, _, accumulation = text.partition("x")
-    if not (rows.isdigit() and accumulation.isdigit() and int(rows) > 0 and int(accumulation) > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxACCUMULATION, e.g. 4x2")
-    return rows, accumulation
-
-
 def stage_flags(model_path: str, mix: str, steps: int) -> list[str]:
-    """Qwen_finetuning.py's flags in every benchmark run: Unsloth, packing on, no eval split, no checkpoints."""
+    """Qwen_finetuning.py's flags in every benchmark run: Unsloth, packing on, no eval split, no checkpoints. The
+    loss is logged (a GPU sync) every 5 steps, as in the earlier records; the loss parity compares those points."""
     return [
         "--base_model", model_path, "--dataset_path", mix, "--max_steps", str(steps), "--eval_ratio", "0",
         "--save_steps", "100000", "--logging_steps", "5", "--backend", "unsloth", "--packing", "true",
     ]
 
 
-def training_stage(model_path: str, mix: str, steps: int, extra: list[str], workdir: Path) -> dict:
+def training_stage(model_path: str, mix: str, steps: int, extra: list[str], workdir: Path, gpus: int = 1) -> dict:
+    """One run of the stage through its entry point on the first `gpus` GPUs (one process each, torchrun when more
+    than one). The others stay hidden: one process that sees two GPUs would train with DataParallel."""
+
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(ROOT / "Qwen_finetuning.py"), *stage_flags(model_path, mix, steps), *extra]
+    launcher = [sys.executable]
+    if gpus > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    flags = [*stage_flags(model_path, mix, steps), *extra]
+    command = [*launcher, str(ROOT / "Qwen_finetuning.py"), *flags]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, cwd=workdir, check=True)
+    subprocess.run(command, cwd=workdir, check=True, env=env)
     manifest = json.loads((workdir / "Qwen_finetuning_model" / "manifest.json").read_text())
     throughput, tokens = manifest["throughput"], manifest["tokens"]
     steady = throughput["steady_state"]
     return {
-        "what": "Qwen_finetuning.py on the data stage's mix, " + " ".join(command[4:]),
+        "what": f"Qwen_finetuning.py on the data stage's mix{f' on {gpus} GPUs' if gpus > 1 else ''}, "
+                + " ".join(flags[2:]),
         "real_tokens_per_s": steady["real_tokens_per_s"],
         "token_slots_per_s": steady["token_slots_per_s"],
         "real_token_share": tokens["real_token_share"],
         "peak_gpu_memory_gib": throughput["peak_gpu_memory_gib"],
+        "peak_gpu_memory_reserved_gib": throughput.get("peak_gpu_memory_reserved_gib"),
         "time_to_first_step_s": throughput["time_to_first_step_s"],
         "measured_steps": steady["measured_steps"],
         "effective_batch_size": manifest["effective_batch_size"],
+        "world_size": manifest["world_size"],
+        "loss_weighting": manifest.get("loss_weighting"),
         "wall_time_s": manifest["wall_time_s"],
+        "loss_curve": [[row["step"], row["loss"]] for row in manifest["log_history"] if "loss" in row],
     }
+
+
+def loss_parity(reference: dict, candidate: dict, tolerance: float) -> dict:
+    """Per-step training loss of two runs over the same optimizer steps (same rows per step, same order)."""
+    ref, cand = dict(reference["loss_curve"]), dict(candidate["loss_curve"])
+    steps = sorted(set(ref) & set(cand))
+    relative = [abs(cand[step] - ref[step]) / abs(ref[step]) for step in steps]
+    return {
+        "steps": len(steps),
+        "loss_first_last_reference": [ref[steps[0]], ref[steps[-1]]] if steps else None,
+        "loss_first_last_candidate": [cand[steps[0]], cand[steps[-1]]] if steps else None,
+        "max_relative_difference": round(max(relative), 5) if relative else None,
+        "mean_relative_difference": round(sum(relative) / len(relative), 5) if relative else None,
+        "tolerance": tolerance,
+        "within_tolerance": bool(relative) and max(relative) <= tolerance,
+    }
+
+
+def bare_loop_in_subprocess(key: str, args) -> dict:
+    """Unsloth patches transformers when imported, so each bare loop runs in its own process."""
+    output = subprocess.run(
+        [sys.executable, __file__, "--only", key, "--model", args.model, "--steps", str(args.steps),
+         "--warmup", str(args.warmup)],
+        check=True, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"),
+    )
+    print(output.stdout[-2000:], output.stderr[-1500:], flush=True)
+    return json.loads(output.stdout.split("RESULT ", 1)[1])
+
+
+def versions() -> dict:
+    import importlib
+
+    return {name: importlib.import_module(name).__version__ for name in ("torch", "transformers", "trl", "peft",
+                                                                         "unsloth")}
+
+
+def print_results(results: dict) -> None:
+    for key, result in results.items():
+        print(f"({key}) {result['real_tokens_per_s']:>9,.0f} real tok/s  {result['token_slots_per_s']:>9,.0f} slots/s  "
+              f"real share {result['real_token_share']:.1%}  peak {result['peak_gpu_memory_gib']} GiB  "
+              f"first step {result['time_to_first_step_s']:.1f} s   {result['what']}")
+
+
+def one_gpu(args, mix: str, write) -> dict:
+    """(a), optionally (b), the stage's current packed setting and the fast one, with ratios and parity; the record
+    is written then, and again after the optional extra run (so a time-out there loses nothing else)."""
+    results = {"a": bare_loop_in_subprocess("a", args)}
+    if args.with_hf:
+        results["b"] = bare_loop_in_subprocess("b", args)
+    results["c_current"] = training_stage(args.model, mix, args.stage_steps, args.current_flags.split(),
+                                          Path("/tmp/bench_c_current"))
+    results["c"] = training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(), Path("/tmp/bench_c"))
+    fast, bare = results["c"], results["a"]
+    reserved = fast["peak_gpu_memory_reserved_gib"] or fast["peak_gpu_memory_gib"]
+    record = {
+        "results": results,
+        "ratio_c_over_a": round(fast["real_tokens_per_s"] / bare["real_tokens_per_s"], 3),
+        "ratio_c_over_c_current": round(fast["real_tokens_per_s"] / results["c_current"]["real_tokens_per_s"], 3),
+        "loss_parity_c_vs_c_current": loss_parity(results["c_current"], fast, args.parity_tolerance),
+        "peak_memory_c_gib": {"allocated": fast["peak_gpu_memory_gib"], "reserved": reserved,
+                              "fits_80_gb_gpu": reserved is not None and reserved <= FITS_80GB_GIB},
+    }
+    if "b" in results:
+        record["ratio_c_over_b"] = round(fast["real_tokens_per_s"] / results["b"]["real_tokens_per_s"], 3)
+    print_results(results)
+    parity = record["loss_parity_c_vs_c_current"]
+    print(f"c/a = {record['ratio_c_over_a']} (target >= 1.35)   c/c_current = {record['ratio_c_over_c_current']}   "
+          f"loss parity over {parity['steps']} logged points: max {parity['max_relative_difference']}, mean "
+          f"{parity['mean_relative_difference']} (within {args.parity_tolerance}: {parity['within_tolerance']})   "
+          f"peak c {fast['peak_gpu_memory_gib']} GiB allocated, {reserved} GiB reserved (fits 80 GB: "
+          f"{record['peak_memory_c_gib']['fits_80_gb_gpu']})", flush=True)
+    write(record)
+    if args.also_flags:  # for the record only: its failure (say, out of memory) is recorded, not fatal
+        name = args.also_name
+        try:
+            also = training_stage(args.model, mix, args.stage_steps, args.also_flags.split(), Path(f"/tmp/bench_{name}"))
+        except subprocess.CalledProcessError as error:
+            print(f"({name}) failed: {error}", flush=True)
+            record[f"{name}_failed"] = " ".join(args.also_flags.split())
+        else:
+            results[name] = also
+            record[f"ratio_{name}_over_a"] = round(also["real_tokens_per_s"] / bare["real_tokens_per_s"], 3)
+            record[f"loss_parity_{name}_vs_c_current"] = loss_parity(results["c_current"], also, args.parity_tolerance)
+            print_results({name: also})
+            print(f"{name}/a = {record[f'ratio_{name}_over_a']}   loss parity vs c_current: "
+                  f"{record[f'loss_parity_{name}_vs_c_current']}", flush=True)
+        write(record)
+    return record
+
+
+def two_gpus(args, mix: str, write) -> dict:
+    """The fast setting on 1 GPU, then data-parallel on 2 (torchrun): scaling efficiency = rate2 / (2 x rate1).
+    The one-GPU result is written before the two-GPU run starts."""
+    results = {"one_gpu": training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(),
+                                         Path("/tmp/bench_1gpu"), gpus=1)}
+    write({"results": results})
+    results["two_gpus"] = training_stage(args.model, mix, args.stage_steps, args.fast_flags.split(),
+                                         Path("/tmp/bench_2gpu"), gpus=2)
+    one, two = results["one_gpu"]["real_tokens_per_s"], results["two_gpus"]["real_tokens_per_s"]
+    record = {"results": results, "scaling_efficiency": round(two / (2 * one), 4), "speedup": round(two / one, 3)}
+    print_results(results)
+    print(f"2 GPUs: {two:,.0f} real tok/s = {record['speedup']}x one GPU ({one:,.0f}); efficiency "
+          f"{record['scaling_efficiency']:.1%} (target >= 90%)", flush=True)
+    write(record)
+    return record
 
 
 def main():
@@ -148,12 +263,19 @@ def main():
     parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"), help="the data stage's output")
     parser.add_argument("--steps", type=int, default=12, help="timed steps of the bare loops")
     parser.add_argument("--warmup", type=int, default=4, help="untimed first steps of the bare loops")
-    parser.add_argument("--stage_steps", type=int, default=20, help="optimizer steps of the training stage run")
-    parser.add_argument("--stage_batches", type=batch_shape, nargs="+", default=[("4", "2"), ("2", "4")],
-                        help="rows per micro-batch x accumulation steps of each stage run (default 4x2 2x4); "
-                             "the first is (c)")
-    parser.add_argument("--stage_flags", default="",
-                        help='extra flags for Qwen_finetuning.py, space-separated: --stage_flags="--seed 1"')
+    parser.add_argument("--stage_steps", type=int, default=30, help="optimizer steps of each training stage run")
+    parser.add_argument("--fast_flags", default="--preset h200_fast",
+                        help="Qwen_finetuning.py flags of the fast setting (c), space-separated")
+    parser.add_argument("--current_flags", default="--per_device_train_batch_size 4 --gradient_accumulation_steps 2",
+                        help="flags of the current packed setting (c_current; the same rows per optimizer step)")
+    parser.add_argument("--also_flags",
+                        default="--preset h200_fast --per_device_train_batch_size 8 --gradient_accumulation_steps 1",
+                        help="flags of one more stage run for the record ('' = none); pass as --also_flags='...'")
+    parser.add_argument("--also_name", default="c_8x1", help="the record's name for that run")
+    parser.add_argument("--parity_tolerance", type=float, default=0.02,
+                        help="largest relative per-step loss difference of c vs c_current that counts as bf16 noise")
+    parser.add_argument("--with_hf", action="store_true", help="also run (b), the bare transformers + PEFT loop")
+    parser.add_argument("--two_gpus", action="store_true", help="measure 1 vs 2 GPUs (data parallel) instead")
     parser.add_argument("--only", choices=["a", "b"], help="internal: run one bare loop and print its JSON")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     args = parser.parse_args()
@@ -166,44 +288,26 @@ def main():
     from random_qwen7b import build
 
     build(args.model)
-    results = {}
-    for key in ("a", "b"):
-        output = subprocess.run(
-            [sys.executable, __file__, "--only", key, "--model", args.model, "--steps", str(args.steps),
-             "--warmup", str(args.warmup)],
-            check=True, capture_output=True, text=True,
-        )
-        print(output.stdout[-2000:], output.stderr[-1500:], flush=True)
-        results[key] = json.loads(output.stdout.split("RESULT ", 1)[1])
-    for index, (rows, accumulation) in enumerate(args.stage_batches):
-        shape = f"{rows}x{accumulation}"
-        batch_flags = ["--per_device_train_batch_size", rows, "--gradient_accumulation_steps", accumulation]
-        results["c" if index == 0 else f"c_{shape}"] = training_stage(
-            args.model, str(Path(args.mix).resolve()), args.stage_steps, batch_flags + args.stage_flags.split(),
-            Path(f"/tmp/bench_c_{shape}"),
-        )
+    mix = str(Path(args.mix).resolve())
+    header = {}
 
-    import torch
+    def write(measured: dict) -> None:
+        if not header:  # at the first write: this process touches CUDA (and imports Unsloth) only after the runs
+            import torch
 
-    record = {
-        "date": time.strftime("%Y-%m-%d"),
-        "gpu": torch.cuda.get_device_name(0),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model": "random-weight Qwen2.5-7B-Instruct shape, NF4 4-bit, LoRA r16 on 7 projections",
-        "versions": {name: __import__(name).__version__ for name in ("torch", "transformers", "trl", "peft", "unsloth")},
-        "results": results,
-        "ratio_c_over_a": round(results["c"]["real_tokens_per_s"] / results["a"]["real_tokens_per_s"], 3),
-        "ratio_c_over_b": round(results["c"]["real_tokens_per_s"] / results["b"]["real_tokens_per_s"], 3),
-        "peak_memory_c_over_a": round(results["c"]["peak_gpu_memory_gib"] / results["a"]["peak_gpu_memory_gib"], 3),
-    }
-    for key, result in results.items():
-        print(f"({key}) {result['real_tokens_per_s']:>9,.0f} real tok/s  {result['token_slots_per_s']:>9,.0f} slots/s  "
-              f"real share {result['real_token_share']:.1%}  peak {result['peak_gpu_memory_gib']:.1f} GiB  "
-              f"first step {result['time_to_first_step_s']:.1f} s   {result['what']}")
-    print(f"c/a = {record['ratio_c_over_a']}   c/b = {record['ratio_c_over_b']}   "
-          f"peak memory c/a = {record['peak_memory_c_over_a']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+            header.update({
+                "date": time.strftime("%Y-%m-%d"),
+                "gpu": torch.cuda.get_device_name(0),
+                "gpus_used": 2 if args.two_gpus else 1,
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "model": "random-weight Qwen2.5-7B-Instruct shape, NF4 4-bit, LoRA r16 on 7 projections",
+                "versions": versions(),
+            })
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**header, **measured}, indent=2) + "\n")
+        print(f"wrote {args.out}", flush=True)
+
+    (two_gpus if args.two_gpus else one_gpu)(args, mix, write)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def peak_gpu_memory_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def peak_gpu_memory_reserved_gib() -> float | None:
+    """The allocator's peak reservation: what the GPU must hold, fragmentation included."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
 def synchronized_time() -> float:
     import torch
 
@@ -110,9 +117,10 @@ class ProgressCallback(TrainerCallback):
     def summary(self, accelerator) -> dict:
         """Rates summed over every process; peak memory is the largest process's."""
         steady = dict(self.steady)
-        peak = peak_gpu_memory_gib()
+        peak, reserved = peak_gpu_memory_gib(), peak_gpu_memory_reserved_gib()
         rates = gather_over_ranks(
-            accelerator, [steady.get("real_tokens_per_s", 0), steady.get("token_slots_per_s", 0), peak or 0]
+            accelerator,
+            [steady.get("real_tokens_per_s", 0), steady.get("token_slots_per_s", 0), peak or 0, reserved or 0],
         )
         if steady:
             steady["real_tokens_per_s"], steady["token_slots_per_s"] = (round(float(v), 1) for v in rates[:, :2].sum(0))
@@ -120,6 +128,7 @@ class ProgressCallback(TrainerCallback):
             "time_to_first_step_s": round(self.first_step_s, 2) if self.first_step_s is not None else None,
             "steady_state": steady,
             "peak_gpu_memory_gib": round(float(rates[:, 2].max()), 2) if peak is not None else None,
+            "peak_gpu_memory_reserved_gib": round(float(rates[:, 3].max()), 2) if reserved is not None else None,
         }
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -10,10 +10,13 @@ import time
 import zipfile
 from pathlib import Path
 
+from .accumulation import TokenWeightedAccumulation
 from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
+from .batching import report_packing, report_padding
 from .cli import UserError, is_main_process, say
 from .locking import folder_lock
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
+from .neftune import per_example_neftune
 from .records import read_records
 from .template import is_conversation, tokenize_example
 
@@ -174,12 +177,13 @@ def keep_4bit_layout_trainable(model) -> None:
 
 
 def sft_trainer_class():
-    """TRL's SFTTrainer with CPU fixes, so that the CPU path (tests, CI) runs the same stage code."""
+    """TRL's SFTTrainer with token-weighted accumulation on every backend, exact 4-bit resumes, and CPU fixes, so
+    that the CPU path (tests, CI) runs the same stage code."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
-    class PortableSFTTrainer(SFTTrainer):
+    class PortableSFTTrainer(TokenWeightedAccumulation, SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss, with the
             # LM head on the answer tokens only where no wrapper (data parallel) needs the full forward.
@@ -318,6 +322,8 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
                 f"exchanges; {stats['dropped_last_exchange_too_long']} conversations dropped (last exchange alone "
                 "too long)"
             )
+    if not cfg.packing:
+        report_padding(cfg, [len(row["input_ids"]) for row in train_rows])
     rows_per_step = cfg.per_device_train_batch_size * world_size
     say(
         f"effective batch size: {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
@@ -368,7 +374,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         load_best_model_at_end=load_best,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        neftune_noise_alpha=cfg.neftune_noise_alpha or None,
+        neftune_noise_alpha=None,  # ours, sized per example also when packed (qwen_sft/neftune.py)
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
@@ -377,6 +383,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         completion_only_loss=True,
         packing=cfg.packing,
         padding_free=cfg.packing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
         report_to=["tensorboard"],
         disable_tqdm=False,
         dataloader_num_workers=0,
@@ -394,6 +401,8 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         processing_class=tokenizer,
         callbacks=[stop_on_signal],
     )
+    if cfg.packing:
+        report_packing(cfg, len(train_rows), len(trainer.train_dataset), world_size)
     token_counter = TokenCountingCollator(trainer.data_collator)
     trainer.data_collator = token_counter
     progress = ProgressCallback(token_counter)
@@ -407,7 +416,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         return trainer
     started = time.time()
     try:
-        with stop_on_signal.installed():
+        with stop_on_signal.installed(), per_example_neftune(trainer.model, cfg.neftune_noise_alpha):
             if finished:
                 restore_finished_run(trainer, resume)
             else:
@@ -423,7 +432,9 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         raise SystemExit(130) from None
     except torch.cuda.OutOfMemoryError:
         raise UserError(
-            f"CUDA out of memory at step {trainer.state.global_step}: lower --per_device_train_batch_size "
+            f"CUDA out of memory at step {trainer.state.global_step}: "
+            + ("set --gradient_checkpointing true (or use --preset gpu24), or " if not cfg.gradient_checkpointing else "")
+            + "lower --per_device_train_batch_size "
             f"(now {cfg.per_device_train_batch_size}) and raise --gradient_accumulation_steps (now "
             f"{cfg.gradient_accumulation_steps}) to keep the effective batch, or lower --max_seq_length (now "
             f"{cfg.max_seq_length}); resume with --resume_from_checkpoint auto"
@@ -460,6 +471,8 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         final_eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
         wall_time_s=round(wall_time, 2),
         tokens=tokens,
+        loss_weighting={"token_weighted": trainer.model_accepts_loss_kwargs,
+                        "steps_counted_by_qwen_sft": trainer.steps_counted_here},
         throughput=throughput,
         log_history=trainer.state.log_history,
     )
