@@ -5,10 +5,15 @@
 #   bash bench/run_h200.sh pipeline LOG_DIR   # the real GPU path: data mix -> 30 steps -> evaluate -> inference,
 #                                             # and the packed-vs-padded loss check
 #   bash bench/run_h200.sh speed LOG_DIR      # training throughput (a)/(b)/(c) and the profile behind it
-#   bash bench/run_h200.sh generation LOG_DIR # generation throughput, batched vs one prompt at a time
+#   bash bench/run_h200.sh generation LOG_DIR # generation: the 4-bit path vs the fast path (merged bf16, static
+#                                             # cache, compiled), bs1 and evaluation; about 8-9 minutes
+#   bash bench/run_h200.sh generation_old LOG_DIR  # the same in two commands (the machine must stay warm between
+#   bash bench/run_h200.sh generation_new LOG_DIR  # them): setup + the old path, then the new path + the report
 set -uo pipefail
-part=${1:?usage: run_h200.sh pipeline|speed|generation LOG_DIR}
-logs=${2:?usage: run_h200.sh pipeline|speed|generation LOG_DIR}
+usage="usage: run_h200.sh pipeline|speed|generation|generation_old|generation_new LOG_DIR"
+part=${1:?$usage}
+mkdir -p "${2:?$usage}"
+logs=$(cd "$2" && pwd)  # absolute: the steps run in $work
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=/tmp/qwen7b-random
 work=/tmp/h200_run
@@ -20,11 +25,11 @@ run() {  # run NAME TIMEOUT COMMAND...: log to LOG_DIR/NAME.log, keep going when
   local started=$SECONDS
   (cd "$work" && timeout "$limit" "$@") > "$logs/$name.log" 2>&1
   echo "=== $name: exit $? after $((SECONDS - started)) s"
-  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|GPU busy" | tail -15
+  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|GPU busy|^=== |FAILED|^(bs1|eval|peak|agreement)" | tail -15
 }
 
 python3 "$root/bench/random_qwen7b.py" "$model"
-if [ ! -f "$work/mix.jsonl" ]; then  # the data stage's own mix, from hub-schema sources of realistic shape
+if [[ $part != generation* && ! -f "$work/mix.jsonl" ]]; then  # the data stage's own mix, from hub-schema sources of realistic shape
   python3 "$root/bench/data_mix_benchmark.py" --total_samples 1500 --data_dir "$work/sources" --sources_only >/dev/null
   (cd "$work" && python3 "$root/data_set_generation.py" --total_samples 1500 --output_file mix.jsonl \
     --my_report_data_path sources/my_reports.jsonl \
@@ -50,8 +55,16 @@ speed)
   run profile_training 300 python3 "$root/bench/profile_training.py" --model "$model" --mix mix.jsonl \
     --out "$logs/profile_training.json"
   ;;
-generation)
-  run generation_throughput 360 python3 "$root/bench/generation_throughput.py" --backend unsloth \
-    --model_dir "$model" --output_json "$logs/generation_throughput_{model}_{backend}.json"
+generation)  # each part runs in its own process and records its own failures (see the script's docstring)
+  run generation_throughput 595 python3 "$root/bench/generation_throughput.py" --model_dir "$model" \
+    --results_dir "$logs"
+  ;;
+generation_old)
+  run generation_throughput_old 595 python3 "$root/bench/generation_throughput.py" --model_dir "$model" \
+    --results_dir "$logs" --parts setup,old
+  ;;
+generation_new)
+  run generation_throughput_new 595 python3 "$root/bench/generation_throughput.py" --model_dir "$model" \
+    --results_dir "$logs" --parts new,report
   ;;
 esac

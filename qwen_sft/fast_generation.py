@@ -253,5 +253,10 @@ def warm_up(model, tokenizer) -> float:
         with torch.inference_mode():
             model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
 
-    start_in_generation_thread(model, run)()
+    try:
+        start_in_generation_thread(model, run)()
+    except Exception as error:  # e.g. no working compiler toolchain: the merged model still decodes eagerly
+        print(f"warning: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); decoding uncompiled")
+        model.generation_config.disable_compile = True
+        start_in_generation_thread(model, run)()
     return time.perf_counter() - started

@@ -185,3 +185,39 @@ def test_compiled_fast_path_on_gpu_first_token_within_half_a_second(adapter):
     reply = stream_reply(fast, tokenizer, messages, max_new_tokens=32,
                          on_text=lambda piece: first or first.append(time.perf_counter() - started))
     assert first and first[0] <= 0.5 and reply.tokens > 0
+
+
+@pytest.mark.slow
+def test_generation_benchmark_smoke_run_records_every_measurement(tmp_path):
+    """bench/generation_throughput.py --smoke: setup, old and new in their own processes, then the report."""
+    result = run_script("bench/generation_throughput.py", "--smoke", "--load_in_4bit", "false", "--results_dir",
+                        tmp_path, "--eval_rows", "6", "--old_eval_rows", "4", "--new_tokens", "4", "--bs1_runs", "1",
+                        "--identity_prompts", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "generation_throughput.json").read_text(encoding="utf-8"))
+    old, new, summary = record["old"], record["new"], record["summary"]
+    assert old["backend"] == "hf" and not old["fast_generation"]["used"] and new["fast_generation"]["used"]
+    failed = [key for part in (old, new) for key, value in part.items() if isinstance(value, dict) and "error" in value]
+    assert not failed
+    assert (old["eval_tuned"]["rows"], new["eval_tuned"]["rows"], new["eval_base"]["tokens"]) == (4, 6, 6 * 4)
+    assert old["adapter_max_logit_change"] > 0 and new["adapter_max_logit_change"] > 0
+    assert new["bs1"]["runs"][0]["tokens"] == 8 and 0 < new["bs1"]["first_token_s"] < new["bs1"]["runs"][0]["seconds"]
+    assert summary["identity"]["prompts"] == 4 and 0 <= summary["identity"]["identical_share"] <= 1
+    assert summary["eval_tokens_per_s"]["tuned"]["speedup"] == pytest.approx(
+        new["eval_tuned"]["tokens_per_s"] / old["eval_tuned"]["tokens_per_s"], rel=0.01)
+
+
+def test_generation_benchmark_part_failure_is_recorded_not_fatal(tmp_path, monkeypatch):
+    """A measured variant that raises leaves its error in the record; the others still run."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("generation_throughput", ROOT / "bench" / "generation_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = {}
+    assert bench.guarded(record, "broken", lambda: 1 / 0) is None
+    assert bench.guarded(record, "fine", lambda: {"tokens_per_s": 3}) == {"tokens_per_s": 3}
+    assert record["broken"]["error"].startswith("ZeroDivisionError") and bench.rate(record, "fine") == 3
+    assert bench.rate(record, "broken") is None and bench.ratio(None, 3) is None
