@@ -121,8 +121,9 @@ def generate_token_ids(model, prompts: list[list[int]], generate_kwargs: dict, b
 
 def compiled_generation(model) -> bool:
     """True when generate() compiles its decoding step: a static KV cache (the fast path) on a GPU."""
-    cache = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
-    return cache == "static" and model_device(model).type == "cuda"
+    config = getattr(model, "generation_config", None)
+    static = getattr(config, "cache_implementation", None) == "static" and not getattr(config, "disable_compile", False)
+    return static and model_device(model).type == "cuda"
 
 
 def decode_answer(tokenizer, ids: list[int]) -> str:
