@@ -245,6 +245,7 @@ def warm_up(model, tokenizer) -> float:
 
     if not compiled_generation(model):
         return 0.0
+    print("compiling the decoding step (once per process; the first time takes about a minute)...", flush=True)
     started = time.perf_counter()
     prompt = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": "hello"}])], device=model_device(model))
     kwargs = {**decoding_kwargs(tokenizer, WARM_UP_TOKENS), "min_new_tokens": WARM_UP_TOKENS}
