@@ -270,6 +270,15 @@ def warm_up_batches(model, tokenizer, prompts, batch_size: int) -> dict:
     return {"seconds": round(time.perf_counter() - started, 1)}
 
 
+def fresh_compilation(model) -> dict:
+    """Forget the compiled bs1 step, so the next batch shape compiles with static shapes as in its own process."""
+    import torch
+
+    torch.compiler.reset()
+    model.__dict__.pop("_compiled_call", None)
+    return {"done": True}
+
+
 def adapter_effect(model) -> float:
     """The largest logit change the adapter causes on a probe: the benchmark must exercise a live LoRA."""
     import torch
@@ -323,6 +332,8 @@ def measure_path(cfg, part: str) -> dict:
         guarded(record, "bs1_reused_cache", bs1_reused_cache, model, tokenizer, chat_prompts, cfg.bs1_new_tokens,
                 model.generation_config.max_cache_len)
 
+    if fast and cuda():  # evaluate.py never compiles bs1: compile its batch shape afresh, not as a dynamic batch
+        guarded(record, "compiler_reset", fresh_compilation, model)
     guarded(record, "eval_warm_up", warm_up_batches, model, tokenizer, prompts, batch_size)
     guarded(record, "eval_tuned", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} tuned")
     with adapter_disabled(model):
