@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .artifacts import atomic_file
 from .cli import UserError
-from .generation import decoding_settings, stream_reply
 from .fast_generation import generation_path, load_generation_model, warm_up
+from .generation import decoding_settings, stream_reply
 from .records import validate_record
 from .template import prompt_ids, render_prompt
 
