@@ -298,24 +298,52 @@ def adapter_effect(model) -> float:
     return round(change, 4)
 
 
+def kept(record: dict, cfg) -> dict:
+    """The record as saved: of the answers, only the compared rows' (tuned) are kept."""
+    saved = dict(record)
+    for key in ("eval_tuned", "eval_base"):
+        if isinstance(saved.get(key), dict) and "ids" in saved[key]:
+            saved[key] = {name: value for name, value in saved[key].items() if name != "ids"}
+            if key == "eval_tuned":
+                saved[key]["ids"] = record[key]["ids"][:cfg.identity_prompts]
+    return saved
+
+
 def measure_path(cfg, part: str) -> dict:
-    """Load the adapter as the stages do, on the old or the new path, and measure it."""
+    """Load the adapter as the stages do, on the old or the new path, and measure it. The part's record is saved
+    after every step, so a part stopped by a time limit keeps what it measured."""
     import torch
 
+    from qwen_sft.artifacts import write_json_atomic
     from qwen_sft.fast_generation import adapter_disabled, load_generation_model, warm_up
 
     fast = part == "new"
     record = {"part": part, "device": torch.cuda.get_device_name() if cuda() else "cpu"}
-    started = time.perf_counter()
-    model, tokenizer, manifest = load_generation_model(
-        cfg.adapter_dir, "hf" if fast else cfg.old_backend, "true" if fast else "false",
-        max_seq_length=cfg.prompt_tokens[1] + cfg.new_tokens, keep_base=fast,
-        max_cache_len=max(cfg.prompt_tokens[1], cfg.bs1_prompt_tokens) + max(cfg.new_tokens, cfg.bs1_new_tokens),
-    )
-    record.update(load_seconds=round(time.perf_counter() - started, 1), backend=manifest["backend_loaded"],
-                  fast_generation=manifest["fast_generation"], load_peak_gpu_gib=peak_gib(),
-                  weights_gib=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2))
-    guarded(record, "adapter_max_logit_change", adapter_effect, model)
+
+    def step(key, measure, *args):
+        result = guarded(record, key, measure, *args)
+        write_json_atomic(part_file(cfg, part), kept(record, cfg))
+        return result
+
+    holder = {}
+
+    def load():
+        started = time.perf_counter()
+        loaded = load_generation_model(
+            cfg.adapter_dir, "hf" if fast else cfg.old_backend, "true" if fast else "false",
+            max_seq_length=cfg.prompt_tokens[1] + cfg.new_tokens, keep_base=fast,
+            max_cache_len=max(cfg.prompt_tokens[1], cfg.bs1_prompt_tokens) + max(cfg.new_tokens, cfg.bs1_new_tokens),
+        )
+        holder["loaded"] = loaded
+        model, _, manifest = loaded
+        return {"seconds": round(time.perf_counter() - started, 1), "backend": manifest["backend_loaded"],
+                "fast_generation": manifest["fast_generation"], "peak_gpu_gib": peak_gib(),
+                "weights_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)}
+
+    if step("load", load) is None:
+        return kept(record, cfg)
+    model, tokenizer, _ = holder.pop("loaded")
+    step("adapter_max_logit_change", adapter_effect, model)
     vocab_size = model.get_input_embeddings().weight.shape[0]
     rows = cfg.eval_rows if fast else min(cfg.old_eval_rows, cfg.eval_rows)
     prompts = random_prompts(cfg.eval_rows, *cfg.prompt_tokens, vocab_size=vocab_size, seed=cfg.seed)[:rows]
@@ -323,29 +351,22 @@ def measure_path(cfg, part: str) -> dict:
     batch_size = cfg.new_batch_size if fast else cfg.old_batch_size
 
     # bs1 first, as chat runs: warm-up (compilation on the fast path) at load time, then the timed replies.
-    started = time.perf_counter()
-    guarded(record, "bs1_warm_up", lambda: {"compile_and_graphs_s": round(warm_up(model, tokenizer), 1),
-                                            "kernels_s": timed_stream(model, tokenizer, chat_prompts[0], 4)["seconds"]})
-    record["bs1_warm_up_total_s"] = round(time.perf_counter() - started, 1)
-    guarded(record, "bs1", bs1, model, tokenizer, chat_prompts, cfg.bs1_new_tokens)
+    step("bs1_warm_up", lambda: {"compile_and_graphs_s": round(warm_up(model, tokenizer), 1),
+                                 "kernels_s": timed_stream(model, tokenizer, chat_prompts[0], 4)["seconds"]})
+    step("bs1", bs1, model, tokenizer, chat_prompts, cfg.bs1_new_tokens)
     if fast:
-        guarded(record, "bs1_reused_cache", bs1_reused_cache, model, tokenizer, chat_prompts, cfg.bs1_new_tokens,
-                model.generation_config.max_cache_len)
-
+        step("bs1_reused_cache", bs1_reused_cache, model, tokenizer, chat_prompts, cfg.bs1_new_tokens,
+             model.generation_config.max_cache_len)
     if fast and cuda():  # evaluate.py never compiles bs1: compile its batch shape afresh, not as a dynamic batch
-        guarded(record, "compiler_reset", fresh_compilation, model)
-    guarded(record, "eval_warm_up", warm_up_batches, model, tokenizer, prompts, batch_size)
-    guarded(record, "eval_tuned", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} tuned")
+        step("compiler_reset", fresh_compilation, model)
+    step("eval_warm_up", warm_up_batches, model, tokenizer, prompts, batch_size)
+    step("eval_tuned", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} tuned")
     with adapter_disabled(model):
-        guarded(record, "eval_base", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} base")
+        step("eval_base", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} base")
     if fast:
-        guarded(record, "identity", agreement, model, cfg, prompts, record.get("eval_tuned"))
+        step("identity", agreement, model, cfg, prompts, record.get("eval_tuned"))
     record["peak_gpu_gib"] = peak_gib()  # the whole part: weights, caches, compiled graphs' pools
-    for key in ("eval_tuned", "eval_base"):  # only the compared rows' answers are kept in the record
-        if isinstance(record.get(key), dict) and "ids" in record[key]:
-            record[key]["ids"] = record[key]["ids"][:cfg.identity_prompts] if key == "eval_tuned" else None
-            record[key] = {name: value for name, value in record[key].items() if value is not None}
-    return record
+    return kept(record, cfg)
 
 
 def agreement(model, cfg, prompts, new_run) -> dict:

@@ -204,7 +204,8 @@ def test_generation_benchmark_smoke_run_records_every_measurement(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "generation_throughput.json").read_text(encoding="utf-8"))
     old, new, summary = record["old"], record["new"], record["summary"]
-    assert old["backend"] == "hf" and not old["fast_generation"]["used"] and new["fast_generation"]["used"]
+    assert old["load"]["backend"] == "hf" and not old["load"]["fast_generation"]["used"]
+    assert new["load"]["fast_generation"]["used"] and "ids" not in new["eval_base"]
     failed = [key for part in (old, new) for key, value in part.items() if isinstance(value, dict) and "error" in value]
     assert not failed
     assert (old["eval_tuned"]["rows"], new["eval_tuned"]["rows"], new["eval_base"]["tokens"]) == (4, 6, 6 * 4)
