@@ -10,7 +10,8 @@ peak memory is its own), loading the adapter exactly as the stages do (qwen_sft.
   transformers' automatic torch.compile of the decoding step (CUDA only), the base weights kept for the base run.
 Each measures, with every variant guarded (a failure is recorded in the JSON and the rest goes on):
 - bs1 (as chat and inference.py run): time to first token and tokens/s, greedy, on a BS1_PROMPT_TOKENS prompt,
-  through the streaming path's thread; the new path's load, merge and warm-up (compilation) times;
+  through the streaming path's thread; the new path's load, merge and warm-up (compilation) times; and, as a
+  variant, the new path with one static cache reused across calls (bs1_reused_cache);
 - evaluation (as evaluate.py runs, qwen_sft.generation.generate_token_ids): tokens/s on EVAL_ROWS rows x
   NEW_TOKENS new tokens (stops suppressed, so both paths do equal work), tuned and base; the old path on its
   first OLD_EVAL_ROWS rows only (it is ~8x slower; the rate is per token at the same batch shape);
@@ -21,7 +22,7 @@ Each measures, with every variant guarded (a failure is recorded in the JSON and
 Prompts are random token ids of realistic length (no tokenizer is involved). Parts write
 RESULTS_DIR/generation_throughput_{old,new}.json; the report part merges them into
 RESULTS_DIR/generation_throughput.json with the speed-ups and the targets (bs1 >= 150 tokens/s, evaluation
->= 5,000 tokens/s).
+>= 5,000 tokens/s). Each part's record is saved after every step; all parts share TIME_LIMIT_S.
 
   HF_HUB_OFFLINE=1 python bench/generation_throughput.py --results_dir OUT             # the H200: every part
   HF_HUB_OFFLINE=1 python bench/generation_throughput.py --parts setup,old --results_dir OUT  # or in two commands
@@ -61,7 +62,7 @@ BS1_NEW_TOKENS = 256  # tokens generated per bs1 measurement, exactly
 BS1_RUNS = 3  # bs1 measurements per path (distinct prompts; the median is reported)
 IDENTITY_PROMPTS = 64  # evaluation rows whose greedy tuned answers are compared token by token
 SEED = 0  # seed of the prompts and of the adapter weights
-PART_TIMEOUT_S = 560  # a part that runs longer is stopped and recorded as failed
+TIME_LIMIT_S = 560  # for all parts together (each part gets what is left, then is stopped); the report always runs
 
 
 # ---------------------------------------------------------------- setup
@@ -164,9 +165,10 @@ def exact_kwargs(tokenizer, new_tokens: int) -> dict:
     return {**decoding_kwargs(tokenizer, new_tokens), "min_new_tokens": new_tokens}
 
 
-def timed_stream(model, tokenizer, prompt: list[int], new_tokens: int, **extra) -> dict:
+def timed_stream(model, tokenizer, prompt: list[int], new_tokens: int, runner=None, **extra) -> dict:
     """One bs1 generation through the streaming path's thread (as stream_reply runs it): seconds to the first
-    generated token on the host, and tokens/s over the whole call and over decoding alone."""
+    generated token on the host, and tokens/s over the whole call and over decoding alone. `runner` starts the
+    call (default: as stream_reply starts it); `extra` goes to generate()."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -195,7 +197,7 @@ def timed_stream(model, tokenizer, prompt: list[int], new_tokens: int, **extra) 
             cuda().synchronize()
 
     started = time.perf_counter()
-    start_in_generation_thread(model, run)()
+    (runner(run) if runner else start_in_generation_thread(model, run))()
     seconds = time.perf_counter() - started
     tokens = outcome["output"].shape[1] - len(prompt)
     first = clock.calls[1] - started
@@ -204,42 +206,40 @@ def timed_stream(model, tokenizer, prompt: list[int], new_tokens: int, **extra) 
             "decode_tokens_per_s": round((tokens - 1) / max(seconds - first, 1e-9), 2)}
 
 
+def medians(runs: list[dict]) -> dict:
+    """The median of each bs1 measure over several runs (each on its own prompt), and each run."""
+    return {**{key: round(statistics.median(run[key] for run in runs), 4)
+               for key in ("first_token_s", "tokens_per_s", "decode_tokens_per_s")},
+            "runs": runs, "peak_gpu_gib": peak_gib()}
+
+
 def bs1(model, tokenizer, prompts: list[list[int]], new_tokens: int, **extra) -> dict:
-    """The median of several bs1 runs (each on its own prompt), and each run."""
-    runs = [timed_stream(model, tokenizer, prompt, new_tokens, **extra) for prompt in prompts]
-    return {
-        "first_token_s": statistics.median(run["first_token_s"] for run in runs),
-        "tokens_per_s": statistics.median(run["tokens_per_s"] for run in runs),
-        "decode_tokens_per_s": statistics.median(run["decode_tokens_per_s"] for run in runs),
-        "runs": runs,
-        "peak_gpu_gib": peak_gib(),
-    }
+    return medians([timed_stream(model, tokenizer, prompt, new_tokens, **extra) for prompt in prompts])
 
 
 def bs1_reused_cache(model, tokenizer, prompts: list[list[int]], new_tokens: int, max_cache_len: int) -> dict:
     """bs1 as above, but every call reuses one StaticCache (reset in place) instead of the new one transformers
-    makes per call: whether fixed cache addresses (no CUDA-graph re-recording per reply) are faster. The first
-    call is a warm-up."""
+    makes per call: whether fixed cache addresses (no CUDA-graph re-recording per reply) are faster. The calls
+    run in the same long-lived thread as the stream path's; the first is a warm-up."""
     import torch
     from transformers import StaticCache
+
+    from qwen_sft.fast_generation import generation_worker
 
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     configured = model.generation_config.cache_implementation
     model.generation_config.cache_implementation = None  # a cache passed in excludes cache_implementation
-    def reset():  # the cache's tensors were made under inference mode, so they are reset under it
-        with torch.inference_mode():
+    worker = generation_worker(model)  # the thread that recorded the warm-up's CUDA graphs
+
+    def run(prompt, tokens):
+        with torch.inference_mode():  # the cache's tensors were made under inference mode
             cache.reset()
+        return timed_stream(model, tokenizer, prompt, tokens, runner=lambda work: worker.submit(work).result,
+                            past_key_values=cache)
 
     try:
-        timed_stream(model, tokenizer, prompts[0], 8, past_key_values=cache)
-        results = []
-        for prompt in prompts:
-            reset()
-            results.append(bs1(model, tokenizer, [prompt], new_tokens, past_key_values=cache)["runs"][0])
-        return {"first_token_s": statistics.median(run["first_token_s"] for run in results),
-                "tokens_per_s": statistics.median(run["tokens_per_s"] for run in results),
-                "decode_tokens_per_s": statistics.median(run["decode_tokens_per_s"] for run in results),
-                "runs": results, "peak_gpu_gib": peak_gib()}
+        run(prompts[0], 8)
+        return medians([run(prompt, new_tokens) for prompt in prompts])
     finally:
         model.generation_config.cache_implementation = configured
 
@@ -412,18 +412,21 @@ def part_file(cfg, part: str) -> Path:
     return Path(cfg.results_dir) / f"generation_throughput_{part}.json"
 
 
-def run_part(cfg, part: str, argv: list[str]) -> None:
-    """Run one measuring part in its own process, with a time limit; a part that dies leaves an error record."""
+def run_part(cfg, part: str, argv: list[str], seconds_left: float) -> None:
+    """Run one part in its own process within `seconds_left`; a part that dies or is stopped keeps the steps it
+    saved, plus the error."""
     from qwen_sft.artifacts import write_json_atomic
 
     command = [sys.executable, __file__, *argv, "--parts", part, "--adapter_dir", cfg.adapter_dir]
     print(f"=== {part}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
     try:
-        finished = subprocess.run(command, timeout=cfg.part_timeout_s)
+        if seconds_left < 1:
+            raise subprocess.TimeoutExpired(command, 0)
+        finished = subprocess.run(command, timeout=seconds_left)
         failure = f"exit code {finished.returncode}" if finished.returncode else None
     except subprocess.TimeoutExpired:
-        failure = f"stopped after {cfg.part_timeout_s} s (--part_timeout_s)"
+        failure = f"stopped at --time_limit_s {cfg.time_limit_s}"
     print(f"=== {part}: {failure or 'done'} after {time.perf_counter() - started:.0f} s", flush=True)
     if failure:
         previous = json.loads(part_file(cfg, part).read_text(encoding="utf-8")) if part_file(cfg, part).is_file() else {}
@@ -523,11 +526,12 @@ def main():
     # Flags handed on to the parts' processes: everything given here except --parts and --adapter_dir.
     argv = [arg for name, value in cfg.items() if name not in ("PARTS", "ADAPTER_DIR")
             for arg in (f"--{name.lower()}", format_value(value))]
+    deadline = time.monotonic() + cfg.time_limit_s - 10  # 10 s kept for the report
     for part in cfg.parts:
         if part == "report":
             report(cfg)
         elif len(cfg.parts) > 1:  # each part in its own process: clean GPU memory, no patched classes
-            run_part(cfg, part, argv)
+            run_part(cfg, part, argv, deadline - time.monotonic())
         else:
             from qwen_sft.artifacts import write_json_atomic
 

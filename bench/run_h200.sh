@@ -28,7 +28,7 @@ run() {  # run NAME TIMEOUT COMMAND...: log to LOG_DIR/NAME.log, keep going when
   tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|GPU busy|^=== |FAILED|^(bs1|eval|peak|agreement)" | tail -15
 }
 
-python3 "$root/bench/random_qwen7b.py" "$model"
+[[ $part == generation* ]] || python3 "$root/bench/random_qwen7b.py" "$model"  # generation's setup part builds it
 if [[ $part != generation* && ! -f "$work/mix.jsonl" ]]; then  # the data stage's own mix, from hub-schema sources of realistic shape
   python3 "$root/bench/data_mix_benchmark.py" --total_samples 1500 --data_dir "$work/sources" --sources_only >/dev/null
   (cd "$work" && python3 "$root/data_set_generation.py" --total_samples 1500 --output_file mix.jsonl \

@@ -211,6 +211,7 @@ def test_generation_benchmark_smoke_run_records_every_measurement(tmp_path):
     assert (old["eval_tuned"]["rows"], new["eval_tuned"]["rows"], new["eval_base"]["tokens"]) == (4, 6, 6 * 4)
     assert old["adapter_max_logit_change"] > 0 and new["adapter_max_logit_change"] > 0
     assert new["bs1"]["runs"][0]["tokens"] == 8 and 0 < new["bs1"]["first_token_s"] < new["bs1"]["runs"][0]["seconds"]
+    assert new["bs1_reused_cache"]["runs"][0]["tokens"] == 8 and "bs1_reused_cache" not in old
     assert summary["identity"]["prompts"] == 4 and 0 <= summary["identity"]["identical_share"] <= 1
     assert summary["eval_tokens_per_s"]["tuned"]["speedup"] == pytest.approx(
         new["eval_tuned"]["tokens_per_s"] / old["eval_tuned"]["tokens_per_s"], rel=0.01)
