@@ -6,7 +6,7 @@
 #                                             # and the packed-vs-padded loss check
 #   bash bench/run_h200.sh speed LOG_DIR      # training throughput (a)/(b)/(c) and the profile behind it
 #   bash bench/run_h200.sh generation LOG_DIR # generation: the 4-bit path vs the fast path (merged bf16, static
-#                                             # cache, compiled), bs1 and evaluation; about 8-9 minutes
+#                                             # cache, compiled), bs1 and evaluation; within 560 s
 #   bash bench/run_h200.sh generation_old LOG_DIR  # the same in two commands (the machine must stay warm between
 #   bash bench/run_h200.sh generation_new LOG_DIR  # them): setup + the old path, then the new path + the report
 set -uo pipefail
