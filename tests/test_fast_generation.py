@@ -231,3 +231,24 @@ def test_generation_benchmark_part_failure_is_recorded_not_fatal(tmp_path, monke
     assert bench.guarded(record, "fine", lambda: {"tokens_per_s": 3}) == {"tokens_per_s": 3}
     assert record["broken"]["error"].startswith("ZeroDivisionError") and bench.rate(record, "fine") == 3
     assert bench.rate(record, "broken") is None and bench.ratio(None, 3) is None
+
+
+def test_auto_keeps_the_4bit_path_on_a_24_gb_gpu_and_takes_the_fast_one_on_an_h200(tmp_path, monkeypatch):
+    """The room check counts Qwen2.5-7B's bf16 size (on the meta device) against the GPU's free memory."""
+    import sys
+
+    from transformers import Qwen2Config
+
+    sys.path.insert(0, str(FIXTURES.parents[1] / "bench"))
+    from random_qwen7b import QWEN2_5_7B_SHAPE
+
+    Qwen2Config(**QWEN2_5_7B_SHAPE).save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    gib = 2**30
+    for free, copies, expected in ((23 * gib, 1, False), (30 * gib, 1, True), (30 * gib, 2, False),
+                                   (139 * gib, 2, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *args, free=free: (free, 141 * gib))
+        fast, reason = choose_fast("auto", str(tmp_path), copies)
+        assert fast == expected, reason
+    assert "GiB needed for 2 dense copies" in reason
