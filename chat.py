@@ -23,6 +23,7 @@ MAX_CONTEXT_TOKENS = 4096  # prompt + reply budget; the oldest exchanges are dro
 HISTORY_FILE = "~/.qwen_sft_chat_history"  # readline input history kept across sessions; empty = none
 SHOW_PROMPT = False  # print the full rendered prompt (system, history, message) before each reply
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
+FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
 
 
 def main():

@@ -30,6 +30,7 @@ COMPARE_BASE = True  # also evaluate the base model (adapter switched off) on th
 ROUGE = False  # ROUGE-1/2/L of the answers (needs `pip install rouge-score`)
 LOAD_IN_4BIT = "auto"  # auto (as the adapter was trained, from its manifest), true or false
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
+FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
 
 
 def main():

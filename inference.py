@@ -28,6 +28,7 @@ TOP_P = 0.9  # nucleus sampling share (only when TEMPERATURE > 0)
 REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the prompt or answer
 NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
+FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
 
 
 def main():

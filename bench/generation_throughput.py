@@ -1,75 +1,156 @@
-"""Generation throughput of evaluate.py's batched path against one prompt at a time, measured in the same run.
+"""Generation speed of the current 4-bit path against the fast path (qwen_sft/fast_generation.py), in one run.
 
-A random-weight model of Qwen2.5-7B-Instruct's exact shape (bench/random_qwen7b.py, built once on the GPU in bf16
-and saved) gets a random LoRA adapter (r16 on the 7 projections, non-zero B so it is not a no-op), and both are
-loaded the way evaluate.py loads them: NF4 4-bit base + PEFT adapter, through qwen_sft.modeling.load_adapter_model.
-The prompts are random token ids of realistic length (no tokenizer is involved; the folder's tokenizer only
-satisfies the loaders). Every row generates exactly NEW_TOKENS tokens (min_new_tokens = max_new_tokens), so both
-paths do equal work. Both paths call qwen_sft.generation.generate_token_ids, the function evaluate.py uses: in
-left-padded batches of each GEN_BATCH_SIZES, and with batch size 1 on the first LOOP_ROWS prompts.
-Prints tokens/s of each, their ratio (target: batched >= 20x the loop) and peak GPU memory, and writes the
-record as JSON.
+A random-weight model of Qwen2.5-7B-Instruct's exact shape (bench/random_qwen7b.py, built once in bf16) gets a
+random LoRA adapter (r16 on the 7 projections, non-zero B so it is not a no-op) saved as Qwen_finetuning.py saves
+one. Each path then runs in its own process (Unsloth patches transformers' classes in place, and each process's
+peak memory is its own), loading the adapter exactly as the stages do (qwen_sft.fast_generation
+.load_generation_model):
+- old: FAST_GENERATION false, OLD_BACKEND (auto = Unsloth where installed): NF4 base + PEFT adapter;
+- new: FAST_GENERATION true: the adapter merged into a bf16 copy of the dequantized base, static KV cache,
+  transformers' automatic torch.compile of the decoding step (CUDA only), the base weights kept for the base run.
+Each measures, with every variant guarded (a failure is recorded in the JSON and the rest goes on):
+- bs1 (as chat and inference.py run): time to first token and tokens/s, greedy, on a BS1_PROMPT_TOKENS prompt,
+  through the streaming path's thread; the new path's load, merge and warm-up (compilation) times; and, as a
+  variant, the new path with one static cache reused across calls (bs1_reused_cache);
+- evaluation (as evaluate.py runs, qwen_sft.generation.generate_token_ids): tokens/s on EVAL_ROWS rows x
+  NEW_TOKENS new tokens (stops suppressed, so both paths do equal work), tuned and base; the old path on its
+  first OLD_EVAL_ROWS rows only (it is ~8x slower; the rate is per token at the same batch shape);
+- peak GPU memory of each part and variant;
+- agreement: the share of the first IDENTITY_PROMPTS rows whose greedy tuned answers are token-identical between
+  the two paths and, for each divergence, the fast model's logit gap between its token and the old path's at the
+  first differing position (a near-tie has a gap near 0).
+Prompts are random token ids of realistic length (no tokenizer is involved). Parts write
+RESULTS_DIR/generation_throughput_{old,new}.json; the report part merges them into
+RESULTS_DIR/generation_throughput.json with the speed-ups and the targets (bs1 >= 150 tokens/s, evaluation
+>= 5,000 tokens/s). Each part's record is saved after every step; all parts share TIME_LIMIT_S.
 
-  HF_HUB_OFFLINE=1 python bench/generation_throughput.py --backend hf        # builds /tmp/qwen7b-random once
-  HF_HUB_OFFLINE=1 python bench/generation_throughput.py --backend unsloth   # reuses it
-  python bench/generation_throughput.py --tiny --num_rows 12 --new_tokens 16 --gen_batch_sizes 4 --loop_rows 3
+  HF_HUB_OFFLINE=1 python bench/generation_throughput.py --results_dir OUT             # the H200: every part
+  HF_HUB_OFFLINE=1 python bench/generation_throughput.py --parts setup,old --results_dir OUT  # or in two commands
+  HF_HUB_OFFLINE=1 python bench/generation_throughput.py --parts new,report --results_dir OUT
+  python bench/generation_throughput.py --smoke --results_dir /tmp/gen-smoke             # CPU, tiny model
 """
 
-import contextlib
-import gc
 import json
 import random
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for qwen_sft
 
-from qwen_sft.cli import UserError, parse_config, run_stage  # noqa: E402
+from qwen_sft.cli import UserError, format_value, parse_config, run_stage  # noqa: E402
 
-BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
-TINY = False  # the tiny model instead of the 7B shape: a CPU smoke run of the whole benchmark
+PARTS = ["setup", "old", "new", "report"]  # which parts run, in this order (several: each in its own process)
+SMOKE = False  # the tiny model on CPU with small sizes: a quick check of the whole benchmark
 MODEL_DIR = "/tmp/qwen7b-random"  # where the random 7B-shaped model is built (reused when already there)
-LOAD_IN_4BIT = True  # NF4 4-bit base, as evaluate.py loads it
+ADAPTER_DIR = ""  # the random adapter's folder (reused when built with the same settings); empty = MODEL_DIR-lora
+RESULTS_DIR = "bench/results"  # generation_throughput{,_old,_new}.json are written here
+OLD_BACKEND = "auto"  # backend of the old path: auto (Unsloth when CUDA and unsloth are present), unsloth or hf
+LOAD_IN_4BIT = True  # NF4 base, as training saves the adapter and the old path loads it
 LORA_R = 16  # LoRA rank of the random adapter (alpha = 2r, the training default's ratio)
-NUM_ROWS = 128  # eval rows generated by the batched path
-PROMPT_TOKENS = [128, 512]  # shortest and longest prompt, in tokens (uniform in between)
-NEW_TOKENS = 128  # tokens generated per row, exactly
-GEN_BATCH_SIZES = [32, 64]  # batch sizes of the batched path (evaluate.py's GEN_BATCH_SIZE is 32)
-LOOP_ROWS = 8  # prompts generated one at a time (the loop's rate is per token, so a few suffice)
+EVAL_ROWS = 512  # evaluation rows generated by the new path
+OLD_EVAL_ROWS = 128  # evaluation rows generated by the old path (its first ones)
+PROMPT_TOKENS = [128, 512]  # shortest and longest evaluation prompt, in tokens (uniform in between)
+NEW_TOKENS = 256  # tokens generated per evaluation row, exactly
+OLD_BATCH_SIZE = 64  # evaluation batch of the old path (evaluate.py's GEN_BATCH_SIZE)
+NEW_BATCH_SIZE = 128  # evaluation batch of the new path
+BS1_PROMPT_TOKENS = 200  # prompt length of the bs1 (chat) measurements
+BS1_NEW_TOKENS = 256  # tokens generated per bs1 measurement, exactly
+BS1_RUNS = 3  # bs1 measurements per path (distinct prompts; the median is reported)
+IDENTITY_PROMPTS = 64  # evaluation rows whose greedy tuned answers are compared token by token
 SEED = 0  # seed of the prompts and of the adapter weights
-OUTPUT_JSON = "bench/results/generation_throughput_{model}_{backend}.json"  # the record; {model} and {backend} are filled in
+TIME_LIMIT_S = 560  # for all parts together (each part gets what is left, then is stopped); the report always runs
 
 
-def build_random_adapter(base_dir: str, adapter_dir: Path, rank: int, seed: int) -> None:
+# ---------------------------------------------------------------- setup
+
+
+def base_model_dir(cfg) -> tuple[str, str]:
+    """(the base model's folder, its name in the record)."""
+    if cfg.smoke:
+        from qwen_sft.tiny import tiny_path
+
+        return str(tiny_path()), "tiny"
+    return cfg.model_dir, "qwen2.5-7b-random"
+
+
+def adapter_settings(cfg) -> dict:
+    return {"LORA_R": cfg.lora_r, "SEED": cfg.seed, "LOAD_IN_4BIT": cfg.load_in_4bit}
+
+
+def build_random_adapter(base_dir: str, adapter_dir: Path, cfg) -> None:
     """A LoRA adapter folder for `base_dir` as Qwen_finetuning.py writes one (adapter, tokenizer, manifest), with
-    random A and B."""
+    random A and B; kept when it is already there with the same settings."""
+    from qwen_sft.modeling import ADAPTER_MANIFEST
+
+    manifest_file = adapter_dir / ADAPTER_MANIFEST
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        if manifest.get("config") == adapter_settings(cfg) and manifest.get("base_model") == base_dir:
+            return
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qwen_sft.artifacts import build_manifest, write_json_atomic
-    from qwen_sft.modeling import ADAPTER_MANIFEST, LORA_TARGET_MODULES, device_map
+    from qwen_sft.modeling import LORA_TARGET_MODULES, compute_dtype, device_map
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, device_map=device_map())
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES,
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=compute_dtype(), device_map=device_map())
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=LORA_TARGET_MODULES,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero, which would make the adapter a no-op
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     model.save_pretrained(adapter_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(adapter_dir)
-    write_json_atomic(adapter_dir / ADAPTER_MANIFEST,
-                      build_manifest("bench-adapter", {"LORA_R": rank, "SEED": seed}, base_model=base_dir,
-                                     load_in_4bit=True))
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    write_json_atomic(manifest_file, build_manifest("bench-adapter", adapter_settings(cfg), base_model=base_dir,
+                                                    load_in_4bit=cfg.load_in_4bit))
+
+
+def setup(cfg) -> dict:
+    started = time.perf_counter()
+    base_dir, _ = base_model_dir(cfg)
+    if not cfg.smoke:
+        from random_qwen7b import build  # bench/, this script's own folder, is on sys.path
+
+        build(base_dir)
+    build_random_adapter(base_dir, Path(cfg.adapter_dir), cfg)
+    return {"seconds": round(time.perf_counter() - started, 1)}
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def cuda():
+    import torch
+
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+def peak_gib():
+    return round(cuda().max_memory_allocated() / 2**30, 2) if cuda() else None
+
+
+def guarded(record: dict, key: str, measure, *args, **kwargs):
+    """record[key] = measure(...), or {"error": ...} when it fails; returns the result (None on failure)."""
+    print(f"--- {key}", flush=True)
+    try:
+        record[key] = measure(*args, **kwargs)
+        print(f"    {json.dumps(record[key])[:400]}", flush=True)
+        return record[key]
+    except Exception as error:  # one failed variant must not cost the others
+        record[key] = {"error": f"{type(error).__name__}: {error}"[:2000],
+                       "traceback": traceback.format_exc()[-3000:]}
+        print(f"    FAILED {record[key]['error']}", flush=True)
+        if cuda():
+            cuda().empty_cache()
+        return None
 
 
 def random_prompts(count: int, shortest: int, longest: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -77,129 +158,384 @@ def random_prompts(count: int, shortest: int, longest: int, vocab_size: int, see
     return [[rng.randrange(vocab_size) for _ in range(rng.randint(shortest, longest))] for _ in range(count)]
 
 
-def timed_generation(model, prompts, generate_kwargs, batch_size: int, label: str) -> dict:
-    """Generate with evaluate.py's function and measure tokens/s and peak GPU memory."""
-    import torch
+def exact_kwargs(tokenizer, new_tokens: int) -> dict:
+    """Greedy decoding as the stages set it up, with stops suppressed so every row generates `new_tokens`."""
+    from qwen_sft.generation import decoding_kwargs
 
+    return {**decoding_kwargs(tokenizer, new_tokens), "min_new_tokens": new_tokens}
+
+
+def timed_stream(model, tokenizer, prompt: list[int], new_tokens: int, runner=None, **extra) -> dict:
+    """One bs1 generation through the streaming path's thread (as stream_reply runs it): seconds to the first
+    generated token on the host, and tokens/s over the whole call and over decoding alone. `runner` starts the
+    call (default: as stream_reply starts it); `extra` goes to generate()."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from qwen_sft.generation import model_device, start_in_generation_thread
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.calls = []  # the prompt, then one call per generated token
+
+        def put(self, value):
+            value.tolist()  # on the host, as a real streamer takes it (this waits for the GPU)
+            self.calls.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    input_ids = torch.tensor([prompt], device=model_device(model))
+    outcome = {}
+
+    def run():
+        with torch.inference_mode():
+            outcome["output"] = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                               streamer=clock, **exact_kwargs(tokenizer, new_tokens), **extra)
+        if cuda():
+            cuda().synchronize()
+
+    started = time.perf_counter()
+    (runner(run) if runner else start_in_generation_thread(model, run))()
+    seconds = time.perf_counter() - started
+    tokens = outcome["output"].shape[1] - len(prompt)
+    first = clock.calls[1] - started
+    return {"prompt_tokens": len(prompt), "tokens": tokens, "first_token_s": round(first, 4),
+            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2),
+            "decode_tokens_per_s": round((tokens - 1) / max(seconds - first, 1e-9), 2)}
+
+
+def medians(runs: list[dict]) -> dict:
+    """The median of each bs1 measure over several runs (each on its own prompt), and each run."""
+    return {**{key: round(statistics.median(run[key] for run in runs), 4)
+               for key in ("first_token_s", "tokens_per_s", "decode_tokens_per_s")},
+            "runs": runs, "peak_gpu_gib": peak_gib()}
+
+
+def bs1(model, tokenizer, prompts: list[list[int]], new_tokens: int, **extra) -> dict:
+    return medians([timed_stream(model, tokenizer, prompt, new_tokens, **extra) for prompt in prompts])
+
+
+def bs1_reused_cache(model, tokenizer, prompts: list[list[int]], new_tokens: int, max_cache_len: int) -> dict:
+    """bs1 as above, but every call reuses one StaticCache (reset in place) instead of the new one transformers
+    makes per call: whether fixed cache addresses (no CUDA-graph re-recording per reply) are faster. The calls
+    run in the same long-lived thread as the stream path's; the first is a warm-up."""
+    import torch
+    from transformers import StaticCache
+
+    from qwen_sft.fast_generation import generation_worker
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    configured = model.generation_config.cache_implementation
+    model.generation_config.cache_implementation = None  # a cache passed in excludes cache_implementation
+    worker = generation_worker(model)  # the thread that recorded the warm-up's CUDA graphs
+
+    def run(prompt, tokens):
+        with torch.inference_mode():  # the cache's tensors were made under inference mode
+            cache.reset()
+        return timed_stream(model, tokenizer, prompt, tokens, runner=lambda work: worker.submit(work).result,
+                            past_key_values=cache)
+
+    try:
+        run(prompts[0], 8)
+        return medians([run(prompt, new_tokens) for prompt in prompts])
+    finally:
+        model.generation_config.cache_implementation = configured
+
+
+def evaluation(model, tokenizer, prompts, new_tokens: int, batch_size: int, label: str) -> dict:
+    """evaluate.py's generation (generate_token_ids): tokens/s, and the answers' ids."""
     from qwen_sft.generation import generate_token_ids
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    if cuda():
+        cuda().synchronize()
     started = time.perf_counter()
-    results = generate_token_ids(model, prompts, generate_kwargs, batch_size, progress=label)
+    results = generate_token_ids(model, prompts, exact_kwargs(tokenizer, new_tokens), batch_size, progress=label)
     seconds = time.perf_counter() - started
     tokens = sum(len(row["ids"]) for row in results)
-    expected = len(prompts) * generate_kwargs["max_new_tokens"]
-    if tokens != expected:
-        raise RuntimeError(f"{label}: generated {tokens} tokens, expected exactly {expected}")
-    return {
-        "batch_size": batch_size,
-        "rows": len(prompts),
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 2),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-    }
+    if tokens != len(prompts) * new_tokens:
+        raise RuntimeError(f"{label}: generated {tokens} tokens, expected exactly {len(prompts) * new_tokens}")
+    return {"rows": len(prompts), "batch_size": batch_size, "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 2), "peak_gpu_gib": peak_gib(),
+            "ids": [row["ids"] for row in results]}
 
 
-def main():
-    cfg = parse_config(globals())
-    if len(cfg.prompt_tokens) != 2 or not 1 <= cfg.prompt_tokens[0] <= cfg.prompt_tokens[1]:
-        raise UserError(f"--prompt_tokens needs two lengths, shortest,longest, got {cfg.prompt_tokens}")
-    if min(cfg.gen_batch_sizes, default=0) < 1 or min(cfg.num_rows, cfg.loop_rows, cfg.new_tokens) < 1:
-        raise UserError("--gen_batch_sizes, --num_rows, --loop_rows and --new_tokens must all be at least 1")
+def warm_up_batches(model, tokenizer, prompts, batch_size: int) -> dict:
+    """Untimed: a short batched generation at the timed batch shape (kernels, compilation, CUDA graphs)."""
+    from qwen_sft.generation import generate_token_ids
 
-    from qwen_sft.modeling import choose_backend
+    started = time.perf_counter()
+    generate_token_ids(model, prompts[:2], exact_kwargs(tokenizer, 4), batch_size)
+    return {"seconds": round(time.perf_counter() - started, 1)}
 
-    backend = choose_backend(cfg.backend)
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (it patches transformers, so it is imported first)
+
+def fresh_compilation(model) -> dict:
+    """Forget the compiled bs1 step, so the next batch shape compiles with static shapes as in its own process."""
+    import torch
+
+    torch.compiler.reset()
+    model.__dict__.pop("_compiled_call", None)
+    return {"done": True}
+
+
+def adapter_effect(model) -> float:
+    """The largest logit change the adapter causes on a probe: the benchmark must exercise a live LoRA."""
+    import torch
+
+    from qwen_sft.fast_generation import adapter_disabled
+    from qwen_sft.generation import model_device
+
+    probe = torch.arange(100, 132, device=model_device(model))[None]
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if probe.is_cuda else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode(), precision:
+        tuned = model(input_ids=probe).logits.float()
+        with adapter_disabled(model):
+            base = model(input_ids=probe).logits.float()
+    change = (tuned - base).abs().max().item()
+    if change == 0:
+        raise RuntimeError("the adapter does not change the logits: the benchmark would not exercise LoRA")
+    return round(change, 4)
+
+
+def kept(record: dict, cfg) -> dict:
+    """The record as saved: of the answers, only the compared rows' (tuned) are kept."""
+    saved = dict(record)
+    for key in ("eval_tuned", "eval_base"):
+        if isinstance(saved.get(key), dict) and "ids" in saved[key]:
+            saved[key] = {name: value for name, value in saved[key].items() if name != "ids"}
+            if key == "eval_tuned":
+                saved[key]["ids"] = record[key]["ids"][:cfg.identity_prompts]
+    return saved
+
+
+def measure_path(cfg, part: str) -> dict:
+    """Load the adapter as the stages do, on the old or the new path, and measure it. The part's record is saved
+    after every step, so a part stopped by a time limit keeps what it measured."""
+    import torch
+
+    from qwen_sft.artifacts import write_json_atomic
+    from qwen_sft.fast_generation import adapter_disabled, load_generation_model, warm_up
+
+    fast = part == "new"
+    record = {"part": part, "device": torch.cuda.get_device_name() if cuda() else "cpu"}
+
+    def step(key, measure, *args):
+        result = guarded(record, key, measure, *args)
+        write_json_atomic(part_file(cfg, part), kept(record, cfg))
+        return result
+
+    holder = {}
+
+    def load():
+        started = time.perf_counter()
+        loaded = load_generation_model(
+            cfg.adapter_dir, "hf" if fast else cfg.old_backend, "true" if fast else "false",
+            max_seq_length=cfg.prompt_tokens[1] + cfg.new_tokens, keep_base=fast,
+            max_cache_len=max(cfg.prompt_tokens[1], cfg.bs1_prompt_tokens) + max(cfg.new_tokens, cfg.bs1_new_tokens),
+        )
+        holder["loaded"] = loaded
+        model, _, manifest = loaded
+        return {"seconds": round(time.perf_counter() - started, 1), "backend": manifest["backend_loaded"],
+                "fast_generation": manifest["fast_generation"], "peak_gpu_gib": peak_gib(),
+                "weights_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)}
+
+    if step("load", load) is None:
+        return kept(record, cfg)
+    model, tokenizer, _ = holder.pop("loaded")
+    step("adapter_max_logit_change", adapter_effect, model)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    rows = cfg.eval_rows if fast else min(cfg.old_eval_rows, cfg.eval_rows)
+    prompts = random_prompts(cfg.eval_rows, *cfg.prompt_tokens, vocab_size=vocab_size, seed=cfg.seed)[:rows]
+    chat_prompts = random_prompts(cfg.bs1_runs, cfg.bs1_prompt_tokens, cfg.bs1_prompt_tokens, vocab_size, cfg.seed + 1)
+    batch_size = cfg.new_batch_size if fast else cfg.old_batch_size
+
+    # bs1 first, as chat runs: warm-up (compilation on the fast path) at load time, then the timed replies.
+    step("bs1_warm_up", lambda: {"compile_and_graphs_s": round(warm_up(model, tokenizer), 1),
+                                 "kernels_s": timed_stream(model, tokenizer, chat_prompts[0], 4)["seconds"]})
+    step("bs1", bs1, model, tokenizer, chat_prompts, cfg.bs1_new_tokens)
+    if fast:
+        step("bs1_reused_cache", bs1_reused_cache, model, tokenizer, chat_prompts, cfg.bs1_new_tokens,
+             model.generation_config.max_cache_len)
+    if fast and cuda():  # evaluate.py never compiles bs1: compile its batch shape afresh, not as a dynamic batch
+        step("compiler_reset", fresh_compilation, model)
+    step("eval_warm_up", warm_up_batches, model, tokenizer, prompts, batch_size)
+    step("eval_tuned", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} tuned")
+    with adapter_disabled(model):
+        step("eval_base", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} base")
+    if fast:
+        step("identity", agreement, model, cfg, prompts, record.get("eval_tuned"))
+    record["peak_gpu_gib"] = peak_gib()  # the whole part: weights, caches, compiled graphs' pools
+    return kept(record, cfg)
+
+
+def agreement(model, cfg, prompts, new_run) -> dict:
+    """Token-identical greedy answers, new vs old, over the first IDENTITY_PROMPTS rows, and for each divergence
+    the new (tuned) model's logit gap between its own token and the old path's at the first differing position."""
+    import torch
+
+    from qwen_sft.generation import model_device
+
+    old_file = part_file(cfg, "old")
+    if not old_file.is_file():
+        raise RuntimeError(f"{old_file} is missing: run the old part first")
+    old_run = json.loads(old_file.read_text(encoding="utf-8")).get("eval_tuned", {})
+    if not new_run or "ids" not in new_run or "ids" not in old_run:
+        raise RuntimeError("an evaluation run failed, so there are no answers to compare")
+    count = min(cfg.identity_prompts, len(old_run["ids"]), len(new_run["ids"]))
+    divergences = []
+    for row in range(count):
+        new, old = new_run["ids"][row], old_run["ids"][row]
+        position = next((i for i, (a, b) in enumerate(zip(new, old)) if a != b), None)
+        if position is None:
+            continue
+        context = torch.tensor([prompts[row] + new[:position]], device=model_device(model))
+        with torch.inference_mode():
+            logits = model(input_ids=context, logits_to_keep=1).logits[0, -1].float()
+        ranked = logits.argsort(descending=True)
+        divergences.append({
+            "row": row, "position": position, "new_token": new[position], "old_token": old[position],
+            "logit_gap": round((logits[new[position]] - logits[old[position]]).item(), 4),
+            "old_token_rank": int((ranked == old[position]).nonzero()[0, 0]),
+        })
+    gaps = sorted(abs(item["logit_gap"]) for item in divergences)
+    return {"prompts": count, "identical": count - len(divergences),
+            "identical_share": round((count - len(divergences)) / max(count, 1), 4),
+            "max_abs_logit_gap": gaps[-1] if gaps else None,
+            "median_abs_logit_gap": gaps[len(gaps) // 2] if gaps else None, "divergences": divergences}
+
+
+# ---------------------------------------------------------------- orchestration and report
+
+
+def part_file(cfg, part: str) -> Path:
+    return Path(cfg.results_dir) / f"generation_throughput_{part}.json"
+
+
+def run_part(cfg, part: str, argv: list[str], seconds_left: float) -> None:
+    """Run one part in its own process within `seconds_left`; a part that dies or is stopped keeps the steps it
+    saved, plus the error."""
+    from qwen_sft.artifacts import write_json_atomic
+
+    command = [sys.executable, __file__, *argv, "--parts", part, "--adapter_dir", cfg.adapter_dir]
+    print(f"=== {part}: {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    try:
+        if seconds_left < 1:
+            raise subprocess.TimeoutExpired(command, 0)
+        finished = subprocess.run(command, timeout=seconds_left)
+        failure = f"exit code {finished.returncode}" if finished.returncode else None
+    except subprocess.TimeoutExpired:
+        failure = f"stopped at --time_limit_s {cfg.time_limit_s}"
+    print(f"=== {part}: {failure or 'done'} after {time.perf_counter() - started:.0f} s", flush=True)
+    if failure:
+        previous = json.loads(part_file(cfg, part).read_text(encoding="utf-8")) if part_file(cfg, part).is_file() else {}
+        write_json_atomic(part_file(cfg, part), {**previous, "part": part, "error": failure})
+
+
+def ratio(numerator, denominator):
+    return round(numerator / denominator, 2) if numerator and denominator else None
+
+
+def rate(record: dict, key: str):
+    value = record.get(key)
+    return value.get("tokens_per_s") if isinstance(value, dict) else None
+
+
+def report(cfg) -> dict:
+    """Merge the parts' records, with the ratios and the targets."""
     import torch
 
     from qwen_sft.artifacts import package_versions, write_json_atomic
-    from qwen_sft.generation import decoding_kwargs
-    from qwen_sft.modeling import compute_dtype, load_adapter_model
 
-    if cfg.tiny:
-        from qwen_sft.tiny import tiny_path
-
-        base_dir, model_name = str(tiny_path()), "tiny"
-    else:
-        if not torch.cuda.is_available():
-            raise UserError("the 7B-shaped benchmark needs a CUDA GPU; use --tiny for a CPU smoke run")
-        from random_qwen7b import build  # bench/, this script's own folder, is on sys.path
-
-        base_dir, model_name = build(cfg.model_dir), "qwen2.5-7b-random"
-
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-lora-") as adapter_dir:
-        build_random_adapter(base_dir, Path(adapter_dir), cfg.lora_r, cfg.seed)
-        model, tokenizer, manifest = load_adapter_model(
-            adapter_dir, backend, cfg.load_in_4bit, max_seq_length=cfg.prompt_tokens[1] + cfg.new_tokens
-        )
-    load_seconds = time.perf_counter() - started
-
-    vocab_size = model.get_input_embeddings().weight.shape[0]
-    prompts = random_prompts(cfg.num_rows, *cfg.prompt_tokens, vocab_size=vocab_size, seed=cfg.seed)
-    generate_kwargs = {**decoding_kwargs(tokenizer, cfg.new_tokens), "min_new_tokens": cfg.new_tokens}
-
-    probe = torch.tensor([prompts[0][:32]], device=next(model.parameters()).device)
-    precision = torch.autocast("cuda", dtype=compute_dtype()) if probe.is_cuda else contextlib.nullcontext()
-    with torch.inference_mode(), precision:
-        tuned_logits = model(input_ids=probe).logits.float()
-        with model.disable_adapter():
-            base_logits = model(input_ids=probe).logits.float()
-    adapter_effect = (tuned_logits - base_logits).abs().max().item()
-    if adapter_effect == 0:
-        raise RuntimeError("the random adapter does not change the logits: the benchmark would not exercise LoRA")
-
-    # Warm-up (CUDA kernels, Unsloth's compilation) at both shapes, so neither timed path pays for it.
-    warm_up = {**generate_kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
-    timed_generation(model, prompts[:2], warm_up, 2, "warm-up batched")
-    timed_generation(model, prompts[:1], warm_up, 1, "warm-up single")
-
-    batched = [
-        timed_generation(model, prompts, generate_kwargs, batch_size, f"batched x{batch_size}")
-        for batch_size in cfg.gen_batch_sizes
-    ]
-    loop = timed_generation(model, prompts[:cfg.loop_rows], generate_kwargs, 1, "one at a time")
-    speedups = {str(run["batch_size"]): round(run["tokens_per_s"] / loop["tokens_per_s"], 2) for run in batched}
-
-    lengths = [len(prompt) for prompt in prompts]
+    parts = {part: json.loads(part_file(cfg, part).read_text(encoding="utf-8")) if part_file(cfg, part).is_file()
+             else {"error": "this part did not run"} for part in ("old", "new")}
+    old, new = parts["old"], parts["new"]
+    bs1_new = rate(new, "bs1")
+    summary = {
+        "bs1_tokens_per_s": {"old": rate(old, "bs1"), "new": bs1_new, "speedup": ratio(bs1_new, rate(old, "bs1")),
+                             "target": 150, "met": bool(bs1_new and bs1_new >= 150),
+                             "new_reused_cache": rate(new, "bs1_reused_cache")},
+        "bs1_first_token_s": {path: (parts[path].get("bs1") or {}).get("first_token_s") for path in parts}
+                             | {"target": 0.5},
+        "eval_tokens_per_s": {
+            model: {"old": rate(old, f"eval_{model}"), "new": rate(new, f"eval_{model}"),
+                    "speedup": ratio(rate(new, f"eval_{model}"), rate(old, f"eval_{model}"))}
+            for model in ("tuned", "base")
+        } | {"target": 5000, "met": all((rate(new, f"eval_{m}") or 0) >= 5000 for m in ("tuned", "base"))},
+        "peak_gpu_gib": {path: parts[path].get("peak_gpu_gib") for path in parts},
+        "identity": {key: value for key, value in (new.get("identity") or {}).items() if key != "divergences"},
+    }
+    _, model_name = base_model_dir(cfg)
     record = {
         "benchmark": "generation_throughput",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model_name,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "backend": manifest["backend_loaded"],
-        "load_in_4bit": bool(getattr(model, "is_loaded_in_4bit", False)),
-        "lora_r": cfg.lora_r,
-        "adapter_max_logit_change": round(adapter_effect, 4),
-        "adapter_build_and_load_seconds": round(load_seconds, 1),
-        "rows": cfg.num_rows,
-        "prompt_tokens": {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
-        "new_tokens_per_row": cfg.new_tokens,
-        "decoding": "greedy, left-padded, stops suppressed until new_tokens",
-        "batched": batched,
-        "one_at_a_time": loop,
-        "speedup_batched_over_loop": speedups,
-        "target_speedup": 20,
+        "summary": summary,
+        "old": old,
+        "new": new,
         "config": dict(cfg),
         "versions": package_versions(),
     }
-    output = Path(cfg.output_json.format(model=model_name, backend=record["backend"]))
-    write_json_atomic(output, record)
+    write_json_atomic(Path(cfg.results_dir) / "generation_throughput.json", record)
+    print(json.dumps(summary, indent=2))
+    bs1_rates, first, evals = summary["bs1_tokens_per_s"], summary["bs1_first_token_s"], summary["eval_tokens_per_s"]
+    print(f"bs1 tokens/s: old {bs1_rates['old']}, new {bs1_rates['new']} (reused cache "
+          f"{bs1_rates['new_reused_cache']}; target 150); first token s: old {first['old']}, new {first['new']} "
+          "(target 0.5)")
+    for model in ("tuned", "base"):
+        print(f"eval {model} tokens/s: old {evals[model]['old']}, new {evals[model]['new']} (target 5000)")
+    print(f"peak GPU GiB: old {summary['peak_gpu_gib']['old']}, new {summary['peak_gpu_gib']['new']}")
+    identity = summary["identity"]
+    print(f"agreement: {identity.get('identical')}/{identity.get('prompts')} greedy answers token-identical, "
+          f"largest logit gap at a divergence {identity.get('max_abs_logit_gap')}")
+    print(f"record written to {Path(cfg.results_dir) / 'generation_throughput.json'}")
+    return record
 
-    print(json.dumps(record, indent=2))
-    print(f"\none at a time: {loop['tokens_per_s']:,.1f} tokens/s")
-    for run in batched:
-        verdict = "meets" if speedups[str(run["batch_size"])] >= 20 else "misses"
-        peak = f", peak {run['peak_gpu_gib']} GiB" if run["peak_gpu_gib"] is not None else ""
-        print(f"batches of {run['batch_size']}: {run['tokens_per_s']:,.1f} tokens/s = "
-              f"{speedups[str(run['batch_size'])]}x the loop ({verdict} the 20x target){peak}")
-    print(f"record written to {output}")
 
+def checked_config():
+    cfg = parse_config(globals())
+    if cfg.smoke:  # small sizes, unless given on the command line
+        smoke = dict(EVAL_ROWS=12, OLD_EVAL_ROWS=8, PROMPT_TOKENS=[20, 60], NEW_TOKENS=8, OLD_BATCH_SIZE=4,
+                     NEW_BATCH_SIZE=6, BS1_PROMPT_TOKENS=40, BS1_NEW_TOKENS=8, BS1_RUNS=2, IDENTITY_PROMPTS=6)
+        cfg.update({name: value for name, value in smoke.items() if f"--{name.lower()}" not in sys.argv})
+    unknown = [part for part in cfg.parts if part not in ("setup", "old", "new", "report")]
+    if unknown:
+        raise UserError(f"--parts takes setup, old, new and report; got {', '.join(unknown)}")
+    if len(cfg.prompt_tokens) != 2 or not 1 <= cfg.prompt_tokens[0] <= cfg.prompt_tokens[1]:
+        raise UserError(f"--prompt_tokens needs two lengths, shortest,longest, got {cfg.prompt_tokens}")
+    counts = ("eval_rows", "old_eval_rows", "new_tokens", "old_batch_size", "new_batch_size", "bs1_prompt_tokens",
+              "bs1_new_tokens", "bs1_runs", "identity_prompts")
+    small = [f"--{name}" for name in counts if cfg[name.upper()] < 1]
+    if small:
+        raise UserError(f"{', '.join(small)} must be at least 1")
+    if not cfg.adapter_dir:
+        cfg["ADAPTER_DIR"] = str(Path(cfg.results_dir) / "tiny-lora") if cfg.smoke else f"{cfg.model_dir}-lora"
+    return cfg
+
+
+def main():
+    cfg = checked_config()
+    Path(cfg.results_dir).mkdir(parents=True, exist_ok=True)
+    if not cfg.smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("the 7B-shaped benchmark needs a CUDA GPU; use --smoke for a CPU run on the tiny model")
+    # Flags handed on to the parts' processes: everything given here except --parts and --adapter_dir.
+    argv = [arg for name, value in cfg.items() if name not in ("PARTS", "ADAPTER_DIR")
+            for arg in (f"--{name.lower()}", format_value(value))]
+    deadline = time.monotonic() + cfg.time_limit_s - 10  # 10 s kept for the report
+    for part in cfg.parts:
+        if part == "report":
+            report(cfg)
+        elif len(cfg.parts) > 1:  # each part in its own process: clean GPU memory, no patched classes
+            run_part(cfg, part, argv, deadline - time.monotonic())
+        else:
+            from qwen_sft.artifacts import write_json_atomic
+
+            write_json_atomic(part_file(cfg, part), setup(cfg) if part == "setup" else measure_path(cfg, part))
 
 if __name__ == "__main__":
     run_stage(main)

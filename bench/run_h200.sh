@@ -11,9 +11,12 @@
 #                                             # vs (B/k, k), unpacked and packed (bench/accumulation_check.py)
 #   bash bench/run_h200.sh gpu_tests LOG_DIR  # the pytest GPU tests (needs pytest and pytest-timeout there)
 #   bash bench/run_h200.sh profile LOG_DIR    # where the stage's time goes against the bare loop
-#   bash bench/run_h200.sh generation LOG_DIR # generation throughput, batched vs one prompt at a time
+#   bash bench/run_h200.sh generation LOG_DIR # generation: the 4-bit path vs the fast path (merged bf16, static
+#                                             # cache, compiled), bs1 and evaluation; within 560 s
+#   bash bench/run_h200.sh generation_old LOG_DIR  # the same in two commands (the machine must stay warm between
+#   bash bench/run_h200.sh generation_new LOG_DIR  # them): setup + the old path, then the new path + the report
 set -uo pipefail
-usage="usage: run_h200.sh pipeline|speed|two_gpus|grad|gpu_tests|profile|generation LOG_DIR"
+usage="usage: run_h200.sh pipeline|speed|two_gpus|grad|gpu_tests|profile|generation|generation_old|generation_new LOG_DIR"
 part=${1:?$usage}
 logs=${2:?$usage}
 logs=$(mkdir -p "$logs" && cd "$logs" && pwd)
@@ -31,7 +34,7 @@ run() {  # run NAME TIMEOUT COMMAND...: log to LOG_DIR/NAME.log, keep going when
   local started=$SECONDS
   (cd "$work" && timeout "$limit" "$@") > "$logs/$name.log" 2>&1
   echo "=== $name: exit $? after $((SECONDS - started)) s"
-  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|padding:|preset|GPU busy|efficiency|relative difference|passed" | tail -15
+  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|padding:|preset|GPU busy|efficiency|relative difference|passed|^=== |FAILED|^(bs1|eval|peak|agreement)" | tail -15
 }
 
 prepare() {  # the random 7B-shaped model, and the data stage's own mix from hub-schema sources of realistic shape
@@ -85,10 +88,17 @@ profile)
   run profile_training 300 python3 "$root/bench/profile_training.py" --model "$model" --mix mix.jsonl \
     --out "$logs/profile_training.json"
   ;;
-generation)
-  prepare
-  run generation_throughput 360 python3 "$root/bench/generation_throughput.py" --backend unsloth \
-    --model_dir "$model" --output_json "$logs/generation_throughput_{model}_{backend}.json"
+generation)  # each part runs in its own process and records its own failures (see the script's docstring)
+  run generation_throughput 595 python3 "$root/bench/generation_throughput.py" --model_dir "$model" \
+    --results_dir "$logs"
+  ;;
+generation_old)
+  run generation_throughput_old 595 python3 "$root/bench/generation_throughput.py" --model_dir "$model" \
+    --results_dir "$logs" --parts setup,old
+  ;;
+generation_new)
+  run generation_throughput_new 595 python3 "$root/bench/generation_throughput.py" --model_dir "$model" \
+    --results_dir "$logs" --parts new,report
   ;;
 *)
   echo "$usage" >&2; exit 2

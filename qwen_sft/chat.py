@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .artifacts import atomic_file
 from .cli import UserError
+from .fast_generation import generation_path, load_generation_model, warm_up
 from .generation import decoding_settings, stream_reply
-from .modeling import load_adapter_model
 from .records import validate_record
 from .template import prompt_ids, render_prompt
 
@@ -239,12 +239,16 @@ def run_chat(cfg) -> None:
             f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in --max_context_tokens "
             f"{cfg.max_context_tokens}; raise --max_context_tokens or lower --max_new_tokens"
         )
-    model, tokenizer, manifest = load_adapter_model(cfg.adapter_dir, cfg.backend, max_seq_length=cfg.max_context_tokens)
+    model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation,
+                                                       max_seq_length=cfg.max_context_tokens,
+                                                       max_cache_len=cfg.max_context_tokens)
+    warm_up_seconds = warm_up(model, tokenizer)
     session = ChatSession(tokenizer, cfg.system_prompt, cfg.max_context_tokens, cfg.max_new_tokens)
     if sys.stdin.isatty():
         enable_line_editing(cfg.history_file)
     print(f"chatting with {cfg.adapter_dir} (base model {manifest['base_model']}, "
-          f"backend {manifest['backend_loaded']}); /help lists the commands, exit or Ctrl-D leaves")
+          f"backend {manifest['backend_loaded']}; {generation_path(manifest, warm_up_seconds)}); "
+          "/help lists the commands, exit or Ctrl-D leaves")
     chat_loop(model, tokenizer, session, decoding_settings(cfg), cfg.show_prompt)
 
 

@@ -370,13 +370,15 @@ def write_predictions(path: Path, rows: EvalRows, runs: dict) -> None:
 
 def evaluate(cfg) -> dict:
     """Run the whole stage and write OUTPUT_DIR/metrics.json and predictions.jsonl; returns the metrics."""
-    from .modeling import load_adapter_model, read_adapter_manifest
+    from .fast_generation import adapter_disabled, generation_path, load_generation_model, resolve_fast_generation
+    from .modeling import read_adapter_manifest
 
     # Every check that needs no model comes first, so bad input fails in a second.
     for name in ("eval_batch_size", "gen_batch_size", "max_new_tokens", "max_seq_length"):
         if cfg[name.upper()] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
     load_in_4bit = resolve_load_in_4bit(cfg.load_in_4bit)
+    resolve_fast_generation(cfg.fast_generation)
     scorer = rouge_scorer() if cfg.rouge else None
     adapter_manifest = read_adapter_manifest(cfg.adapter_dir)
     records, eval_records = evaluation_split(cfg)
@@ -385,12 +387,13 @@ def evaluate(cfg) -> dict:
     for warning in warnings:
         print(f"warning: {warning}")
 
-    model, tokenizer, adapter_manifest = load_adapter_model(cfg.adapter_dir, cfg.backend, load_in_4bit,
-                                                            cfg.max_seq_length)
+    model, tokenizer, adapter_manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation,
+                                                               load_in_4bit, cfg.max_seq_length,
+                                                               keep_base=cfg.compare_base)
     backend = adapter_manifest["backend_loaded"]
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
     print(f"backend: {backend} (base model {adapter_manifest['base_model']}, 4-bit {four_bit}); "
-          f"{len(eval_records)} eval rows of {len(records)}")
+          f"{len(eval_records)} eval rows of {len(records)}; {generation_path(adapter_manifest)}")
     if cfg.temperature > 0:
         from transformers import set_seed
 
@@ -402,7 +405,7 @@ def evaluate(cfg) -> dict:
     try:
         runs = {"tuned": run_model(model, tokenizer, cfg, rows, "tuned")}
         if cfg.compare_base:
-            with model.disable_adapter():  # the same weights with the LoRA path switched off: no second load
+            with adapter_disabled(model):  # the same model with the LoRA switched off (or unmerged): no second load
                 runs["base"] = run_model(model, tokenizer, cfg, rows, "base")
     except torch.cuda.OutOfMemoryError:
         raise UserError(
@@ -416,6 +419,7 @@ def evaluate(cfg) -> dict:
         adapter={"path": str(cfg.adapter_dir), "base_model": adapter_manifest["base_model"]},
         backend=backend,
         load_in_4bit=four_bit,
+        fast_generation=adapter_manifest["fast_generation"],
         dataset={"path": str(cfg.dataset_path), "sha256": dataset_sha256, "rows": len(records),
                  "eval_rows": len(eval_records), "generated_rows": len(rows.generation_rows)},
         warnings=warnings,

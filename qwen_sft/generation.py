@@ -103,11 +103,13 @@ def generate_token_ids(model, prompts: list[list[int]], generate_kwargs: dict, b
     started, generated = time.perf_counter(), 0
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
-        batch = left_padded_batch([prompts[index] for index in rows], generate_kwargs["pad_token_id"],
-                                  model_device(model))
+        batch_prompts = [prompts[index] for index in rows]
+        if len(rows) < batch_size and compiled_generation(model):  # one batch shape: no recompilation
+            batch_prompts += [batch_prompts[-1]] * (batch_size - len(rows))
+        batch = left_padded_batch(batch_prompts, generate_kwargs["pad_token_id"], model_device(model))
         with torch.inference_mode():
             output = model.generate(**batch, **generate_kwargs)
-        for index, new_tokens in zip(rows, output[:, batch["input_ids"].shape[1]:].tolist()):
+        for index, new_tokens in zip(rows, output[:len(rows), batch["input_ids"].shape[1]:].tolist()):
             answer, stopped = cut_at_stop(new_tokens, stops)
             results[index] = {"ids": answer, "stopped": stopped}
             generated += len(answer)
@@ -115,6 +117,13 @@ def generate_token_ids(model, prompts: list[list[int]], generate_kwargs: dict, b
         bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
     bar.close()
     return results
+
+
+def compiled_generation(model) -> bool:
+    """True when generate() compiles its decoding step: a static KV cache (the fast path) on a GPU."""
+    config = getattr(model, "generation_config", None)
+    static = getattr(config, "cache_implementation", None) == "static" and not getattr(config, "disable_compile", False)
+    return static and model_device(model).type == "cuda"
 
 
 def decode_answer(tokenizer, ids: list[int]) -> str:
@@ -156,6 +165,18 @@ def _flag_criterion(flag):
             return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
 
     return StopWhenFlagged()
+
+
+def start_in_generation_thread(model, work):
+    """Run `work` in a worker thread; returns the call that waits for it. A model whose decoding step is
+    compiled into CUDA graphs keeps one long-lived worker (the graphs are recorded per thread)."""
+    if compiled_generation(model):
+        from .fast_generation import generation_worker
+
+        return generation_worker(model).submit(work).result
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    return worker.join
 
 
 @contextlib.contextmanager
@@ -203,13 +224,12 @@ def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decodin
             outcome["error"] = error
             streamer.end()  # the reader would otherwise wait for text forever
 
-    worker = threading.Thread(target=run, daemon=True)
     with _ctrl_c_sets(interrupt):
-        worker.start()
+        finished = start_in_generation_thread(model, run)
         for piece in streamer:
             if on_text:
                 on_text(piece)
-        worker.join()
+        finished()
     if "error" in outcome:
         raise outcome["error"]
     answer, stopped = cut_at_stop(outcome["ids"], set(kwargs["eos_token_id"]))

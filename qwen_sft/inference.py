@@ -14,8 +14,9 @@ import time
 
 from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_file, write_json_atomic
 from .cli import UserError
+from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
 from .generation import decoding_settings, generate_batch, stream_reply
-from .modeling import load_adapter_model, read_adapter_manifest
+from .modeling import read_adapter_manifest
 from .records import PROMPT_HELP, iter_json_rows, validate_record
 from .template import build_messages, is_conversation, reference_answer
 
@@ -43,8 +44,9 @@ def answer_one(cfg) -> None:
     """Stream the answer to INSTRUCTION (+ INPUT) to stdout."""
     if not cfg.instruction.strip():
         raise UserError("--instruction is empty; give a question (or --instruction_file PATH, - for stdin)")
-    model, tokenizer, manifest = load_adapter_model(cfg.adapter_dir, cfg.backend)
-    print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}, adapter {cfg.adapter_dir})")
+    model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation)
+    print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}, adapter {cfg.adapter_dir}); "
+          f"{generation_path(manifest)}")
     messages = build_messages({"instruction": cfg.instruction, "input": cfg.input}, cfg.system_prompt)
     print(f"\n[question]\n{messages[1]['content']}\n\n[answer]", flush=True)
     reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(piece, end="", flush=True),
@@ -61,9 +63,9 @@ def answer_file(cfg) -> None:
     """Answer every row of INSTRUCTION_FILE in batches and write OUTPUT_FILE (+ its manifest) atomically."""
     read_adapter_manifest(cfg.adapter_dir)  # a missing adapter is reported before stdin is read
     rows = read_prompt_rows(cfg.instruction_file)
-    model, tokenizer, manifest = load_adapter_model(cfg.adapter_dir, cfg.backend)
+    model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation)
     print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}); {len(rows)} prompts "
-          f"from {cfg.instruction_file}, batches of {cfg.batch_size}")
+          f"from {cfg.instruction_file}, batches of {cfg.batch_size}; {generation_path(manifest)}")
     started = time.time()
     results = generate_batch(
         model, tokenizer, [build_messages(row, cfg.system_prompt) for row in rows], batch_size=cfg.batch_size,
@@ -80,7 +82,7 @@ def answer_file(cfg) -> None:
         manifest_path_for(cfg.output_file),
         build_manifest(
             "inference", cfg, adapter_dir=cfg.adapter_dir, base_model=manifest["base_model"],
-            backend=manifest["backend_loaded"], instruction_file=source, rows=len(rows), cut_at_max_new_tokens=cut,
+            backend=manifest["backend_loaded"], fast_generation=manifest["fast_generation"], instruction_file=source, rows=len(rows), cut_at_max_new_tokens=cut,
             wall_time_s=round(time.time() - started, 2),
         ),
     )
@@ -90,6 +92,7 @@ def answer_file(cfg) -> None:
 def run_inference(cfg) -> None:
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {cfg.batch_size}")
+    resolve_fast_generation(cfg.fast_generation)
     if cfg.instruction_file:
         answer_file(cfg)
     else:

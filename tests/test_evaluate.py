@@ -295,19 +295,3 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, learned_
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "evaluation_results").exists()
 
-
-def test_generation_benchmark_runs_end_to_end_on_tiny(tmp_path):
-    """bench/generation_throughput.py, on the tiny model: equal work on both paths, a live adapter, a record."""
-    result = run_script(
-        "bench/generation_throughput.py", "--tiny", "--load_in_4bit", "false", "--num_rows", "6", "--prompt_tokens",
-        "20,60", "--new_tokens", "8", "--gen_batch_sizes", "3,6", "--loop_rows", "2", "--output_json",
-        tmp_path / "{model}_{backend}.json",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "tiny_hf.json").read_text(encoding="utf-8"))
-    assert [run["batch_size"] for run in record["batched"]] == [3, 6]
-    assert all(run["tokens"] == 6 * 8 and run["tokens_per_s"] > 0 for run in record["batched"])
-    assert record["one_at_a_time"]["tokens"] == 2 * 8 and record["adapter_max_logit_change"] > 0
-    assert 20 <= record["prompt_tokens"]["min"] <= record["prompt_tokens"]["max"] <= 60
-    assert record["speedup_batched_over_loop"]["6"] == pytest.approx(
-        record["batched"][1]["tokens_per_s"] / record["one_at_a_time"]["tokens_per_s"], rel=0.01)
