@@ -316,6 +316,7 @@ def measure_path(cfg, part: str) -> dict:
 
     from qwen_sft.artifacts import write_json_atomic
     from qwen_sft.fast_generation import adapter_disabled, load_generation_model, warm_up
+    from qwen_sft.generation import start_in_generation_thread
 
     fast = part == "new"
     record = {"part": part, "device": torch.cuda.get_device_name() if cuda() else "cpu"}
@@ -357,14 +358,21 @@ def measure_path(cfg, part: str) -> dict:
     if fast:
         step("bs1_reused_cache", bs1_reused_cache, model, tokenizer, chat_prompts, cfg.bs1_new_tokens,
              model.generation_config.max_cache_len)
+    # CUDA graphs belong to the thread that recorded them, and bs1 ran in the generation thread (as chat runs):
+    # the evaluation steps run there too (evaluate.py, in its own process, runs them in its main thread).
+    def on_generation_thread(measure):
+        return lambda *args: start_in_generation_thread(model, lambda: measure(*args))()
+
     if fast and cuda():  # evaluate.py never compiles bs1: compile its batch shape afresh, not as a dynamic batch
-        step("compiler_reset", fresh_compilation, model)
-    step("eval_warm_up", warm_up_batches, model, tokenizer, prompts, batch_size)
-    step("eval_tuned", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} tuned")
+        step("compiler_reset", on_generation_thread(fresh_compilation), model)
+    step("eval_warm_up", on_generation_thread(warm_up_batches), model, tokenizer, prompts, batch_size)
+    step("eval_tuned", on_generation_thread(evaluation), model, tokenizer, prompts, cfg.new_tokens, batch_size,
+         f"{part} tuned")
     with adapter_disabled(model):
-        step("eval_base", evaluation, model, tokenizer, prompts, cfg.new_tokens, batch_size, f"{part} base")
+        step("eval_base", on_generation_thread(evaluation), model, tokenizer, prompts, cfg.new_tokens, batch_size,
+             f"{part} base")
     if fast:
-        step("identity", agreement, model, cfg, prompts, record.get("eval_tuned"))
+        step("identity", on_generation_thread(agreement), model, cfg, prompts, record.get("eval_tuned"))
     record["peak_gpu_gib"] = peak_gib()  # the whole part: weights, caches, compiled graphs' pools
     return kept(record, cfg)
 
