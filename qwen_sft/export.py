@@ -12,7 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic, write_text_atomic
+from .artifacts import (
+    atomic_directory,
+    build_manifest,
+    check_output_folder,
+    check_outputs_apart,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .cli import UserError
 from .generation import stop_token_ids
 from .modeling import (
@@ -56,6 +64,15 @@ def ollama_modelfile(system_prompt: str, stop_tokens: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_system_prompt_for_modelfile(system_prompt: str) -> None:
+    """The Modelfile quotes the system prompt in triple quotes, which it cannot escape: a prompt holding them would
+    end the SYSTEM block early and add its own lines to the Modelfile (so would a final quote, next to the closing
+    ones)."""
+    if '"""' in system_prompt or system_prompt.endswith('"'):
+        raise UserError('--system_prompt holds """ (or ends with "), which an Ollama Modelfile cannot quote; '
+                        "remove it, or pass --ollama_modelfile false")
+
+
 def merge_with_peft(adapter_dir: str, base_model: str, folder: Path, dtype, max_seq_length: int) -> None:
     from peft import PeftModel
 
@@ -88,10 +105,14 @@ def write_generation_config(folder: Path, tokenizer) -> None:
 def export_merged(cfg) -> None:
     if cfg.dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {cfg.dtype!r}")
-    if Path(cfg.output_dir).resolve() == Path(cfg.adapter_dir).resolve():
-        raise UserError(f"--output_dir {cfg.output_dir} is the adapter folder; choose another folder")
     manifest = read_adapter_manifest(cfg.adapter_dir)
-    adapter_base_path(cfg.adapter_dir, manifest)
+    base_path = adapter_base_path(cfg.adapter_dir, manifest)
+    check_outputs_apart({"--output_dir": cfg.output_dir},
+                        {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""},
+                        folders={"--output_dir"})
+    check_output_folder(cfg.output_dir, "--output_dir", cfg.overwrite_output)
+    if cfg.ollama_modelfile:
+        check_system_prompt_for_modelfile(cfg.system_prompt)
     backend = choose_backend(cfg.backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)
