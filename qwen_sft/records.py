@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .artifacts import warn_if_manifest_differs
 from .cli import UserError
 
 RECORD_HELP = 'each row needs a non-empty "instruction" and "output" string and, optionally, an "input" string'
@@ -116,8 +117,10 @@ def _iter_json_array(path: Path, text: str):
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """Read and validate every row of an instruction file; the first bad row raises UserError."""
+    """Read and validate every row of an instruction file; the first bad row raises UserError. A manifest beside
+    the file (a mix's) that describes another file is reported in one line."""
     records = [validate_record(row, f"{path}:{line}") for line, row in iter_json_rows(path)]
     if not records:
         raise UserError(f"{path}: holds no rows; {RECORD_HELP}")
+    warn_if_manifest_differs(path)
     return records
