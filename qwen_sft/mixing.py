@@ -293,6 +293,7 @@ def start_worker() -> None:
     about 5% of the preparation time."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     gc.disable()
     import pyarrow.compute  # noqa: F401  (keyword matching)
 
@@ -662,6 +663,20 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM back for the block (they arrive as soon as it ends). Processes started in the block
+    inherit the held set, so workers release it in start_worker."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+
+
 def check_mix_output(cfg, plan: MixPlan) -> Path:
     """The output policy (qwen_sft/artifacts.py): never over an input, nor over a file this toolkit did not write."""
     output_file = Path(cfg.OUTPUT_FILE)
@@ -693,12 +708,15 @@ def _mix(cfg, report_key: str, script: str) -> Path:
                 first_bad_row(source)
     workers = worker_count(cfg.TOTAL_SAMPLES)
     context = multiprocessing.get_context(worker_start_method())
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker) if workers else None
+    # A Ctrl-C half-way through setting up the pool would leave it broken, and noisy: it waits until that is done.
+    with signals_held():
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker) if workers else None
     with ThreadPoolExecutor(max_workers=1) as hasher, pool or contextlib.nullcontext():
         # The workers start now (the pool starts them for waiting tasks; forked ones before this process starts
-        # any thread), and hashlib (which releases the GIL) hashes the files, while this process opens the sources.
-        for _ in range(workers):
-            pool.submit(start_worker)
+        # any thread), while hashlib (which releases the GIL) hashes the files and this process opens the sources.
+        with signals_held():
+            for _ in range(workers):
+                pool.submit(start_worker)
         file_hashes = {
             source.key: hasher.submit(sha256_file, source.spec) for source in plan.sources if not source.is_hub
         }
