@@ -4,6 +4,7 @@ replaces an input of its own run, a file or folder it did not write, or leaves a
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -271,3 +272,77 @@ def test_a_value_starting_with_two_dashes_is_passed_with_equals(tmp_path):
     with pytest.raises(UserError, match=r"--instruction needs a value \(one that starts with -- is passed as "
                                         r"--instruction=VALUE\)"):
         config_of(tmp_path, ["--instruction", "--foo"], INSTRUCTION="x", FOO="y")
+
+
+# ---------------------------------------------------------------------------------------------------- inference, chat
+
+
+def test_a_prompt_beyond_the_models_context_is_refused_and_the_answer_budget_trimmed(capsys):
+    from qwen_sft.inference import fit_context
+
+    assert fit_context([100, 200], 512, 32_768, ["a:1", "a:2"]) == 512
+    assert fit_context([100, 32_500], 512, 32_768, ["a:1", "a:2"]) == 268
+    assert "max_new_tokens lowered from 512 to 268: the longest prompt (a:2) is 32,500 tokens" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"a:2: the prompt is 200,000 tokens but the model's context is 32,768 "
+                                        r"\(max_position_embeddings\); shorten it"):
+        fit_context([100, 200_000], 512, 32_768, ["a:1", "a:2"])
+    assert fit_context([200_000], 512, None, ["x"]) == 512  # a model that does not say
+
+
+def test_chat_reads_lines_that_are_not_utf8_and_runs_only_known_commands(monkeypatch, capsys):
+    import io
+
+    from qwen_sft.chat import is_command, read_line
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\ncaf\xe9 \xff\n"), encoding="utf-8"))
+    assert read_line() == "hello"
+    assert read_line() == "caf\ufffd \ufffd"
+    assert "that line was not UTF-8 text" in capsys.readouterr().out
+    assert is_command("/save x.jsonl") and is_command("/help") and is_command("/system be brief")
+    assert not is_command("/usr/bin 是什么") and not is_command("/etc/hosts")
+
+
+def test_chat_save_to_a_file_that_is_not_utf8_is_refused_and_the_file_kept(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qwen_sft.chat import ChatSession, run_command
+    from qwen_sft.tiny import tiny_path
+
+    target = tmp_path / "latin1.txt"
+    target.write_bytes(b"caf\xe9\n")
+    session = ChatSession(AutoTokenizer.from_pretrained(tiny_path()), "system", 4096, 512)
+    session.add("q", "a", complete=True)
+    with pytest.raises(UserError, match="latin1.txt is not UTF-8 text .byte 3., so rows cannot be appended"):
+        session.save(target)
+    run_command(session, f"/save {target}")  # the session goes on
+    assert target.read_bytes() == b"caf\xe9\n" and session.unsaved
+
+
+@pytest.mark.slow
+def test_inference_refuses_a_prompt_longer_than_the_context_in_one_line(learned_adapter, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": "hi"}) + "\n" + json.dumps({"instruction": "总结", "input":
+                       "word " * 40_000}) + "\n", encoding="utf-8")
+    result = run_script("inference.py", "--adapter_dir", learned_adapter / "Qwen_finetuning_model",
+                        "--instruction_file", prompts, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Loading weights")]
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: {re.escape(str(prompts))}:2: the prompt is \d+,\d{{3}} tokens but the model's context is 32,768 "
+        r"\(max_position_embeddings\); shorten it", lines[0]), lines
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
+@pytest.mark.slow
+def test_piped_chat_survives_bytes_that_are_not_utf8(learned_adapter, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "chat.py"), "--adapter_dir", str(learned_adapter / "Qwen_finetuning_model"),
+         "--max_new_tokens", "8", "--temperature", "0"],
+        input=b"hello\ncaf\xe9 \xff\n/usr/bin \xe6\x98\xaf\xe4\xbb\x80\xe4\xb9\x88\n", capture_output=True,
+        cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = result.stdout.decode()
+    assert stdout.count("助手> ") == 3  # hello, the Latin-1 line and "/usr/bin 是什么" were all answered
+    assert "[that line was not UTF-8 text; its undecodable bytes are shown as \ufffd]" in stdout
+    assert b"Traceback" not in result.stderr
