@@ -152,7 +152,9 @@ def check_output_folder(path: str | os.PathLike, flag: str, overwrite: bool,
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file, not a folder; choose a folder name")
-    if not path.is_dir() or overwrite or not any(path.iterdir()):
+    # Hidden entries (a lock file, a killed run's temporaries) do not make a folder the user's; nothing in it is
+    # removed anyway.
+    if not path.is_dir() or overwrite or all(entry.name.startswith(".") for entry in path.iterdir()):
         return
     if read_our_manifest(path, manifest_name) is None:
         raise UserError(
@@ -221,21 +223,25 @@ def _link_or_copy(source: str, destination: str) -> None:
 def _carry_over(previous: Path, folder: Path, manifest_name: str) -> list[str]:
     """Link the entries of `previous` that its manifest does not list (the user's) into `folder`; returns them.
 
-    A manifest without a file list (an older toolkit) counts as listing the names the new folder has.
+    One whose name the new output also has is kept as NAME.user. Without a file list (a folder of an older toolkit,
+    or one written into with --overwrite_output) an entry of a name the new output has counts as replaced.
     """
-    manifest = read_our_manifest(previous, manifest_name) or {}
-    ours = set(manifest.get("files") or []) | {manifest_name}
+    listed = (read_our_manifest(previous, manifest_name) or {}).get("files")
+    ours = set(listed or []) | {manifest_name}
     carried = []
     for entry in sorted(previous.iterdir()):
-        if entry.name in ours or (folder / entry.name).exists():
+        target = folder / entry.name
+        if entry.name in ours or (target.exists() and listed is None):
             continue
+        while target.exists():
+            target = target.with_name(f"{target.name}.user")
         if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, folder / entry.name, symlinks=True, copy_function=_link_or_copy)
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
         elif entry.is_symlink():
-            os.symlink(os.readlink(entry), folder / entry.name)
+            os.symlink(os.readlink(entry), target)
         else:
-            _link_or_copy(str(entry), str(folder / entry.name))
-        carried.append(entry.name)
+            _link_or_copy(str(entry), str(target))
+        carried.append(entry.name if target.name == entry.name else f"{entry.name} (as {target.name})")
     return carried
 
 

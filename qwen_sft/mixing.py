@@ -682,7 +682,8 @@ def check_mix_output(cfg, plan: MixPlan) -> Path:
     output_file = Path(cfg.OUTPUT_FILE)
     inputs = {"--my_report_data_path": cfg.MY_REPORT_DATA_PATH}
     inputs.update({f"--sources {source.key}": source.spec for source in plan.sources if not source.is_hub})
-    check_outputs_apart({"--output_file": str(output_file), "its manifest": str(manifest_path_for(output_file))}, inputs)
+    outputs = {"--output_file": str(output_file), "its manifest": str(manifest_path_for(output_file))}
+    check_outputs_apart(outputs, inputs)
     check_output_file(output_file, "--output_file", cfg.OVERWRITE_OUTPUT)
     return output_file
 

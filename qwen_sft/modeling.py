@@ -166,7 +166,8 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
         return manifest
     adapter_config = _read_json_object(folder / "adapter_config.json")
     if not isinstance(adapter_config.get("base_model_name_or_path"), str):
-        raise UserError(f"{folder / 'adapter_config.json'}: names no base_model_name_or_path; re-run Qwen_finetuning.py")
+        raise UserError(f"{folder / 'adapter_config.json'}: names no base_model_name_or_path; re-run "
+                        "Qwen_finetuning.py")
     return {"base_model": adapter_config["base_model_name_or_path"], "load_in_4bit": True}
 
 

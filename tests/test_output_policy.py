@@ -69,8 +69,10 @@ def test_a_folder_we_wrote_is_replaced_whole_and_the_users_files_are_carried_ove
     assert "did not write: model-q4_k_m.gguf, notes" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["Qwen_finetuning_merged"]  # no leftovers
 
-    write_ours(merged, {"model.safetensors": "v3"})  # carried over again: the new manifest does not list them
+    (merged / "Modelfile").write_text("the user's own", encoding="utf-8")
+    write_ours(merged, {"model.safetensors": "v3", "Modelfile": "v3"})  # carried over again, not listed as ours
     assert (merged / "model-q4_k_m.gguf").read_bytes() == gguf
+    assert (merged / "Modelfile").read_text() == "v3" and (merged / "Modelfile.user").read_text() == "the user's own"
 
 
 def test_a_folder_we_did_not_write_is_refused_unless_overwrite(tmp_path):
