@@ -348,3 +348,19 @@ def test_piped_chat_survives_bytes_that_are_not_utf8(learned_adapter, tmp_path):
     assert stdout.count("助手> ") == 3  # hello, the Latin-1 line and "/usr/bin 是什么" were all answered
     assert "[that line was not UTF-8 text; its undecodable bytes are shown as \ufffd]" in stdout
     assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_re_exporting_keeps_the_gguf_files_the_readme_puts_in_the_merged_folder(learned_adapter, tmp_path):
+    adapter = learned_adapter / "Qwen_finetuning_model"
+    first = run_script("export_model.py", "--adapter_dir", adapter, "--dtype", "float32", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    gguf = tmp_path / "Qwen_finetuning_merged" / "qwen-ft-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF" + os.urandom(10_000))
+    data = gguf.read_bytes()
+    second = run_script("export_model.py", "--adapter_dir", adapter, "--dtype", "float32", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert gguf.read_bytes() == data and "did not write: qwen-ft-Q4_K_M.gguf" in second.stdout
+    files = json.loads((tmp_path / "Qwen_finetuning_merged" / "manifest.json").read_text())["files"]
+    assert "config.json" in files and "qwen-ft-Q4_K_M.gguf" not in files
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["Qwen_finetuning_merged"]
