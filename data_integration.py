@@ -17,6 +17,7 @@ SOURCES = {"orca": "Open-Orca/SlimOrca", "pubmed": "qiaojin/PubMedQA"}  # hub id
 TOTAL_SAMPLES = 2000  # rows in the mix (fewer only when a source falls short)
 RATIOS = {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}  # share of TOTAL_SAMPLES per source; must sum to 1
 OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written next to it
+OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
 SEED = 42  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
 MAX_SEQ_LENGTH = 2048  # training sequence length; rows estimated to exceed it are dropped
 MIN_OUTPUT_CHARS = 2  # drop rows whose answer is shorter than this many characters

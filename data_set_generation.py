@@ -59,6 +59,7 @@ DOMAIN_SOURCES = {
     "bio": ["pubmed", "stackexchange"],
 }  # SOURCES that fill each domain (read in SOURCES order); StackExchange rows are split by KEYWORDS
 OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written next to it
+OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
 SEED = 42  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
 MAX_SEQ_LENGTH = 2048  # training sequence length; rows estimated to exceed it are dropped
 MIN_OUTPUT_CHARS = 2  # drop rows whose answer is shorter than this many characters

@@ -16,6 +16,7 @@ from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
 DATASET_PATH = "mixed_finetune_dataset.jsonl"  # the dataset training used; its eval split is evaluated
 OUTPUT_DIR = "evaluation_results"  # metrics.json and predictions.jsonl are written here
+OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (files of the same name replaced)
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message of every example (keep it as in training)
 MAX_SEQ_LENGTH = 2048  # tokens per example, as in training; longer prompts are cut from the left
 EVAL_RATIO = 0.1  # share of rows held out, as in training (the same seeded split)

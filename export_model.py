@@ -16,6 +16,7 @@ from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
 OUTPUT_DIR = "Qwen_finetuning_merged"  # the merged model folder (replaced only once complete)
+OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (files of the same name replaced)
 DTYPE = "bfloat16"  # weight type of the merged model: bfloat16, float16, or float32 (exact, twice the size)
 OLLAMA_MODELFILE = True  # also write OUTPUT_DIR/Modelfile (ChatML template, SYSTEM_PROMPT, stop tokens)
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # the Modelfile's system prompt (keep it as in training)

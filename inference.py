@@ -21,6 +21,7 @@ INPUT = ""  # extra context for INSTRUCTION, shown under 补充信息; empty = n
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message (keep it as in training)
 INSTRUCTION_FILE = ""  # JSONL/JSON array of {"instruction", "input"} or {"messages"} rows; - = stdin; empty = INSTRUCTION
 OUTPUT_FILE = "inference_results.jsonl"  # answers for INSTRUCTION_FILE, one row per prompt row
+OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
 BATCH_SIZE = 32  # prompts per generate() call with INSTRUCTION_FILE; lower it if the GPU runs out of memory
 MAX_NEW_TOKENS = 512  # length limit of each answer
 TEMPERATURE = 0.8  # sampling temperature; 0 = greedy

@@ -36,6 +36,7 @@ REPLY_PREFIX = "助手> "
 SAVED_SOURCE = "chat"
 HISTORY_LENGTH = 1000  # input lines kept in the readline history file
 EXIT_WORDS = ("exit", "quit")
+COMMANDS = ("/reset", "/system", "/save", "/help")  # any other line, "/usr/bin 是什么" too, is a message
 STOPPED = "reply stopped; this exchange is left out of the history"
 HELP = """\
 commands:
@@ -143,7 +144,11 @@ class ChatSession:
             row = {"messages": exchange.conversation(), "source": SAVED_SOURCE}
             rows.append(validate_record(row, "chat"))
             covered += [exchange, *(earlier for earlier in exchange.context if exchange.shows(earlier))]
-        existing = target.read_text(encoding="utf-8") if target.is_file() else ""
+        try:
+            existing = target.read_text(encoding="utf-8") if target.is_file() else ""
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path} is not UTF-8 text (byte {error.start}), so rows cannot be appended to it; "
+                            "choose another file") from None
         if existing and not existing.endswith("\n"):
             existing += "\n"
         with atomic_file(target) as handle:
@@ -178,6 +183,10 @@ def enable_line_editing(history_file: str) -> None:
     atexit.register(write_history)
 
 
+def is_command(text: str) -> bool:
+    return text.split()[0] in COMMANDS
+
+
 def run_command(session: ChatSession, line: str) -> None:
     name, _, argument = line.partition(" ")
     argument = argument.strip()
@@ -197,14 +206,15 @@ def run_command(session: ChatSession, line: str) -> None:
         except OSError as error:
             notice(f"could not write {argument}: {error.strerror or error}")
             return
+        except UserError as error:
+            notice(f"could not save: {error}")
+            return
         extra = f"; {saved.cut} reply(ies) cut at max_new_tokens (or empty) left out" if saved.cut else ""
         if saved.after_cut:
             extra += f", and {saved.after_cut} later exchange(s) sent with a cut reply"
         notice(f"appended {saved.rows} conversation row(s) ({saved.exchanges} exchange(s)) to {argument}{extra}")
-    elif name == "/save":
-        notice("usage: /save FILE")
     else:
-        notice(f"unknown command {name}; /help lists the commands")
+        notice("usage: /save FILE")
 
 
 def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dict, show_prompt: bool) -> None:
@@ -252,12 +262,26 @@ def run_chat(cfg) -> None:
     chat_loop(model, tokenizer, session, decoding_settings(cfg), cfg.show_prompt)
 
 
+def read_line() -> str:
+    """input(), with bytes that are not UTF-8 (a pasted Latin-1 line, a binary pipe) shown as U+FFFD and a notice,
+    rather than an exception that ends the session."""
+    if hasattr(sys.stdin, "reconfigure") and sys.stdin.errors != "surrogateescape":
+        sys.stdin.reconfigure(errors="surrogateescape")
+    line = input(USER_PROMPT)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        notice("that line was not UTF-8 text; its undecodable bytes are shown as \ufffd")
+    return line
+
+
 def chat_loop(model, tokenizer, session: ChatSession, decoding: dict, show_prompt: bool) -> None:
     """Read messages and commands from stdin until exit, quit, end of input or Ctrl-C at the prompt."""
     echo = not sys.stdin.isatty()  # piped input is not echoed by a terminal; echoing keeps the transcript readable
     while True:
         try:
-            line = input(USER_PROMPT)
+            line = read_line()
         except (EOFError, KeyboardInterrupt):
             print()
             return
@@ -269,7 +293,7 @@ def chat_loop(model, tokenizer, session: ChatSession, decoding: dict, show_promp
         if text.lower() in EXIT_WORDS:
             return
         try:
-            if text.startswith("/"):
+            if is_command(text):
                 run_command(session, text)
             else:
                 answer(model, tokenizer, session, text, decoding, show_prompt)

@@ -29,6 +29,10 @@ def run_stage(main) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a stage turns it into one
+        print("error: interrupted; outputs are renamed into place only when complete, so earlier ones are unchanged",
+              file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # stdout piped into a command that stopped reading, e.g. `--help | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -116,6 +120,7 @@ def _parse_value(text: str, default, flag: str):
                 if not sep or not key.strip():
                     raise UserError(f"{flag} expects key=value,key=value (or a JSON object), got {item!r}")
                 pairs.append((key.strip(), value.strip()))
+            _refuse_repeated_keys([key for key, _ in pairs], flag)
         example = next(iter(default.values()), "")
         return {key: _coerce(value, default.get(key, example), flag) for key, value in pairs}
     return _parse_scalar(text, default, flag)
@@ -123,12 +128,24 @@ def _parse_value(text: str, default, flag: str):
 
 def _parse_json(text: str, kind: type, flag: str):
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=lambda pairs: _object_once(pairs, flag))
     except json.JSONDecodeError as error:
         raise UserError(f"{flag}: invalid JSON ({error})") from None
     if not isinstance(value, kind):
         raise UserError(f"{flag} expects a JSON {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _object_once(pairs: list[tuple], flag: str) -> dict:
+    """A JSON object whose keys are all different (json.loads would keep the last of a repeated key silently)."""
+    _refuse_repeated_keys([key for key, _ in pairs], flag)
+    return dict(pairs)
+
+
+def _refuse_repeated_keys(keys: list[str], flag: str) -> None:
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise UserError(f"{flag} names {', '.join(map(repr, repeated))} more than once; give each key once")
 
 
 def _coerce(value, like, flag: str):
@@ -203,8 +220,11 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
                 text = argv[position]
                 position += 1
             else:
-                errors.append(f"{flag} needs a value")
+                errors.append(f"{flag} needs a value (one that starts with -- is passed as {flag}=VALUE)")
                 continue
+        if name in overridden:
+            errors.append(f"{flag} is given more than once; give it once")
+            continue
         try:
             values[name] = _parse_value(text, defaults[name], flag)
             overridden.add(name)

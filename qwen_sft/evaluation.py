@@ -27,11 +27,20 @@ import statistics
 import time
 from pathlib import Path
 
-from .artifacts import atomic_file, build_manifest, sha256_file, write_json_atomic
+from .artifacts import (
+    atomic_directory,
+    atomic_file,
+    build_manifest,
+    check_output_folder,
+    check_outputs_apart,
+    sha256_file,
+    write_json_atomic,
+)
 from .cli import UserError
 from .records import read_records
 
 NO_SOURCE = "unspecified"
+METRICS_FILE = "metrics.json"  # also the manifest of OUTPUT_DIR
 # Metrics computed per model; `base` and `delta` carry the same keys (ROUGE keys only with --rouge).
 LOSS_METRICS = ("eval_loss", "perplexity")
 GENERATION_METRICS = (
@@ -379,6 +388,9 @@ def evaluate(cfg) -> dict:
             raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
     load_in_4bit = resolve_load_in_4bit(cfg.load_in_4bit)
     resolve_fast_generation(cfg.fast_generation)
+    check_outputs_apart({"--output_dir": cfg.output_dir},
+                        {"--adapter_dir": cfg.adapter_dir, "--dataset_path": cfg.dataset_path}, folders={"--output_dir"})
+    check_output_folder(cfg.output_dir, "--output_dir", cfg.overwrite_output, manifest_name=METRICS_FILE)
     scorer = rouge_scorer() if cfg.rouge else None
     adapter_manifest = read_adapter_manifest(cfg.adapter_dir)
     records, eval_records = evaluation_split(cfg)
@@ -441,8 +453,9 @@ def evaluate(cfg) -> dict:
         },
     )
     output_dir = Path(cfg.output_dir)
-    write_predictions(output_dir / "predictions.jsonl", rows, runs)
-    write_json_atomic(output_dir / "metrics.json", metrics)  # written last: its presence means the run finished
+    with atomic_directory(output_dir, manifest_name=METRICS_FILE) as folder:  # metrics and predictions: one unit
+        write_predictions(folder / "predictions.jsonl", rows, runs)
+        write_json_atomic(folder / METRICS_FILE, metrics)
 
     print()
     print(summary_table(metrics))

@@ -12,7 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic, write_text_atomic
+from .artifacts import (
+    atomic_directory,
+    build_manifest,
+    check_output_folder,
+    check_outputs_apart,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .cli import UserError
 from .qwen_tokenizer_build import write_portable_tokenizer_config
 from .generation import stop_token_ids
@@ -47,8 +55,7 @@ OLLAMA_TEMPLATE = """{{- if .System }}<|im_start|>system
 
 
 def modelfile_system(system_prompt: str) -> str:
-    if '"""' in system_prompt:  # a Modelfile has no escape for it: it would end the block and inject lines
-        raise UserError('--system_prompt contains """, which would end the Modelfile\'s SYSTEM block; remove it')
+    check_system_prompt_for_modelfile(system_prompt)
     return f'SYSTEM """{system_prompt}"""'
 
 
@@ -67,6 +74,15 @@ def ollama_modelfile(cfg, stop_tokens: list[str], context_length: int, gguf_file
         *(f'PARAMETER stop "{token}"' for token in stop_tokens),
     ]
     return "\n".join(lines) + "\n"
+
+
+def check_system_prompt_for_modelfile(system_prompt: str) -> None:
+    """The Modelfile quotes the system prompt in triple quotes, which it cannot escape: a prompt holding them would
+    end the SYSTEM block early and add its own lines to the Modelfile (so would a final quote, next to the closing
+    ones)."""
+    if '"""' in system_prompt or system_prompt.endswith('"'):
+        raise UserError('--system_prompt holds """ (or ends with "), which an Ollama Modelfile cannot quote; '
+                        "remove it, or pass --ollama_modelfile false")
 
 
 def merge_with_peft(adapter_dir: str, base_model: str, folder: Path, dtype, max_seq_length: int) -> None:
@@ -124,17 +140,19 @@ def check_export_flags(cfg) -> None:
     if cfg.gguf and cfg.gguf not in GGUF_TYPES:
         raise UserError(f"--gguf must be one of {', '.join(GGUF_TYPES)} (or empty for none), got {cfg.gguf!r}")
     if cfg.ollama_modelfile:
-        modelfile_system(cfg.system_prompt)
+        check_system_prompt_for_modelfile(cfg.system_prompt)
     if cfg.gguf:
         converter_dir(cfg.llama_cpp_dir)  # fetched (or found missing) before the merge, not after it
 
 
 def export_merged(cfg) -> None:
     check_export_flags(cfg)
-    if Path(cfg.output_dir).resolve() == Path(cfg.adapter_dir).resolve():
-        raise UserError(f"--output_dir {cfg.output_dir} is the adapter folder; choose another folder")
     manifest = read_adapter_manifest(cfg.adapter_dir)
-    adapter_base_path(cfg.adapter_dir, manifest)
+    base_path = adapter_base_path(cfg.adapter_dir, manifest)
+    check_outputs_apart({"--output_dir": cfg.output_dir},
+                        {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""},
+                        folders={"--output_dir"})
+    check_output_folder(cfg.output_dir, "--output_dir", cfg.overwrite_output)
     backend = choose_backend(cfg.backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)

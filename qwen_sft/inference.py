@@ -12,23 +12,50 @@ from __future__ import annotations
 import json
 import time
 
-from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_file, write_json_atomic
+from .artifacts import atomic_file, build_manifest, check_output_file, check_outputs_apart, sha256_file
 from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
 from .generation import decoding_settings, generate_batch, stream_reply
 from .modeling import read_adapter_manifest
 from .records import PROMPT_HELP, iter_json_rows, validate_record
-from .template import build_messages, is_conversation, reference_answer
+from .template import build_messages, is_conversation, prompt_ids, reference_answer
 
-def read_prompt_rows(path: str) -> list[dict]:
+
+def read_prompt_rows(path: str) -> list[tuple[int, dict]]:
+    """(line, row) for each prompt row of `path` (- = stdin)."""
     where = "<stdin>" if path == "-" else path
     # Other fields (an id, a reference output) are carried through to the answers.
     rows = [
-        {**row, **validate_record(row, f"{where}:{line}", with_output=False)} for line, row in iter_json_rows(path)
+        (line, {**row, **validate_record(row, f"{where}:{line}", with_output=False)})
+        for line, row in iter_json_rows(path)
     ]
     if not rows:
         raise UserError(f"{where}: holds no rows; {PROMPT_HELP}")
     return rows
+
+
+def model_context(model) -> int | None:
+    """Tokens the model can attend to (prompt + answer), from its config; None when it does not say."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def fit_context(prompt_lengths: list[int], max_new_tokens: int, context: int | None, where: list[str]) -> int:
+    """MAX_NEW_TOKENS, lowered (with a line) so that the longest prompt and its answer fit the model's context;
+    a prompt that leaves no room for an answer is a UserError naming it."""
+    if context is None:
+        return max_new_tokens
+    longest = max(range(len(prompt_lengths)), key=prompt_lengths.__getitem__)
+    if prompt_lengths[longest] >= context:
+        raise UserError(
+            f"{where[longest]}: the prompt is {prompt_lengths[longest]:,} tokens but the model's context is "
+            f"{context:,} (max_position_embeddings); shorten it"
+        )
+    room = context - prompt_lengths[longest]
+    if room < max_new_tokens:
+        print(f"max_new_tokens lowered from {max_new_tokens} to {room}: the longest prompt ({where[longest]}) is "
+              f"{prompt_lengths[longest]:,} tokens of the model's {context:,}-token context")
+        return room
+    return max_new_tokens
 
 
 def answer_row(row: dict, result: dict) -> dict:
@@ -48,45 +75,61 @@ def answer_one(cfg) -> None:
     print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}, adapter {cfg.adapter_dir}); "
           f"{generation_path(manifest)}")
     messages = build_messages({"instruction": cfg.instruction, "input": cfg.input}, cfg.system_prompt)
+    decoding = decoding_settings(cfg)
+    decoding["max_new_tokens"] = fit_context([len(prompt_ids(tokenizer, messages))], cfg.max_new_tokens,
+                                             model_context(model), ["--instruction/--input"])
     print(f"\n[question]\n{messages[1]['content']}\n\n[answer]", flush=True)
     reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(piece, end="", flush=True),
-                         **decoding_settings(cfg))
+                         **decoding)
     print()
     if reply.interrupted:
         print("[stopped by Ctrl-C]")
         raise SystemExit(130)
     if not reply.stopped:
-        print(f"[answer cut at max_new_tokens {cfg.max_new_tokens}]")
+        print(f"[answer cut at max_new_tokens {decoding['max_new_tokens']}]")
 
 
 def answer_file(cfg) -> None:
     """Answer every row of INSTRUCTION_FILE in batches and write OUTPUT_FILE (+ its manifest) atomically."""
     read_adapter_manifest(cfg.adapter_dir)  # a missing adapter is reported before stdin is read
-    rows = read_prompt_rows(cfg.instruction_file)
+    inputs = {"--adapter_dir": cfg.adapter_dir, "--instruction_file": "" if cfg.instruction_file == "-" else
+              cfg.instruction_file}
+    check_outputs_apart({"--output_file": cfg.output_file}, inputs)
+    check_output_file(cfg.output_file, "--output_file", cfg.overwrite_output)
+    where = "<stdin>" if cfg.instruction_file == "-" else cfg.instruction_file
+    numbered = read_prompt_rows(cfg.instruction_file)
+    rows = [row for _, row in numbered]
     model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation)
     print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}); {len(rows)} prompts "
           f"from {cfg.instruction_file}, batches of {cfg.batch_size}; {generation_path(manifest)}")
-    started = time.time()
-    results = generate_batch(
-        model, tokenizer, [build_messages(row, cfg.system_prompt) for row in rows], batch_size=cfg.batch_size,
-        progress="answers", **decoding_settings(cfg),
+    conversations = [build_messages(row, cfg.system_prompt) for row in rows]
+    decoding = decoding_settings(cfg)
+    decoding["max_new_tokens"] = fit_context(
+        [len(prompt_ids(tokenizer, messages)) for messages in conversations], cfg.max_new_tokens,
+        model_context(model), [f"{where}:{line}" for line, _ in numbered],
     )
-    with atomic_file(cfg.output_file) as handle:
-        for row, result in zip(rows, results):
-            handle.write(json.dumps(answer_row(row, result), ensure_ascii=False) + "\n")
+    started = time.time()
+    results = generate_batch(model, tokenizer, conversations, batch_size=cfg.batch_size, progress="answers",
+                             **decoding)
     cut = sum(not result["stopped"] for result in results)
     source = {"path": cfg.instruction_file}
     if cfg.instruction_file != "-":
         source["sha256"] = sha256_file(cfg.instruction_file)
-    write_json_atomic(
-        manifest_path_for(cfg.output_file),
-        build_manifest(
+
+    def describe(written):
+        return build_manifest(
             "inference", cfg, adapter_dir=cfg.adapter_dir, base_model=manifest["base_model"],
-            backend=manifest["backend_loaded"], fast_generation=manifest["fast_generation"], instruction_file=source, rows=len(rows), cut_at_max_new_tokens=cut,
+            backend=manifest["backend_loaded"], fast_generation=manifest["fast_generation"],
+            instruction_file=source, rows=len(rows), cut_at_max_new_tokens=cut,
+            output={"path": str(cfg.output_file), "rows": len(rows), "sha256": sha256_file(written)},
             wall_time_s=round(time.time() - started, 2),
-        ),
-    )
-    print(f"{len(rows)} answers written to {cfg.output_file} ({cut} cut at max_new_tokens {cfg.max_new_tokens})")
+        )
+
+    with atomic_file(cfg.output_file, manifest=describe) as handle:
+        for row, result in zip(rows, results):
+            handle.write(json.dumps(answer_row(row, result), ensure_ascii=False) + "\n")
+    print(f"{len(rows)} answers written to {cfg.output_file} ({cut} cut at max_new_tokens "
+          f"{decoding['max_new_tokens']})")
 
 
 def run_inference(cfg) -> None:

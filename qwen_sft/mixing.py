@@ -19,10 +19,13 @@ import contextlib
 import gc
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -34,7 +37,14 @@ import orjson
 import xxhash
 from tqdm import tqdm
 
-from .artifacts import atomic_file, build_manifest, manifest_path_for, sha256_file, write_json_atomic
+from .artifacts import (
+    atomic_file,
+    build_manifest,
+    check_output_file,
+    check_outputs_apart,
+    manifest_path_for,
+    sha256_file,
+)
 from .cli import UserError
 from .records import read_records
 from .sources import (
@@ -136,10 +146,15 @@ def conversation_utf8_length(messages: list[dict]) -> int:
 
 
 def exact_quotas(total: int, ratios: dict[str, float]) -> dict[str, int]:
-    """Round each share, then give the remainder (positive or negative) to the largest share."""
-    quotas = {key: round(total * ratio) for key, ratio in ratios.items()}
-    largest = max(ratios, key=ratios.get)
-    quotas[largest] += total - sum(quotas.values())
+    """Quotas that sum to `total` exactly, none negative (the largest remainder method): each share rounded down,
+    then one more row to each of the shares with the largest fractional parts (ties: the larger share, then RATIOS
+    order) until the total is reached."""
+    weight = sum(ratios.values())
+    exact = {key: total * ratio / weight for key, ratio in ratios.items()}
+    quotas = {key: math.floor(value) for key, value in exact.items()}
+    order = sorted(ratios, key=lambda key: (-(exact[key] - quotas[key]), -ratios[key], list(ratios).index(key)))
+    for key in order[: total - sum(quotas.values())]:
+        quotas[key] += 1
     return quotas
 
 
@@ -310,11 +325,28 @@ def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, wor
             future.cancel()
 
 
+def die_with_parent() -> None:
+    """Linux: the kernel sends this process SIGKILL when its parent dies (even by SIGKILL), so no worker is left
+    behind, orphaned, holding its memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def start_worker() -> None:
-    """Each worker's initializer. Its imports happen up front, overlapping the main process's work instead of
-    delaying the first chunk. The cyclic garbage collector is turned off: prepared rows hold no reference cycles,
-    so reference counting frees them, and the collector's passes over the imported modules cost about 5% of
-    the preparation time."""
+    """Each worker's initializer. The worker dies with its parent, and leaves Ctrl-C (sent to the whole terminal
+    process group) to the parent, which stops the pool. Its imports happen up front, overlapping the main process's
+    work instead of delaying the first chunk. The cyclic garbage collector is turned off: prepared rows hold no
+    reference cycles, so reference counting frees them, and the collector's passes over the imported modules cost
+    about 5% of the preparation time."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     gc.disable()
     import pyarrow.compute  # noqa: F401  (keyword matching)
 
@@ -404,11 +436,11 @@ def _check_ratios(ratios) -> list[str]:
     errors = [
         f"RATIOS[{key!r}] = {value!r} must be a number >= 0"
         for key, value in ratios.items()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
     ]
     if not errors and abs(sum(ratios.values()) - 1) > RATIO_TOLERANCE:
-        shares = ", ".join(f"{key}={value:g}" for key, value in ratios.items())
-        errors.append(f"RATIOS must sum to 1, got {sum(ratios.values()):.6g} ({shares})")
+        shares = ", ".join(f"{key}={value:.12g}" for key, value in ratios.items())
+        errors.append(f"RATIOS must sum to 1, got {sum(ratios.values()):.12g} ({shares})")
     return errors
 
 
@@ -490,6 +522,29 @@ def plan_mix(cfg, report_key: str) -> MixPlan:
 # ---------------------------------------------------------------------------------------------------- drawing rows
 
 
+def bad_row_text(source: Source, kind: int, problem: str) -> str:
+    return problem if kind == MALFORMED else f"not in the {source.schema.name} schema ({problem})"
+
+
+def fatal_bad_row(source: Source, number: int, what: str) -> UserError:
+    return UserError(f"{source.key}: {source.where(number)}: {what}; fix the row, or pass --fatal_bad_rows false to "
+                     "skip such rows")
+
+
+def first_bad_row(source: Source) -> None:
+    """With --fatal_bad_rows, every row of a local file is checked before mixing, in file order: which rows the
+    seeded shuffle draws must not decide whether the run fails."""
+    from .sources import _numbered_local_rows
+
+    rows = _numbered_local_rows(source.spec)
+    with open(source.spec, "rb") as handle:
+        for chunk in iter(lambda: list(islice(rows, CHUNK_ROWS)), []):
+            for number, row, span in chunk:
+                kind, detail, _ = _convert(source.schema, row, read_span(handle, span) if span else None)
+                if kind in (MALFORMED, WRONG_SCHEMA):
+                    raise fatal_bad_row(source, number, bad_row_text(source, kind, detail))
+
+
 class Mixer:
     """Draws rows from each source into the buckets and accounts for every row read."""
 
@@ -505,20 +560,19 @@ class Mixer:
         self.lines: list[tuple[bytes, bytes]] = []  # (record up to its "source" value, that value and "}\n")
         self.closings = {key: f"{_json_string(key)}}}\n".encode() for key in plan.buckets}
 
-    def _bad_row(self, source: Source, number: int, problem: str, stats: SourceStats) -> None:
-        where = source.where(number)
+    def _bad_row(self, source: Source, number: int, kind: int, problem: str, stats: SourceStats) -> None:
+        """A malformed or wrong-schema row: an error with --fatal_bad_rows (checked for the whole of a local file
+        before mixing, see first_bad_row), else skipped, counted and shown up to the limit."""
+        what = bad_row_text(source, kind, problem)
         if self.fatal_bad_rows:
-            raise UserError(
-                f"{source.key}: {where}: not in the {source.schema.name} schema ({problem}); "
-                "fix the row, or pass --fatal_bad_rows false to skip such rows"
-            )
-        stats.rejected["wrong_schema"] += 1
+            raise fatal_bad_row(source, number, what)
+        stats.rejected["malformed" if kind == MALFORMED else "wrong_schema"] += 1
         if stats.bad_rows_shown < self.bad_row_report_limit:
             stats.bad_rows_shown += 1
-            warning = f"warning: {where}: skipped, not in the {source.schema.name} schema ({problem})"
+            warning = f"warning: {source.where(number)}: skipped, {what}"
             tqdm.write(warning, file=sys.stdout)
             if stats.bad_rows_shown == self.bad_row_report_limit:
-                warning = f"warning: further wrong-schema rows of {source.key} are counted, not shown"
+                warning = f"warning: further malformed or wrong-schema rows of {source.key} are counted, not shown"
                 tqdm.write(warning, file=sys.stdout)
 
     def _router(self, source: Source, domains: list[str]):
@@ -550,10 +604,8 @@ class Mixer:
             if taken == wanted:
                 break
             stats.read += 1
-            if kind == MALFORMED:
-                raise UserError(f"{source.key}: {source.where(number)}: {detail}")
-            if kind == WRONG_SCHEMA:
-                self._bad_row(source, number, detail, stats)
+            if kind in (MALFORMED, WRONG_SCHEMA):
+                self._bad_row(source, number, kind, detail, stats)
                 continue
             if kind == REJECTED:
                 stats.rejected[detail] += 1
@@ -622,16 +674,15 @@ def _shortfalls(plan: MixPlan, stats: dict[str, SourceStats]) -> dict[str, dict]
     }
 
 
-def _write_shuffled(lines: list[tuple[bytes, bytes]], output_file: Path, seed: int) -> str:
-    """Shuffle with `seed`, write atomically and return the file's sha256."""
+def _write_shuffled(lines: list[tuple[bytes, bytes]], output_file: Path, seed: int, describe) -> None:
+    """Shuffle with `seed` and write the file and its manifest, describe(sha256 of the file), as one unit."""
     random.Random(seed).shuffle(lines)
     digest = hashlib.sha256()
-    with atomic_file(output_file, "wb") as handle:
+    with atomic_file(output_file, "wb", manifest=lambda _: describe(digest.hexdigest())) as handle:
         for start in range(0, len(lines), WRITE_BLOCK_ROWS):
             block = b"".join(part for line in lines[start : start + WRITE_BLOCK_ROWS] for part in line)
             digest.update(block)
             handle.write(block)
-    return digest.hexdigest()
 
 
 def _print_summary(plan: MixPlan, stats: dict[str, SourceStats]) -> None:
@@ -647,23 +698,79 @@ def _print_summary(plan: MixPlan, stats: dict[str, SourceStats]) -> None:
         print(f"{bucket.key:<14}{bucket.quota:>10,}{bucket.kept:>10,}")
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a job scheduler, `kill`) stops the mix as Ctrl-C does: the pool shuts down and nothing is written.
+    Only the main thread can install signal handlers; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM back for the block (they arrive as soon as it ends). Processes started in the block
+    inherit the held set, so workers release it in start_worker."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+
+
+def check_mix_output(cfg, plan: MixPlan) -> Path:
+    """The output policy (qwen_sft/artifacts.py): never over an input, nor over a file this toolkit did not write."""
+    output_file = Path(cfg.OUTPUT_FILE)
+    inputs = {"--my_report_data_path": cfg.MY_REPORT_DATA_PATH}
+    inputs.update({f"--sources {source.key}": source.spec for source in plan.sources if not source.is_hub})
+    outputs = {"--output_file": str(output_file), "its manifest": str(manifest_path_for(output_file))}
+    check_outputs_apart(outputs, inputs)
+    check_output_file(output_file, "--output_file", cfg.OVERWRITE_OUTPUT)
+    return output_file
+
+
 def mix(cfg, *, report_key: str, script: str) -> Path:
     """Build the mixed dataset described by the stage's config; returns the output path."""
+    with sigterm_interrupts():
+        return _mix(cfg, report_key, script)
+
+
+def _mix(cfg, report_key: str, script: str) -> Path:
     started = time.perf_counter()
     plan = plan_mix(cfg, report_key)
+    output_file = check_mix_output(cfg, plan)
     if report_key in plan.feeds:
         read_records(cfg.MY_REPORT_DATA_PATH)  # a bad row anywhere in the file stops the run, not only a drawn one
     for source in plan.sources:
         if not source.is_hub:
             check_local_file(source)  # every missing file is reported before the slow imports and the hub
+    if cfg.FATAL_BAD_ROWS:
+        for source in plan.sources:
+            if not source.is_hub and source.key != report_key:
+                first_bad_row(source)
     workers = worker_count(cfg.TOTAL_SAMPLES)
     context = multiprocessing.get_context(worker_start_method())
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker) if workers else None
+    # A Ctrl-C half-way through setting up the pool would leave it broken, and noisy: it waits until that is done.
+    with signals_held():
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker) if workers else None
     with ThreadPoolExecutor(max_workers=1) as hasher, pool or contextlib.nullcontext():
         # The workers start now (the pool starts them for waiting tasks; forked ones before this process starts
-        # any thread), and hashlib (which releases the GIL) hashes the files, while this process opens the sources.
-        for _ in range(workers):
-            pool.submit(start_worker)
+        # any thread), while hashlib (which releases the GIL) hashes the files and this process opens the sources.
+        with signals_held():
+            for _ in range(workers):
+                pool.submit(start_worker)
         file_hashes = {
             source.key: hasher.submit(sha256_file, source.spec) for source in plan.sources if not source.is_hub
         }
@@ -686,9 +793,6 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
             f"shortfall (delivered/requested): {detail}; pass --shortfall_is_error false to write it anyway"
         )
 
-    output_file = Path(cfg.OUTPUT_FILE)
-    output_sha256 = _write_shuffled(mixer.lines, output_file, cfg.SEED)
-    elapsed = time.perf_counter() - started
     sources = {
         source.key: {
             "spec": source.spec,
@@ -699,21 +803,25 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
         }
         for source in plan.sources
     }
-    manifest = build_manifest(
-        Path(script).stem,
-        cfg,
-        seed=cfg.SEED,
-        output={"path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256},
-        buckets={
-            key: {"requested": bucket.quota, "delivered": bucket.kept, "sources": bucket.sources}
-            for key, bucket in plan.buckets.items()
-        },
-        shortfall=shortfalls,
-        sources=sources,
-        length_budget={"max_seq_length": cfg.MAX_SEQ_LENGTH, "content_bytes": content_byte_budget(cfg.MAX_SEQ_LENGTH)},
-        elapsed_s=round(elapsed, 3),
-    )
-    write_json_atomic(manifest_path_for(output_file), manifest)
+    def describe(output_sha256: str) -> dict:  # the manifest, once the file's sha256 is known
+        return build_manifest(
+            Path(script).stem,
+            cfg,
+            seed=cfg.SEED,
+            output={"path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256},
+            buckets={
+                key: {"requested": bucket.quota, "delivered": bucket.kept, "sources": bucket.sources}
+                for key, bucket in plan.buckets.items()
+            },
+            shortfall=shortfalls,
+            sources=sources,
+            length_budget={"max_seq_length": cfg.MAX_SEQ_LENGTH,
+                           "content_bytes": content_byte_budget(cfg.MAX_SEQ_LENGTH)},
+            elapsed_s=round(time.perf_counter() - started, 3),
+        )
+
+    _write_shuffled(mixer.lines, output_file, cfg.SEED, describe)
+    elapsed = time.perf_counter() - started
     _print_summary(plan, mixer.stats)
     print(
         f"wrote {len(mixer.lines):,} rows to {output_file} in {elapsed:.1f} s "

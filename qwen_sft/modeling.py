@@ -44,8 +44,12 @@ def resolve_model_path(name: str) -> str:
     """`tiny` -> its cached folder; an existing folder -> itself; anything else is taken as a hub id."""
     if name == TINY_NAME:
         return str(tiny_path())
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"base model folder {name} holds no config.json, so it is not a model folder; give a "
+                            "hub id, a complete local model folder (config, weights, tokenizer), or `tiny`")
+        return str(folder)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"base model folder {name} not found; give a hub id, a local model folder, or `tiny`")
     return name
@@ -155,9 +159,27 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
         raise UserError(f"{folder}: no LoRA adapter there; run Qwen_finetuning.py first (or pass --adapter_dir)")
     manifest_file = folder / ADAPTER_MANIFEST
     if manifest_file.is_file():
-        return json.loads(manifest_file.read_text(encoding="utf-8"))
-    adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        manifest = _read_json_object(manifest_file)
+        if not isinstance(manifest.get("base_model"), str) or not manifest["base_model"]:
+            raise UserError(f"{manifest_file}: names no base_model; restore the file from training (or delete it to "
+                            "fall back on adapter_config.json), or re-run Qwen_finetuning.py")
+        return manifest
+    adapter_config = _read_json_object(folder / "adapter_config.json")
+    if not isinstance(adapter_config.get("base_model_name_or_path"), str):
+        raise UserError(f"{folder / 'adapter_config.json'}: names no base_model_name_or_path; re-run "
+                        "Qwen_finetuning.py")
     return {"base_model": adapter_config["base_model_name_or_path"], "load_in_4bit": True}
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        message = f"{path}: not valid JSON ({error}); restore it from training or re-run Qwen_finetuning.py"
+        raise UserError(message) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object; restore it from training or re-run Qwen_finetuning.py")
+    return value
 
 
 def adapter_base_path(adapter_dir: str, manifest: dict) -> str:

@@ -6,11 +6,13 @@ Files are a JSON array or JSONL, and may mix both kinds. Every bad row is report
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import sys
 from pathlib import Path
 
+from .artifacts import warn_if_manifest_differs
 from .cli import UserError
 
 RECORD_HELP = (
@@ -110,10 +112,14 @@ def iter_json_rows(path: str | os.PathLike):
     raises UserError."""
     from_stdin = str(path) == "-"
     path = Path("<stdin>" if from_stdin else path)
+    if not from_stdin and path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file")
     if not from_stdin and not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        text = sys.stdin.buffer.read().decode("utf-8") if from_stdin else path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is dropped, so line 1 is still line 1.
+        data = sys.stdin.buffer.read() if from_stdin else path.read_bytes()
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if text.lstrip().startswith("["):
@@ -128,9 +134,20 @@ def iter_json_rows(path: str | os.PathLike):
             raise UserError(f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})") from None
 
 
+def line_starts(text: str) -> list[int]:
+    """The index at which each line of `text` starts, found in one pass."""
+    starts = [0]
+    index = text.find("\n")
+    while index != -1:
+        starts.append(index + 1)
+        index = text.find("\n", index + 1)
+    return starts
+
+
 def _iter_json_array(path: Path, text: str):
     decoder = json.JSONDecoder()
     position = text.index("[") + 1
+    starts = line_starts(text)
 
     def skip_space(index: int) -> int:
         while index < len(text) and text[index].isspace():
@@ -138,7 +155,9 @@ def _iter_json_array(path: Path, text: str):
         return index
 
     def line_at(index: int) -> int:
-        return text.count("\n", 0, index) + 1
+        """Line number of `index` by binary search over the line starts: linear time over the whole file, where
+        counting the newlines before every row took quadratic time."""
+        return bisect.bisect_right(starts, index)
 
     position = skip_space(position)
     if position < len(text) and text[position] == "]":
@@ -161,8 +180,10 @@ def _iter_json_array(path: Path, text: str):
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """Read and validate every row of an instruction file; the first bad row raises UserError."""
+    """Read and validate every row of an instruction file; the first bad row raises UserError. A manifest beside
+    the file (a mix's) that describes another file is reported in one line."""
     records = [validate_record(row, f"{path}:{line}") for line, row in iter_json_rows(path)]
     if not records:
         raise UserError(f"{path}: holds no rows; {RECORD_HELP}")
+    warn_if_manifest_differs(path)
     return records

@@ -266,7 +266,7 @@ def _numbered_local_rows(path: str):
         yield from _numbered_parquet_rows(path)
         return
     with open(path, "rb") as handle:
-        head = handle.read(4096).lstrip()
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # after a byte-order mark, if any
     if head.startswith(b"["):  # a JSON array has to be parsed whole
         for line, row in iter_json_rows(path):
             yield line, row, None

@@ -11,7 +11,16 @@ import zipfile
 from pathlib import Path
 
 from .accumulation import TokenWeightedAccumulation
-from .artifacts import atomic_directory, build_manifest, sha256_file, write_json_atomic
+from .artifacts import (
+    FOLDER_MANIFEST,
+    atomic_directory,
+    build_manifest,
+    check_output_folder,
+    check_outputs_apart,
+    read_our_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 from .batching import report_packing, report_padding
 from .cli import UserError, is_main_process, say
 from .locking import folder_lock
@@ -176,6 +185,45 @@ def keep_4bit_layout_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+POSITIVE_INTEGER_FLAGS = ("lora_r", "lora_alpha", "eval_steps", "save_steps", "logging_steps", "max_seq_length",
+                          "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def check_training_flags(cfg) -> None:
+    """Every out-of-range number in one line, before it becomes a traceback deep in PEFT or transformers."""
+    errors = [f"--{name} must be at least 1, got {cfg[name.upper()]}" for name in POSITIVE_INTEGER_FLAGS
+              if cfg[name.upper()] < 1]
+    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
+        errors.append(f"--learning_rate must be a number above 0, got {cfg.learning_rate}")
+    if not 0 <= cfg.lora_dropout < 1:
+        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    for name in ("warmup_steps", "weight_decay", "neftune_noise_alpha", "num_train_epochs"):
+        value = cfg[name.upper()]
+        if not (math.isfinite(value) and value >= 0):
+            errors.append(f"--{name} must be 0 or more, got {value}")
+    if errors:
+        raise UserError("; ".join(errors))
+
+
+def check_output_folders(cfg) -> None:
+    """The output policy (qwen_sft/artifacts.py) for the three folders training writes, before anything slow."""
+    outputs = {"--output_dir": cfg.output_dir, "--adapter_dir": cfg.adapter_dir, "--tokenizer_dir": cfg.tokenizer_dir}
+    resume = cfg.resume_from_checkpoint
+    inputs = {"--dataset_path": cfg.dataset_path,
+              "--base_model": cfg.base_model if Path(cfg.base_model).expanduser().exists() else "",
+              "--resume_from_checkpoint": "" if resume.lower() in ("", "auto", "false", "no", "none") else resume}
+    check_outputs_apart(outputs, inputs, folders={"--adapter_dir", "--tokenizer_dir"})
+    for flag, folder in outputs.items():
+        check_output_folder(folder, flag, cfg.overwrite_output)
+
+
+def mark_work_folder(cfg) -> None:
+    """A manifest in OUTPUT_DIR marks it as ours, so that later runs may write (and resume) there."""
+    work = Path(cfg.output_dir)
+    if is_main_process() and read_our_manifest(work) is None:
+        write_json_atomic(work / FOLDER_MANIFEST, build_manifest("train", cfg, contents="checkpoints and logs"))
+
+
 def sft_trainer_class():
     """TRL's SFTTrainer with token-weighted accumulation on every backend, exact 4-bit resumes, and CPU fixes, so
     that the CPU path (tests, CI) runs the same stage code."""
@@ -295,6 +343,8 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
             "--packing true needs the Unsloth backend (a CUDA GPU and requirements-gpu.txt): with transformers' "
             "sdpa attention, packed examples would attend across their boundaries; use --packing false"
         )
+    check_training_flags(cfg)
+    check_output_folders(cfg)
     records = read_records(cfg.dataset_path)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -409,6 +459,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
     trainer.add_callback(progress)
 
     resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    mark_work_folder(cfg)
     if resume:
         say(f"resuming from {resume}")
     finished, adapter_written = is_finished(trainer, resume, cfg.adapter_dir) if resume else (False, False)
@@ -483,6 +534,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         write_json_atomic(folder / ADAPTER_MANIFEST, manifest)
     with atomic_directory(cfg.tokenizer_dir) as folder:
         tokenizer.save_pretrained(folder)
+        write_json_atomic(folder / FOLDER_MANIFEST, build_manifest("train", cfg, contents="tokenizer"))
     say(f"adapter, tokenizer, loss curve and manifest written to {cfg.adapter_dir}/ (tokenizer also in "
         f"{cfg.tokenizer_dir}/)")
     if final_eval:

@@ -171,7 +171,7 @@ def test_a_saved_chat_trains_on_the_tokens_the_model_answered_from(tokenizer, tm
 
 def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
     saved = tmp_path / "saved.jsonl"
-    script = [Q0, Q2, f"/save {saved}", "/reset", Q0, "/system 你是测试助手。", Q4, "/help", "/nonsense", "exit", Q6]
+    script = [Q0, Q2, f"/save {saved}", "/reset", Q0, "/system 你是测试助手。", Q4, "/help", "exit", Q6]
     result = run_script("chat.py", "--adapter_dir", adapter, *EXACT, "--show_prompt", cwd=tmp_path,
                         input_text="\n".join(script) + "\n", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -190,7 +190,6 @@ def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
     ]
 
     assert "[conversation cleared]" in result.stdout and "/system TEXT" in result.stdout
-    assert "[unknown command /nonsense; /help lists the commands]" in result.stdout
     assert "[system prompt set; it applies from the next message]" in result.stdout
     assert prompts[3].startswith("<|im_start|>system\n你是测试助手。<|im_end|>\n")  # /system replaced it...
     assert turn(Q0, A0) in prompts[3]  # ...and kept the conversation

@@ -108,6 +108,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(adapter, tmp_path):
         "error: --dtype must be one of bfloat16, float16, float32, got 'int8'"
     ]
     assert over_adapter.stderr.strip().splitlines() == [
-        f"error: --output_dir {adapter} is the adapter folder; choose another folder"
+        f"error: --output_dir {adapter} is the input --adapter_dir {adapter}; writing it would destroy that input: "
+        "choose another --output_dir"
     ]
     assert (adapter / "adapter_config.json").is_file() and not list(tmp_path.iterdir())

@@ -39,20 +39,24 @@ def mix_in_process(script: str, *args, monkeypatch):
     namespace["main"]()
 
 
+def with_defaults(defaults: dict, args) -> list:
+    """The flags `args` plus those `defaults` they do not give (a flag may be given only once)."""
+    given = {str(arg) for arg in args if str(arg).startswith("--")}
+    return [item for flag, value in defaults.items() if flag not in given for item in (flag, value)] + list(args)
+
+
 def option_a(tmp_path, monkeypatch, *args, output="mix.jsonl"):
-    mix_in_process(
-        "data_integration.py", "--my_report_data_path", REPORTS, "--sources", f"orca={ORCA},pubmed={PUBMED}",
-        "--output_file", tmp_path / output, *args, monkeypatch=monkeypatch,
-    )
+    defaults = {"--my_report_data_path": REPORTS, "--sources": f"orca={ORCA},pubmed={PUBMED}",
+                "--output_file": tmp_path / output}
+    mix_in_process("data_integration.py", *with_defaults(defaults, args), monkeypatch=monkeypatch)
     return read_mix(tmp_path / output)
 
 
 def option_b(tmp_path, monkeypatch, *args):
-    mix_in_process(
-        "data_set_generation.py", "--my_report_data_path", REPORTS,
-        "--sources", f"orca={ORCA},pubmed={PUBMED},stackexchange={STACKEXCHANGE}",
-        "--output_file", tmp_path / "mix.jsonl", *args, monkeypatch=monkeypatch,
-    )
+    defaults = {"--my_report_data_path": REPORTS,
+                "--sources": f"orca={ORCA},pubmed={PUBMED},stackexchange={STACKEXCHANGE}",
+                "--output_file": tmp_path / "mix.jsonl"}
+    mix_in_process("data_set_generation.py", *with_defaults(defaults, args), monkeypatch=monkeypatch)
     return read_mix(tmp_path / "mix.jsonl")
 
 
@@ -105,12 +109,23 @@ def test_schema_adapters_produce_the_expected_records(tmp_path, monkeypatch):
         "output"].startswith("No. ")
 
 
-def test_quotas_round_then_give_the_remainder_to_the_largest_share():
+def test_quotas_follow_the_largest_remainder_method():
     assert exact_quotas(2000, {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}) == {
         "reports": 200, "orca": 1200, "pubmed": 600
     }
     assert exact_quotas(10, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 4, "b": 3, "c": 3}
     assert exact_quotas(7, {"small": 0.25, "large": 0.5, "rest": 0.25}) == {"small": 2, "large": 3, "rest": 2}
+    # Six equal shares of 9: rounding each (2) overshoots by 3, and the old remainder rule gave one share -1 rows.
+    assert exact_quotas(9, dict.fromkeys("abcdef", 1 / 6)) == {"a": 2, "b": 2, "c": 2, "d": 1, "e": 1, "f": 1}
+
+
+@pytest.mark.parametrize("total", [1, 2, 5, 7, 9, 11, 100, 239, 240000])
+@pytest.mark.parametrize("ratios", [dict.fromkeys("abcdef", 1 / 6), {"a": 0.05, "b": 0.45, "c": 0.2, "d": 0.15, "e": 0.15},
+                                    {"a": 0.999999, "b": 0.000001}, {"a": 0.0, "b": 1.0}])
+def test_quotas_are_exact_and_never_negative(total, ratios):
+    quotas = exact_quotas(total, ratios)
+    assert sum(quotas.values()) == total and min(quotas.values()) >= 0
+    assert all(abs(quotas[key] - total * ratio) < 1 for key, ratio in ratios.items())
 
 
 def test_exact_and_near_exact_duplicates_are_removed(tmp_path, monkeypatch):
@@ -369,8 +384,8 @@ def assert_one_line_error(result, *fragments):
 )
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, flags, fragments):
     output = tmp_path / "mix.jsonl"
-    defaults = ["--my_report_data_path", REPORTS, "--sources", f"orca={ORCA},pubmed={PUBMED}", "--output_file", output]
-    result = run_script("data_integration.py", *defaults, *flags)
+    defaults = {"--my_report_data_path": REPORTS, "--sources": f"orca={ORCA},pubmed={PUBMED}", "--output_file": output}
+    result = run_script("data_integration.py", *with_defaults(defaults, flags))
     assert_one_line_error(result, *fragments)
     assert list(tmp_path.iterdir()) == []
 
@@ -407,14 +422,36 @@ def test_bad_configuration_and_sources_raise_a_user_error(tmp_path, monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_malformed_source_line_is_named(tmp_path, monkeypatch):
+def test_malformed_source_line_is_named_with_fatal_bad_rows_and_skipped_without(tmp_path, monkeypatch):
     lines = ORCA.read_text(encoding="utf-8").splitlines()
     text = "\n".join(lines[:2] + ["  ", '{"conversations": [}'] + lines[2:]) + "\n"  # the bad row is line 4
     broken = bad_file(tmp_path, "broken.jsonl", text)
-    with pytest.raises(UserError, match=r"orca: .*broken.jsonl:4: malformed JSON"):
-        option_a(tmp_path, monkeypatch, "--sources", f"orca={broken},pubmed={PUBMED}", "--total_samples", 20,
-                 "--ratios", "reports=0,orca=1,pubmed=0")
+    flags = ["--sources", f"orca={broken},pubmed={PUBMED}", "--total_samples", 20,
+             "--ratios", "reports=0,orca=1,pubmed=0"]
+    with pytest.raises(UserError, match=r"orca: .*broken.jsonl:4: malformed JSON .*--fatal_bad_rows false"):
+        option_a(tmp_path, monkeypatch, *flags, "--fatal_bad_rows", "true")
     assert not (tmp_path / "mix.jsonl").exists()
+    rows, manifest = option_a(tmp_path, monkeypatch, *flags)
+    assert len(rows) == ORCA_UNIQUE_ROWS and manifest["sources"]["orca"]["rejected"] == {"malformed": 1}
+
+
+@pytest.mark.parametrize("fatal", ["true", "false"])
+def test_a_bad_source_row_is_reported_alike_for_every_seed(tmp_path, monkeypatch, fatal):
+    """Line 7 is malformed; the mix needs only 3 of the 12 rows, so the seed decides whether it is ever drawn."""
+    lines = ORCA.read_text(encoding="utf-8").splitlines()
+    broken = bad_file(tmp_path, "broken.jsonl", "\n".join(lines[:6] + ['{"conversations": [}'] + lines[6:]) + "\n")
+    outcomes = set()
+    for seed in range(8):
+        try:
+            option_a(tmp_path, monkeypatch, "--sources", f"orca={broken},pubmed={PUBMED}", "--total_samples", 3,
+                     "--ratios", "reports=0,orca=1,pubmed=0", "--seed", seed, "--fatal_bad_rows", fatal,
+                     "--overwrite_output", "true")
+            outcomes.add("written")
+        except UserError as error:
+            outcomes.add(str(error))
+    assert outcomes == ({"written"} if fatal == "false" else {
+        f"orca: {broken}:7: malformed JSON (Expecting value at column 20); fix the row, or pass --fatal_bad_rows "
+        "false to skip such rows"})
 
 
 @pytest.mark.parametrize(
@@ -443,7 +480,8 @@ def test_wrong_schema_rows_are_skipped_and_reported_up_to_the_limit(tmp_path, mo
     assert len(rows) == ORCA_UNIQUE_ROWS
     assert manifest["sources"]["orca"]["rejected"] == {"wrong_schema": 3}
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 3 and warnings[-1] == "warning: further wrong-schema rows of orca are counted, not shown"
+    assert len(warnings) == 3
+    assert warnings[-1] == "warning: further malformed or wrong-schema rows of orca are counted, not shown"
     assert all("mixed.jsonl:" in line and "not in the SlimOrca schema" in line for line in warnings[:2])
 
 

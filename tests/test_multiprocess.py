@@ -22,9 +22,15 @@ LAUNCHERS = {
 }
 
 
+def without_flags(flags: list[str], extra) -> list[str]:
+    """`flags` less the flags (with their values) that `extra` gives again: a flag may be given only once."""
+    given = set(extra[::2])
+    return [item for flag, value in zip(flags[::2], flags[1::2]) if flag not in given for item in (flag, value)]
+
+
 def launch(launcher: str, workdir: Path, *extra):
     result = subprocess.run(
-        [*LAUNCHERS[launcher], str(ROOT / "Qwen_finetuning.py"), *FLAGS, *extra],
+        [*LAUNCHERS[launcher], str(ROOT / "Qwen_finetuning.py"), *without_flags(FLAGS, extra), *extra],
         cwd=workdir, capture_output=True, text=True, timeout=600,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
     )

@@ -63,9 +63,11 @@ def test_atomic_directory_keeps_old_until_complete(tmp_path):
     target = tmp_path / "adapter"
     with atomic_directory(target) as folder:
         (folder / "a.txt").write_text("v1")
+        (folder / "manifest.json").write_text('{"stage": "test"}')
     with pytest.raises(RuntimeError):
         with atomic_directory(target) as folder:
             (folder / "a.txt").write_text("v2")
+            (folder / "manifest.json").write_text('{"stage": "test"}')
             raise RuntimeError("crash")
     assert (target / "a.txt").read_text() == "v1"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
