@@ -1,0 +1,195 @@
+"""The data stages against a hub: a local server (tests/hub_server.py) that speaks the hub API and serves replicas
+with the real repos' layouts, reached through huggingface_hub and datasets exactly as huggingface.co would be.
+
+Each stage runs in a subprocess with HF_ENDPOINT set and the offline switches of the test session removed (the hub
+libraries read them at import), as a user runs it.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "bench"))
+from hub_replicas import ORCA_FILE, write_pubmedqa, write_slimorca, write_stackexchange  # noqa: E402
+from hub_server import HubServer  # noqa: E402
+
+REPORTS = Path(__file__).resolve().parent / "fixtures" / "hub" / "reports.json"
+ORCA, PUBMED, STACKEXCHANGE = "Open-Orca/SlimOrca", "qiaojin/PubMedQA", "HuggingFaceH4/stack-exchange-preferences"
+SITE_ROWS = {
+    "ai.stackexchange.com": 150, "electronics.stackexchange.com": 150, "biology.stackexchange.com": 150,
+    "datascience.stackexchange.com": 100, "askubuntu.com": 100, "Stackoverflow.com": 1500,
+}
+OFF_TOPIC = ("Stackoverflow.com", "askubuntu.com")
+B_ARGS = ["--total_samples", 400, "--shuffle_buffer", 64]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replicas")
+    return {
+        "orca_v1": write_slimorca(root / "orca_v1", 250, seed=1),
+        "orca": write_slimorca(root / "orca", 300, seed=2),
+        "pubmed": write_pubmedqa(root / "pubmed", labeled_rows=120, artificial_rows=30),
+        "stackexchange": write_stackexchange(root / "se", SITE_ROWS, files_per_site=2, row_group_size=40),
+    }
+
+
+@pytest.fixture
+def hub(replicas):
+    repos = {
+        ORCA: [replicas["orca_v1"], replicas["orca"]],
+        PUBMED: [replicas["pubmed"]],
+        STACKEXCHANGE: [replicas["stackexchange"]],
+    }
+    with HubServer(repos) as server:
+        yield server
+
+
+def run_online(script, *args, hub, tmp_path, timeout=180):
+    """Run a stage against the local hub: HF_ENDPOINT set, offline switches off, a fresh hub cache per test."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1")
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), "--my_report_data_path", REPORTS, *map(str, args)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def manifest_of(output: Path) -> dict:
+    return json.loads(output.with_name(f"{output.stem}.manifest.json").read_text(encoding="utf-8"))
+
+
+def option_b(tmp_path, hub, name="mix.jsonl", *args):
+    output = tmp_path / name
+    result = run_online("data_set_generation.py", *B_ARGS, "--output_file", output, *args, hub=hub, tmp_path=tmp_path)
+    return result, output
+
+
+def test_default_ids_of_both_options_stream_from_the_hub_reading_only_on_topic_sites(hub, tmp_path):
+    output = tmp_path / "a.jsonl"
+    result = run_online("data_integration.py", "--total_samples", 50, "--output_file", output, hub=hub,
+                        tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sources = manifest_of(output)["sources"]
+    assert sources["orca"]["commit_sha"] == hub.repos[ORCA][-1].sha  # main
+    assert sources["pubmed"]["config"] == "pqa_labeled"
+    assert len(output.read_text().splitlines()) == 50
+
+    sent_before = len(hub.sent)
+    result, output = option_b(tmp_path, hub)
+    assert result.returncode == 0, result.stderr
+    manifest = manifest_of(output)
+    se = manifest["sources"]["stackexchange"]
+    assert se["commit_sha"] == hub.repos[STACKEXCHANGE][0].sha
+    assert se["columns"] == ["question", "answers"]
+    # The default names sites the replica lacks: each is a warning, not a failure.
+    assert "stats.stackexchange.com" in se["missing_paths"]
+    assert "has no data/stats.stackexchange.com; skipped" in result.stdout
+    assert {path.split("/")[1] for path in se["data_files"]} == set(SITE_ROWS) - set(OFF_TOPIC)
+    read_from_hub = hub.sent[sent_before:]
+    assert any("ai.stackexchange.com" in path for path in read_from_hub)
+    assert not [path for path in read_from_hub if any(site in path for site in OFF_TOPIC)]  # zero off-topic reads
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == 400 and {row["source"] for row in rows} == {"my_reports", "orca", "bio", "ai", "ic"}
+
+
+def test_a_revision_pin_reads_that_commit_and_a_snapshot_folder_gives_the_same_bytes(hub, replicas, tmp_path):
+    old = hub.repos[ORCA][0].sha
+    pinned = tmp_path / "pinned.jsonl"
+    result = run_online("data_integration.py", "--total_samples", 60, "--sources",
+                        f"orca={ORCA}@{old[:10]},pubmed={PUBMED}:pqa_labeled", "--output_file", pinned,
+                        hub=hub, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert manifest_of(pinned)["sources"]["orca"]["commit_sha"] == old
+    # The same mix from local snapshots of those commits (no network at all): the same bytes.
+    local = tmp_path / "local.jsonl"
+    result = run_script("data_integration.py", "--my_report_data_path", REPORTS, "--total_samples", 60, "--sources",
+                        f"orca={replicas['orca_v1']},pubmed={replicas['pubmed']}", "--output_file", local)
+    assert result.returncode == 0, result.stderr
+    assert local.read_bytes() == pinned.read_bytes()
+    assert manifest_of(local)["sources"]["pubmed"]["kind"] == "file"  # the README's pqa_labeled config: one file
+    latest = tmp_path / "latest.jsonl"
+    result = run_online("data_integration.py", "--total_samples", 60, "--output_file", latest, hub=hub,
+                        tmp_path=tmp_path)
+    assert result.returncode == 0 and latest.read_bytes() != pinned.read_bytes()
+
+
+def test_option_b_from_a_snapshot_restricted_to_sites_matches_the_hub_offline(hub, replicas, tmp_path):
+    result, from_hub = option_b(tmp_path, hub, "hub.jsonl")
+    assert result.returncode == 0, result.stderr
+    se = replicas["stackexchange"]
+    sites = "+".join(str(se / "data" / site) for site in SITE_ROWS if site not in OFF_TOPIC)
+    local = tmp_path / "local.jsonl"
+    result = run_script(
+        "data_set_generation.py", "--my_report_data_path", REPORTS, *B_ARGS, "--output_file", local, "--sources",
+        f"orca={replicas['orca']},pubmed={replicas['pubmed']}:pqa_labeled,stackexchange={sites}+{se}/data/nope",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "data/nope: no such file, folder or glob match; skipped" in result.stdout
+    assert local.read_bytes() == from_hub.read_bytes()
+    files = manifest_of(local)["sources"]["stackexchange"]["files"]
+    assert len(files) == 8 and not [path for path in files if any(site in path for site in OFF_TOPIC)]
+
+
+def test_a_lost_stream_stops_with_one_line_and_the_rerun_continues_to_the_same_bytes(hub, tmp_path):
+    result, whole = option_b(tmp_path, hub, "whole.jsonl")
+    assert result.returncode == 0, result.stderr
+    se_reads = [path for path in hub.sent if "stack-exchange" in path and path.endswith(".parquet")]
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    hub.sent.clear()
+    hub.fail_after = len(se_reads) // 2 + 2  # orca's and pubmed's files, then half of the StackExchange reads
+    hub.fail_after += 2  # the READMEs
+    started = time.monotonic()
+    result, output = option_b(cut, hub, "mix.jsonl", "--network_retry_seconds", 3)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: stackexchange: the connection to"), result.stderr
+    assert "rows read" in error[0] and "run the same command again to continue" in error[0]
+    assert "retry 1 in" in result.stdout  # the retries are visible
+    assert not output.exists() and (cut / "mix.jsonl.work" / "state.pickle").is_file()
+    read_before = int(error[0].split(" rows read")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert read_before > 0
+
+    hub.fail_after = None
+    result, output = option_b(cut, hub, "mix.jsonl", "--network_retry_seconds", 3)
+    assert result.returncode == 0, result.stderr
+    assert "continuing the work saved in" in result.stdout
+    assert output.read_bytes() == whole.read_bytes()
+    assert not (cut / "mix.jsonl.work").exists()
+    assert manifest_of(output)["sources"]["stackexchange"]["rows_read"] == manifest_of(whole)["sources"][
+        "stackexchange"]["rows_read"]
+
+
+def test_a_hanging_endpoint_fails_within_the_timeout_naming_the_ways_out(hub, tmp_path):
+    hub.hang = True
+    started = time.monotonic()
+    result = run_online("data_integration.py", "--hub_timeout_seconds", 2, "--output_file", tmp_path / "m.jsonl",
+                        hub=hub, tmp_path=tmp_path, timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert elapsed < 30
+    line = result.stderr.strip()
+    assert "\n" not in line and "HF_ENDPOINT" in line and "--sources orca=/path/to/snapshot" in line
+
+
+def test_bad_hub_specs_are_one_line_errors(hub, tmp_path):
+    result = run_online("data_integration.py", "--sources", f"orca={ORCA}@0000000000,pubmed={PUBMED}",
+                        "--output_file", tmp_path / "m.jsonl", hub=hub, tmp_path=tmp_path)
+    assert result.returncode == 2 and "has no revision '0000000000'" in result.stderr
+    result = run_online("data_integration.py", "--sources", f"orca={ORCA}/no_such_folder,pubmed={PUBMED}",
+                        "--output_file", tmp_path / "m.jsonl", hub=hub, tmp_path=tmp_path)
+    assert result.returncode == 2 and "none of the paths" in result.stderr and "no_such_folder" in result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_online("data_integration.py", "--sources", f"orca={ORCA}/{ORCA_FILE},pubmed={PUBMED}",
+                        "--total_samples", 20, "--output_file", tmp_path / "m.jsonl", hub=hub, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
