@@ -53,7 +53,7 @@ HUB_SPEC = re.compile(
 )
 HUB_CONFIGS = {"qiaojin/PubMedQA": "pqa_labeled"}  # hub datasets that need a config name
 GLOB_CHARS = re.compile(r"[*?[]")
-HUB_BATCH_ROWS = 1000  # rows of a hub stream turned into Python objects at a time (and the resume granularity)
+HUB_BATCH_ROWS = 1000  # hub rows made Python objects at a time (at most SHUFFLE_BUFFER; a lost stream resumes there)
 PARQUET_BATCH_ROWS = 1024  # rows converted to Python objects at a time
 RANDOM_SLOTS_PER_DRAW = 1000  # shuffle-buffer slots drawn at a time, as datasets draws them
 
@@ -467,6 +467,31 @@ class StreamLost(Exception):
     """A hub stream stayed unreachable for HubSettings.retry_s; the stream's state is kept for a later run."""
 
 
+def _single_attempt_reads() -> None:
+    """Make huggingface_hub's file reads try once: its own backoff (about 23 s per read, logged as warnings) would
+    hide inside every attempt of HubRows, which retries the stream visibly within NETWORK_RETRY_SECONDS."""
+    import functools
+
+    from huggingface_hub import hf_file_system
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # also "Repo card metadata block was not found" for repos without YAML
+    for name in ("http_backoff", "http_stream_backoff"):
+        backoff = getattr(hf_file_system, name, None)
+        if backoff is not None and not isinstance(backoff, functools.partial):
+            setattr(hf_file_system, name, functools.partial(backoff, max_retries=0))
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """A lost or refused connection, a timeout, or a hub answer that says "try later" (429, 5xx)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else 0
+        return status == 429 or status >= 500
+    return isinstance(error, _network_errors())
+
+
 def _network_errors() -> tuple:
     import httpx
     import requests
@@ -624,17 +649,19 @@ class HubRows:
     def _batches(self):
         """The stream's rows a batch at a time from the saved position; a lost connection is retried from the last
         whole batch until HubSettings.retry_s have passed without data, then StreamLost."""
-        errors, deadline, attempt = _network_errors(), None, 0
+        deadline, attempt = None, 0
         while True:
             if self.state["stream"] is not None:
                 self.stream.load_state_dict(self.state["stream"])
             try:
-                for table in self.stream.iter(batch_size=HUB_BATCH_ROWS):
+                for table in self.stream.iter(batch_size=min(HUB_BATCH_ROWS, self.buffer_size)):
                     deadline, attempt = None, 0
                     yield table.to_pylist()
                     self.state["stream"] = self.stream.state_dict()
                 return
-            except errors as error:
+            except Exception as error:
+                if not _is_network_error(error):
+                    raise
                 now = time.monotonic()
                 deadline = deadline or now + self.settings.retry_s
                 if now >= deadline:
@@ -661,11 +688,11 @@ def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings
     if not source.is_hub:
         rows = _numbered_local_rows(source.path) if source.path else _numbered_files_rows(source.files)
         return shuffle_buffered(rows, seed, buffer_size)
-    import huggingface_hub
+    from huggingface_hub import constants
 
     settings = settings or HubSettings()
     # Every request (file reads mid-stream included) gets the same bound, so a route that hangs fails fast.
-    huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT = settings.timeout_s
-    huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT = settings.timeout_s
+    constants.HF_HUB_ETAG_TIMEOUT = constants.HF_HUB_DOWNLOAD_TIMEOUT = settings.timeout_s
+    _single_attempt_reads()
     hub = state["hub"] if state else resolve_hub(source, settings)  # a continued stream stays at its commit
     return HubRows(source, _hub_stream(source, hub, settings), hub, seed, buffer_size, settings, state)
