@@ -115,6 +115,7 @@ class Schema(ABC):
 
     name = ""
     columns: tuple[str, ...] | None = None  # the only columns convert() reads (a Parquet stream reads only these)
+    config: str | None = None  # the config a snapshot folder that declares several is read with, unless named
 
     @abstractmethod
     def convert(self, row) -> tuple[str, str, str]:
@@ -164,6 +165,7 @@ class SlimOrcaSchema(Schema):
 class PubMedQASchema(Schema):
     name = "PubMedQA pqa_labeled"
     columns = ("question", "context", "long_answer", "final_decision")
+    config = "pqa_labeled"
     decisions = {"yes": "Yes", "no": "No", "maybe": "Maybe"}
 
     def convert(self, row):
@@ -296,7 +298,7 @@ def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path
     if config is None:
         configs = datasets.get_dataset_config_names(str(folder))
         if len(configs) > 1:
-            default = HUB_CONFIGS.get(next((hub for hub in HUB_CONFIGS if hub.endswith("/" + folder.name)), ""))
+            default = source.schema.config
             if default not in configs:
                 raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
             config = default
