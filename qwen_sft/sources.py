@@ -582,6 +582,8 @@ def _hub_stream(source: Source, hub: dict, settings: HubSettings):
     import datasets
 
     datasets.logging.set_verbosity_error()
+    if "torch" not in sys.modules:  # a stream made only for mixing never meets torch, whose import costs ~2.5 CPU s
+        datasets.config.TORCH_AVAILABLE = False
     # One attempt per read inside datasets (whose own retries are silent): HubRows retries, visibly and bounded.
     datasets.config.STREAMING_READ_MAX_RETRIES = 1
     datasets.config.STREAMING_READ_RETRY_INTERVAL = 0
