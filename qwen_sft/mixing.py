@@ -65,7 +65,8 @@ CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain ea
 # deliver at least this many rows; a smaller one (the report file, PubMedQA) is quicker to prepare in this process.
 PARALLEL_MIN_ROWS = 20_000
 CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkeeping (bounded, for early stops)
-ESTIMATE_MIN_ROWS = 5000  # rows read from a source before its hit rates are trusted to predict a shortfall
+# Rows read from a source before its hit rates are trusted to predict a shortfall: this many, or 5% of MAX_ROWS_READ.
+ESTIMATE_MIN_ROWS = 5000
 WRITE_BLOCK_ROWS = 64  # output rows joined per write: about 70 KB, under glibc's 128 KiB mmap threshold
 _json_string = json.encoder.encode_basestring  # the C encoder behind json.dumps(ensure_ascii=False)
 
@@ -563,7 +564,8 @@ class Mixer:
             rate = stats.kept[key] / max(stats.read, 1)
             to_read = (bucket.quota - bucket.kept) / rate if rate else float("inf")
             parts.append(f"{key} {bucket.kept:,}/{bucket.quota:,} hit {rate:.1%} ~{to_read:,.0f} to read")
-            if self.max_rows_read and stats.read >= ESTIMATE_MIN_ROWS and key not in stats.warned:
+            trusted = stats.read >= min(ESTIMATE_MIN_ROWS, self.max_rows_read // 20)
+            if self.max_rows_read and trusted and key not in stats.warned:
                 left = self.max_rows_read - stats.read
                 if to_read > left:
                     stats.warned.add(key)

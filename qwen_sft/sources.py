@@ -295,17 +295,15 @@ def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path
     import datasets
 
     datasets.logging.set_verbosity_error()
-    if config is None:
-        configs = datasets.get_dataset_config_names(str(folder))
-        if len(configs) > 1:
-            default = source.schema.config
-            if default not in configs:
-                raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
-            config = default
     try:
+        configs = datasets.get_dataset_config_names(str(folder)) if config is None else []
+        if len(configs) > 1:
+            if source.schema.config not in configs:
+                raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
+            config = source.schema.config
         builder = datasets.load_dataset_builder(str(folder), config)
-    except (ValueError, FileNotFoundError) as error:
-        raise UserError(f"{source.key}: {folder}: no data files found ({str(error).splitlines()[0]})") from None
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
+        raise UserError(f"{source.key}: {folder}: not a readable dataset folder ({_first_line(error)})") from None
     train = (builder.config.data_files or {}).get("train")
     if not train:
         raise UserError(f"{source.key}: {folder}: no train split (file names like train-00000-of-00001.parquet)")
@@ -508,13 +506,18 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _local_hint(source: Source) -> str:
+    return (
+        f"--sources {source.key}=/path/to/{source.key}.jsonl (or .json/.parquet files, a glob, or a folder that "
+        f"`hf download` wrote, in the {source.schema.name} schema)"
+    )
+
+
 def _unreachable(source: Source, endpoint: str, error: BaseException) -> UserError:
     return UserError(
         f"{source.key}: the hub at {endpoint} did not answer for {source.spec!r} ({_first_line(error)}); "
         f"set HF_ENDPOINT to a reachable mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), or download the data "
-        f"where the hub is reachable and point the source at the local files, e.g. --sources "
-        f"{source.key}=/path/to/snapshot (a folder, a glob or .json/.jsonl/.parquet files in the "
-        f"{source.schema.name} schema)"
+        f"where the hub is reachable and point the source at the local files, e.g. {_local_hint(source)}"
     )
 
 
@@ -555,8 +558,7 @@ def resolve_hub(source: Source, settings: HubSettings) -> dict:
     except OfflineModeIsEnabled:
         raise UserError(
             f"{source.key}: cannot stream the hub dataset {source.spec!r} while HF_HUB_OFFLINE=1; unset it, or point "
-            f"the source at local files, e.g. --sources {source.key}=/path/to/snapshot (a folder, a glob or "
-            f".json/.jsonl/.parquet files in the {source.schema.name} schema)"
+            f"the source at local files, e.g. {_local_hint(source)}"
         ) from None
     except RevisionNotFoundError:
         raise UserError(f"{source.key}: the hub dataset {repo!r} has no revision {revision!r}") from None
@@ -601,8 +603,7 @@ def _hub_stream(source: Source, hub: dict, settings: HubSettings):
     except Exception as error:  # unknown config, no data files, gated: all end the same way for the user
         raise UserError(
             f"{source.key}: cannot stream the hub dataset {source.spec!r} ({_first_line(error)}); download it "
-            f"where the hub is reachable and point the source at the files, e.g. --sources {source.key}=/path/to/"
-            f"snapshot (a folder, a glob or .json/.jsonl/.parquet files in the {source.schema.name} schema)"
+            f"where the hub is reachable and point the source at the files, e.g. {_local_hint(source)}"
         ) from None
 
 

@@ -178,7 +178,7 @@ def test_a_hanging_endpoint_fails_within_the_timeout_naming_the_ways_out(hub, tm
     assert result.returncode == 2, result.stderr
     assert elapsed < 30
     line = result.stderr.strip()
-    assert "\n" not in line and "HF_ENDPOINT" in line and "--sources orca=/path/to/snapshot" in line
+    assert "\n" not in line and "HF_ENDPOINT" in line and "--sources orca=/path/to/orca.jsonl" in line
 
 
 def test_bad_hub_specs_are_one_line_errors(hub, tmp_path):
@@ -192,3 +192,22 @@ def test_bad_hub_specs_are_one_line_errors(hub, tmp_path):
     result = run_online("data_integration.py", "--sources", f"orca={ORCA}/{ORCA_FILE},pubmed={PUBMED}",
                         "--total_samples", 20, "--output_file", tmp_path / "m.jsonl", hub=hub, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_max_rows_read_bounds_a_source_and_reports_an_unfillable_domain_early(replicas, tmp_path):
+    every_site = replicas["stackexchange"] / "data" / "*" / "*.parquet"  # Stackoverflow.com sorts first
+    output = tmp_path / "mix.jsonl"
+    result = run_script(
+        "data_set_generation.py", "--my_report_data_path", REPORTS, "--output_file", output,
+        "--sources", f"orca={replicas['orca']},pubmed={replicas['pubmed']},stackexchange={every_site}",
+        "--total_samples", 3000, "--ratios", "my_reports=0,orca=0.05,bio=0.05,ai=0.6,ic=0.3",
+        "--max_rows_read", 2000, "--shuffle_buffer", 100,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    warned = next(i for i, line in enumerate(lines) if line.startswith("warning: ai: stackexchange kept"))
+    stopped = next(i for i, line in enumerate(lines) if "stackexchange: stopped at MAX_ROWS_READ (2,000" in line)
+    assert warned < stopped and "short of 1,800" in lines[warned]
+    se = manifest_of(output)["sources"]["stackexchange"]
+    assert se["rows_read"] == 2000 and se["reached_max_rows_read"] and len(se["files"]) == 12
+    assert "or reached MAX_ROWS_READ" in result.stdout
