@@ -635,6 +635,13 @@ def _shortfalls(plan: MixPlan, stats: dict[str, SourceStats]) -> dict[str, dict]
     }
 
 
+def _stopped_after(stats: dict[str, SourceStats], sources_read: dict[str, int]) -> list[str]:
+    return [
+        f"{name} after {read:,} rows" + (" (MAX_ROWS_READ)" if stats[name].reached_max_rows_read else "")
+        for name, read in sources_read.items()
+    ]
+
+
 def _write_shuffled(lines: list[tuple[bytes, bytes]], output_file: Path, seed: int) -> str:
     """Shuffle with `seed`, write atomically and return the file's sha256."""
     random.Random(seed).shuffle(lines)
@@ -779,8 +786,7 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
     for key, item in shortfalls.items():
         print(
             f"shortfall: {key} requested {item['requested']:,}, delivered {item['delivered']:,} "
-            f"(its sources ran out: {', '.join(f'{n} after {r:,} rows' for n, r in item['sources_read'].items())}"
-            f"{', or reached MAX_ROWS_READ' if any(mixer.stats[n].reached_max_rows_read for n in item['sources_read']) else ''}); "
+            f"(its sources ran out: {', '.join(_stopped_after(mixer.stats, item['sources_read']))}); "
             f"rows are never repeated: add rows or lower RATIOS[{key!r}]"
         )
     if shortfalls and cfg.SHORTFALL_IS_ERROR:

@@ -210,4 +210,4 @@ def test_max_rows_read_bounds_a_source_and_reports_an_unfillable_domain_early(re
     assert warned < stopped and "short of 1,800" in lines[warned]
     se = manifest_of(output)["sources"]["stackexchange"]
     assert se["rows_read"] == 2000 and se["reached_max_rows_read"] and len(se["files"]) == 12
-    assert "or reached MAX_ROWS_READ" in result.stdout
+    assert "its sources ran out: stackexchange after 2,000 rows (MAX_ROWS_READ)" in result.stdout
