@@ -40,6 +40,10 @@ SITES = {
     "electronics.stackexchange.com": {"ic": 0.8, "general": 0.2},
     "biology.stackexchange.com": {"bio": 0.8, "general": 0.2},
     "bioinformatics.stackexchange.com": {"bio": 0.9, "general": 0.1},
+    "stats.stackexchange.com": {"ai": 0.5, "general": 0.5},
+    "cs.stackexchange.com": {"ai": 0.3, "ic": 0.1, "general": 0.6},
+    "chemistry.stackexchange.com": {"bio": 0.3, "general": 0.7},
+    "medicalsciences.stackexchange.com": {"bio": 0.8, "general": 0.2},
     "askubuntu.com": {"general": 1.0},
     "Stackoverflow.com": {"general": 0.85, "ai": 0.1, "ic": 0.05},
 }
@@ -53,13 +57,19 @@ def _write_parquet(path: Path, rows: list[dict], row_group_size: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
 
 
-def _stackexchange_rows(rng: random.Random, site: str, count: int, first_qid: int) -> list[dict]:
+def _stackexchange_rows(rng: random.Random, site: str, count: int, first_qid: int, distinct: int | None = None):
+    """`count` rows of a site; with `distinct`, only that many are generated and the rest reuse them with the
+    question id in the text (still unique rows, written much faster)."""
     rows = []
-    for qid in range(first_qid, first_qid + count):
+    for qid in range(first_qid, first_qid + min(count, distinct or count)):
         row = stackexchange_row(rng, qid, SITES[site])
         for answer in row["answers"]:
             answer["author_id"] = str(rng.randint(1, 10**6))
             answer["author_profile"] = f"https://{site}/users/{answer['author_id']}"
+        rows.append(row)
+    for qid in range(first_qid + len(rows), first_qid + count):
+        row = dict(rows[qid % len(rows)], qid=qid)
+        row["question"] = f"{row['question']}\n<p>(question {qid})</p>"
         rows.append(row)
     return rows
 
@@ -85,19 +95,20 @@ def write_pubmedqa(folder: Path, labeled_rows: int = 1000, artificial_rows: int 
     return folder
 
 
-def write_stackexchange(folder: Path, rows_per_site: dict[str, int], files_per_site: int = 2,
-                        row_group_size: int = 100, seed: int = 0) -> Path:
+def write_stackexchange(folder: Path, rows_per_site: dict[str, int], files_per_site: int | dict[str, int] = 2,
+                        row_group_size: int = 100, seed: int = 0, distinct: int | None = None) -> Path:
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "README.md").write_text("# stack-exchange-preferences (replica)\n", encoding="utf-8")
     (folder / "stack_exchanges.json").write_text(json.dumps(sorted(rows_per_site)), encoding="utf-8")
     qid = 1
     for site, count in rows_per_site.items():
-        rows = _stackexchange_rows(rng, site, count, qid)
+        rows = _stackexchange_rows(rng, site, count, qid, distinct)
         qid += count
-        per_file = -(-count // files_per_site)
-        for index in range(files_per_site):
-            name = f"train-{index:05d}-of-{files_per_site:05d}.parquet"
+        files = files_per_site if isinstance(files_per_site, int) else files_per_site[site]
+        per_file = -(-count // files)
+        for index in range(files):
+            name = f"train-{index:05d}-of-{files:05d}.parquet"
             _write_parquet(folder / "data" / site / name, rows[index * per_file : (index + 1) * per_file],
                            row_group_size)
     return folder

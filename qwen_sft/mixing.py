@@ -295,6 +295,16 @@ def start_worker() -> None:
 
 
 @contextlib.contextmanager
+def _timed(stats: SourceStats):
+    """Add the block's wall time to the source's drawing time (also when a lost stream ends it)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.seconds += time.perf_counter() - started
+
+
+@contextlib.contextmanager
 def cyclic_gc_paused():
     """Turn the cyclic garbage collector off for the block. Drawing rows makes no reference cycles (reference
     counting frees everything), while the young-generation passes it triggers, mostly as the pool's thread unpickles
@@ -349,6 +359,7 @@ class SourceStats:
     kept: Counter = field(default_factory=Counter)
     bad_rows_shown: int = 0
     reached_max_rows_read: bool = False
+    seconds: float = 0.0  # wall time spent drawing its rows
     warned: set = field(default_factory=set)  # buckets already reported as not fillable within MAX_ROWS_READ
 
     def as_dict(self, keyword_split: bool) -> dict:
@@ -359,6 +370,7 @@ class SourceStats:
             "filtered": dict(self.filtered),
             "kept": dict(self.kept),
             "reached_max_rows_read": self.reached_max_rows_read,
+            "draw_s": round(self.seconds, 3),
         }
         if keyword_split:
             summary["no_keyword_match"] = self.unrouted["no_keyword_match"]
@@ -595,7 +607,7 @@ class Mixer:
         bar = tqdm(total=remaining, desc=source.key, unit=" kept", file=sys.stdout, mininterval=0.5)
         # A hub stream's HTTP machinery may make reference cycles, so it keeps the collector.
         collector_paused = contextlib.nullcontext() if source.is_hub else cyclic_gc_paused()
-        with bar, contextlib.closing(chunks), collector_paused:
+        with bar, contextlib.closing(chunks), collector_paused, _timed(stats):
             for chunk, prepared in chunks:
                 if self.max_rows_read:
                     room = self.max_rows_read - stats.read

@@ -61,13 +61,22 @@ class HubServer:
     def __init__(self, repos: dict[str, list[Path]]):
         self.repos = {repo_id: [_Commit(Path(folder)) for folder in folders] for repo_id, folders in repos.items()}
         self.sent: list[str] = []  # "repo_id/path" of every file body sent (GET), in order
+        self.bytes_sent = 0  # file bytes sent
         self.fail_after: int | None = None  # drop every file GET after this many have been sent
         self.hang = False
-        self._stop = threading.Event()
+        self._release = threading.Event()  # set to let hanging requests go (they then close)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def reset(self) -> None:
+        """Behave again, release hanging requests and forget what was sent."""
+        self.hang, self.fail_after = False, None
+        self._release.set()
+        self._release = threading.Event()
+        self.sent.clear()
+        self.bytes_sent = 0
 
     def commit(self, repo_id: str, revision: str) -> _Commit | None:
         commits = self.repos.get(repo_id)
@@ -82,7 +91,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
+        self._release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -110,7 +119,7 @@ def _handler_for(hub: HubServer):
 
         def _hang(self) -> bool:
             if hub.hang:
-                hub._stop.wait(600)
+                hub._release.wait(600)
                 self.close_connection = True
                 return True
             return False
@@ -218,5 +227,6 @@ def _handler_for(hub: HubServer):
             self.end_headers()
             if self.command == "GET":
                 self.wfile.write(data[start : end + 1])
+                hub.bytes_sent += end + 1 - start
 
     return Handler

@@ -7,6 +7,7 @@ libraries read them at import), as a user runs it.
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,23 +40,28 @@ def replicas(tmp_path_factory):
     }
 
 
-@pytest.fixture
-def hub(replicas):
+@pytest.fixture(scope="module")
+def server(replicas):
     repos = {
         ORCA: [replicas["orca_v1"], replicas["orca"]],
         PUBMED: [replicas["pubmed"]],
         STACKEXCHANGE: [replicas["stackexchange"]],
     }
-    with HubServer(repos) as server:
-        yield server
+    with HubServer(repos) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(server):
+    server.reset()
+    yield server
+    server.reset()
 
 
 def run_online(script, *args, hub, tmp_path, timeout=180):
-    """Run a stage against the local hub: HF_ENDPOINT set, offline switches off, a fresh hub cache per test."""
+    """Run a stage against the local hub: HF_ENDPOINT set, offline switches off, a fresh hub cache per run."""
     env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1")
-    import subprocess
-
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / f"hf_home_{time.time_ns()}"), HF_HUB_DISABLE_XET="1")
     return subprocess.run(
         [sys.executable, str(ROOT / script), "--my_report_data_path", REPORTS, *map(str, args)],
         cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env,
@@ -72,42 +78,61 @@ def option_b(tmp_path, hub, name="mix.jsonl", *args):
     return result, output
 
 
-def test_default_ids_of_both_options_stream_from_the_hub_reading_only_on_topic_sites(hub, tmp_path):
-    output = tmp_path / "a.jsonl"
-    result = run_online("data_integration.py", "--total_samples", 50, "--output_file", output, hub=hub,
-                        tmp_path=tmp_path)
+@pytest.fixture(scope="module")
+def a_from_hub(server, tmp_path_factory):
+    """Option A with its default hub ids (and `--total_samples 60`): (CompletedProcess, output path)."""
+    server.reset()
+    folder = tmp_path_factory.mktemp("a_from_hub")
+    output = folder / "a.jsonl"
+    result = run_online("data_integration.py", "--total_samples", 60, "--output_file", output, hub=server,
+                        tmp_path=folder)
     assert result.returncode == 0, result.stderr
-    sources = manifest_of(output)["sources"]
-    assert sources["orca"]["commit_sha"] == hub.repos[ORCA][-1].sha  # main
-    assert sources["pubmed"]["config"] == "pqa_labeled"
-    assert len(output.read_text().splitlines()) == 50
+    return result, output
 
-    sent_before = len(hub.sent)
-    result, output = option_b(tmp_path, hub)
+
+@pytest.fixture(scope="module")
+def b_from_hub(server, tmp_path_factory):
+    """Option B with its default hub specs: (CompletedProcess, output path, the files the server sent)."""
+    server.reset()
+    folder = tmp_path_factory.mktemp("b_from_hub")
+    result, output = option_b(folder, server)
     assert result.returncode == 0, result.stderr
-    manifest = manifest_of(output)
-    se = manifest["sources"]["stackexchange"]
-    assert se["commit_sha"] == hub.repos[STACKEXCHANGE][0].sha
+    return result, output, list(server.sent)
+
+
+def test_default_ids_of_both_options_stream_from_the_hub_reading_only_on_topic_sites(a_from_hub, b_from_hub, server):
+    sources = manifest_of(a_from_hub[1])["sources"]
+    assert sources["orca"]["commit_sha"] == server.repos[ORCA][-1].sha  # main
+    assert sources["pubmed"]["config"] == "pqa_labeled" and sources["pubmed"]["columns"] == [
+        "question", "context", "long_answer", "final_decision"]
+    assert len(a_from_hub[1].read_text().splitlines()) == 60
+
+    result, output, sent = b_from_hub
+    se = manifest_of(output)["sources"]["stackexchange"]
+    assert se["commit_sha"] == server.repos[STACKEXCHANGE][0].sha
     assert se["columns"] == ["question", "answers"]
     # The default names sites the replica lacks: each is a warning, not a failure.
     assert "data/stats.stackexchange.com" in se["missing_paths"]
     assert "has no data/stats.stackexchange.com; skipped" in result.stdout
     assert {path.split("/")[1] for path in se["data_files"]} == set(SITE_ROWS) - set(OFF_TOPIC)
-    read_from_hub = hub.sent[sent_before:]
-    assert any("ai.stackexchange.com" in path for path in read_from_hub)
-    assert not [path for path in read_from_hub if any(site in path for site in OFF_TOPIC)]  # zero off-topic reads
+    assert any("ai.stackexchange.com" in path for path in sent)
+    assert not [path for path in sent if any(site in path for site in OFF_TOPIC)]  # zero rows from off-topic sites
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 400 and {row["source"] for row in rows} == {"my_reports", "orca", "bio", "ai", "ic"}
 
 
-def test_a_revision_pin_reads_that_commit_and_a_snapshot_folder_gives_the_same_bytes(hub, replicas, tmp_path):
+def test_a_revision_pin_reads_that_commit_and_a_snapshot_folder_gives_the_same_bytes(
+    hub, replicas, a_from_hub, tmp_path
+):
     old = hub.repos[ORCA][0].sha
     pinned = tmp_path / "pinned.jsonl"
     result = run_online("data_integration.py", "--total_samples", 60, "--sources",
-                        f"orca={ORCA}@{old[:10]},pubmed={PUBMED}:pqa_labeled", "--output_file", pinned,
+                        f"orca={ORCA}@{old[:10]}/{ORCA_FILE},pubmed={PUBMED}:pqa_labeled", "--output_file", pinned,
                         hub=hub, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert manifest_of(pinned)["sources"]["orca"]["commit_sha"] == old
+    orca = manifest_of(pinned)["sources"]["orca"]
+    assert orca["commit_sha"] == old and orca["revision"] == old[:10] and orca["data_files"] == [ORCA_FILE]
+    assert pinned.read_bytes() != a_from_hub[1].read_bytes()  # main has other rows
     # The same mix from local snapshots of those commits (no network at all): the same bytes.
     local = tmp_path / "local.jsonl"
     result = run_script("data_integration.py", "--my_report_data_path", REPORTS, "--total_samples", 60, "--sources",
@@ -115,15 +140,9 @@ def test_a_revision_pin_reads_that_commit_and_a_snapshot_folder_gives_the_same_b
     assert result.returncode == 0, result.stderr
     assert local.read_bytes() == pinned.read_bytes()
     assert manifest_of(local)["sources"]["pubmed"]["kind"] == "file"  # the README's pqa_labeled config: one file
-    latest = tmp_path / "latest.jsonl"
-    result = run_online("data_integration.py", "--total_samples", 60, "--output_file", latest, hub=hub,
-                        tmp_path=tmp_path)
-    assert result.returncode == 0 and latest.read_bytes() != pinned.read_bytes()
 
 
-def test_option_b_from_a_snapshot_restricted_to_sites_matches_the_hub_offline(hub, replicas, tmp_path):
-    result, from_hub = option_b(tmp_path, hub, "hub.jsonl")
-    assert result.returncode == 0, result.stderr
+def test_option_b_from_a_snapshot_restricted_to_sites_matches_the_hub_offline(b_from_hub, replicas, tmp_path):
     se = replicas["stackexchange"]
     sites = "+".join(str(se / "data" / site) for site in SITE_ROWS if site not in OFF_TOPIC)
     local = tmp_path / "local.jsonl"
@@ -133,40 +152,37 @@ def test_option_b_from_a_snapshot_restricted_to_sites_matches_the_hub_offline(hu
     )
     assert result.returncode == 0, result.stderr
     assert "data/nope: no such file, folder or glob match; skipped" in result.stdout
-    assert local.read_bytes() == from_hub.read_bytes()
+    assert local.read_bytes() == b_from_hub[1].read_bytes()
     files = manifest_of(local)["sources"]["stackexchange"]["files"]
     assert len(files) == 8 and not [path for path in files if any(site in path for site in OFF_TOPIC)]
 
 
-def test_a_lost_stream_stops_with_one_line_and_the_rerun_continues_to_the_same_bytes(hub, tmp_path):
-    result, whole = option_b(tmp_path, hub, "whole.jsonl")
-    assert result.returncode == 0, result.stderr
-    se_reads = [index for index, path in enumerate(hub.sent) if "stack-exchange" in path and path.endswith("parquet")]
+def test_a_lost_stream_stops_with_one_line_and_the_rerun_continues_to_the_same_bytes(hub, b_from_hub, tmp_path):
+    whole, sent = b_from_hub[1], b_from_hub[2]
+    se_reads = [index for index, path in enumerate(sent) if "stack-exchange" in path and path.endswith("parquet")]
 
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    hub.sent.clear()
     hub.fail_after = se_reads[len(se_reads) // 2]  # every file read from half-way through StackExchange fails
     started = time.monotonic()
-    result, output = option_b(cut, hub, "mix.jsonl", "--network_retry_seconds", 3)
+    result, output = option_b(tmp_path, hub, "mix.jsonl", "--network_retry_seconds", 3)
     assert result.returncode == 2, result.stdout + result.stderr
     assert time.monotonic() - started < 60
     error = result.stderr.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: stackexchange: the connection to"), result.stderr
     assert "rows read" in error[0] and "run the same command again to continue" in error[0]
     assert "retry 1 in" in result.stdout  # the retries are visible
-    assert not output.exists() and (cut / "mix.jsonl.work" / "state.pickle").is_file()
+    assert not output.exists() and (tmp_path / "mix.jsonl.work" / "state.pickle").is_file()
     read_before = int(error[0].split(" rows read")[0].rsplit(" ", 1)[1].replace(",", ""))
-    assert read_before > 0
+    whole_read = manifest_of(whole)["sources"]["stackexchange"]["rows_read"]
+    assert 0 < read_before < whole_read
 
-    hub.fail_after = None
-    result, output = option_b(cut, hub, "mix.jsonl", "--network_retry_seconds", 3)
+    hub.reset()
+    result, output = option_b(tmp_path, hub, "mix.jsonl", "--network_retry_seconds", 3)
     assert result.returncode == 0, result.stderr
     assert "continuing the work saved in" in result.stdout
     assert output.read_bytes() == whole.read_bytes()
-    assert not (cut / "mix.jsonl.work").exists()
-    assert manifest_of(output)["sources"]["stackexchange"]["rows_read"] == manifest_of(whole)["sources"][
-        "stackexchange"]["rows_read"]
+    assert not (tmp_path / "mix.jsonl.work").exists()
+    assert manifest_of(output)["sources"]["stackexchange"]["rows_read"] == whole_read
+    assert not [path for path in hub.sent if ORCA_FILE in path or "pqa_labeled" in path]  # finished sources stay done
 
 
 def test_a_hanging_endpoint_fails_within_the_timeout_naming_the_ways_out(hub, tmp_path):
@@ -188,10 +204,7 @@ def test_bad_hub_specs_are_one_line_errors(hub, tmp_path):
     result = run_online("data_integration.py", "--sources", f"orca={ORCA}/no_such_folder,pubmed={PUBMED}",
                         "--output_file", tmp_path / "m.jsonl", hub=hub, tmp_path=tmp_path)
     assert result.returncode == 2 and "none of the paths" in result.stderr and "no_such_folder" in result.stdout
-    assert len(result.stderr.strip().splitlines()) == 1
-    result = run_online("data_integration.py", "--sources", f"orca={ORCA}/{ORCA_FILE},pubmed={PUBMED}",
-                        "--total_samples", 20, "--output_file", tmp_path / "m.jsonl", hub=hub, tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.jsonl").exists()
 
 
 def test_max_rows_read_bounds_a_source_and_reports_an_unfillable_domain_early(replicas, tmp_path):
