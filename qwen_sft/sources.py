@@ -290,23 +290,36 @@ def warn(message: str) -> None:
 
 
 def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path]:
-    """The train files of a folder laid out like a hub repo, as `datasets` finds them (README YAML configs, split
-    names in file names)."""
+    """The train files of a folder laid out like a hub repo, as `datasets` finds them: the config's `data_files` in
+    the README YAML, else files named by split (train-00000-of-00001.parquet) or any data file."""
     import datasets
+    from datasets.data_files import DataFilesDict, sanitize_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub.repocard import metadata_load
 
     datasets.logging.set_verbosity_error()
+    readme = folder / "README.md"
+    configs = MetadataConfigs.from_dataset_card_data(metadata_load(readme) or {}) if readme.is_file() else {}
+    if config is None and len(configs) > 1:
+        if source.schema.config not in configs:
+            raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
+        config = source.schema.config
     try:
-        configs = datasets.get_dataset_config_names(str(folder)) if config is None else []
-        if len(configs) > 1:
-            if source.schema.config not in configs:
-                raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
-            config = source.schema.config
-        builder = datasets.load_dataset_builder(str(folder), config)
+        if configs:  # only the chosen config's files are resolved: a snapshot may hold only those
+            config = config or next(iter(configs))
+            if config not in configs:
+                raise ValueError(f"no config {config!r} in its README (it has {', '.join(configs)})")
+            patterns = sanitize_patterns(configs[config].get("data_files", []))
+            data_files = DataFilesDict.from_patterns(patterns, base_path=str(folder))
+        else:
+            data_files = datasets.load_dataset_builder(str(folder)).config.data_files or {}
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
         raise UserError(f"{source.key}: {folder}: not a readable dataset folder ({_first_line(error)})") from None
-    train = (builder.config.data_files or {}).get("train")
+    train = data_files.get("train")
     if not train:
-        raise UserError(f"{source.key}: {folder}: no train split (file names like train-00000-of-00001.parquet)")
+        problem = (f"the train files of config {config!r} are not there (download them)" if configs
+                   else "no train split (file names like train-00000-of-00001.parquet)")
+        raise UserError(f"{source.key}: {folder}: {problem}")
     return [Path(name) for name in train]
 
 
