@@ -7,6 +7,7 @@ libraries read them at import), as a user runs it.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -145,10 +146,14 @@ def test_a_revision_pin_reads_that_commit_and_a_snapshot_folder_gives_the_same_b
 def test_option_b_from_a_snapshot_restricted_to_sites_matches_the_hub_offline(b_from_hub, replicas, tmp_path):
     se = replicas["stackexchange"]
     sites = "+".join(str(se / "data" / site) for site in SITE_ROWS if site not in OFF_TOPIC)
+    # What `hf download --include README.md --include "pqa_labeled/*"` leaves: the README names three configs.
+    pubmed = tmp_path / "pubmedqa"
+    shutil.copytree(replicas["pubmed"] / "pqa_labeled", pubmed / "pqa_labeled")
+    shutil.copy(replicas["pubmed"] / "README.md", pubmed)
     local = tmp_path / "local.jsonl"
     result = run_script(
         "data_set_generation.py", "--my_report_data_path", REPORTS, *B_ARGS, "--output_file", local, "--sources",
-        f"orca={replicas['orca']},pubmed={replicas['pubmed']}:pqa_labeled,stackexchange={sites}+{se}/data/nope",
+        f"orca={replicas['orca']},pubmed={pubmed},stackexchange={sites}+{se}/data/nope",
     )
     assert result.returncode == 0, result.stderr
     assert "data/nope: no such file, folder or glob match; skipped" in result.stdout
