@@ -240,6 +240,7 @@ def prepare_rows(rules: RowRules, rows: list[tuple[int, object, tuple[int, int] 
 def _chunks(rows):
     """Consecutive lists of CHUNK_ROWS rows. A hub stream lost mid-chunk (StreamLost) carries the rows drawn before
     it in `partial`, so that every row drawn is accounted for before the run stops (and resumes after them)."""
+    rows = iter(rows)  # once: a HubRows starts its stream afresh at each iter()
     while True:
         chunk = []
         try:

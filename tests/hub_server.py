@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,20 +26,28 @@ from urllib.parse import parse_qs, unquote, urlparse
 TREE_PAGE_SIZE = 50  # entries per tree page (the hub pages at 1,000); small, so pagination is exercised
 
 
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class _Commit:
     def __init__(self, folder: Path):
         self.folder = folder
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         self.files = {p.relative_to(folder).as_posix(): p for p in files}
+        self.oids = {name: _file_sha1(path) for name, path in self.files.items()}
         digest = hashlib.sha1()
-        for name, path in self.files.items():
-            digest.update(name.encode() + b"\0" + hashlib.sha1(path.read_bytes()).digest())
+        for name, oid in self.oids.items():
+            digest.update(f"{name}\0{oid}".encode())
         self.sha = digest.hexdigest()
 
     def entry(self, path: str) -> dict | None:
         if path in self.files:
-            data = self.files[path].read_bytes()
-            return {"type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data), "path": path}
+            return {"type": "file", "oid": self.oids[path], "size": self.files[path].stat().st_size, "path": path}
         if any(name.startswith(path + "/") for name in self.files):
             return {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path}
         return None
@@ -202,14 +211,14 @@ def _handler_for(hub: HubServer):
                 return self._not_found("revision", "RevisionNotFound")
             if path not in commit.files:
                 return self._not_found(f"file {path}")
-            data = commit.files[path].read_bytes()
-            start, end = 0, len(data) - 1
+            size = commit.files[path].stat().st_size
+            start, end = 0, size - 1
             ranged = self.headers.get("Range", "")
             if ranged.startswith("bytes="):
                 first, _, last = ranged[6:].partition("-")
-                start, end = (int(first), int(last) if last else len(data) - 1) if first else (
-                    max(0, len(data) - int(last)), len(data) - 1)
-                end = min(end, len(data) - 1)
+                start, end = (int(first), int(last) if last else size - 1) if first else (
+                    max(0, size - int(last)), size - 1)
+                end = min(end, size - 1)
             if self.command == "GET":
                 if hub.fail_after is not None and len(hub.sent) >= hub.fail_after:
                     self.close_connection = True  # the connection drops before any answer
@@ -217,16 +226,16 @@ def _handler_for(hub: HubServer):
                     return
                 hub.sent.append(f"{repo_id}/{path}")
             self.send_response(206 if ranged else 200)
-            etag = hashlib.sha1(data).hexdigest()
             for key, value in {
-                "Content-Length": str(end - start + 1), "ETag": f'"{etag}"', "X-Repo-Commit": commit.sha,
+                "Content-Length": str(end - start + 1), "ETag": f'"{commit.oids[path]}"', "X-Repo-Commit": commit.sha,
                 "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
-                **({"Content-Range": f"bytes {start}-{end}/{len(data)}"} if ranged else {}),
+                **({"Content-Range": f"bytes {start}-{end}/{size}"} if ranged else {}),
             }.items():
                 self.send_header(key, value)
             self.end_headers()
             if self.command == "GET":
-                self.wfile.write(data[start : end + 1])
+                with open(commit.files[path], "rb") as handle:
+                    self.wfile.write(os.pread(handle.fileno(), end + 1 - start, start))
                 hub.bytes_sent += end + 1 - start
 
     return Handler

@@ -229,3 +229,38 @@ def test_max_rows_read_bounds_a_source_and_reports_an_unfillable_domain_early(re
     se = manifest_of(output)["sources"]["stackexchange"]
     assert se["rows_read"] == 2000 and se["reached_max_rows_read"] and len(se["files"]) == 12
     assert "its sources ran out: stackexchange after 2,000 rows (MAX_ROWS_READ)" in result.stdout
+
+
+def test_hub_rows_draw_in_the_local_shuffle_order_and_resume_exactly_after_a_lost_stream():
+    """HubRows on a `datasets` stream (no server): the order of `shuffle_buffered`, whatever the chunks it is drawn
+    in, and a stream lost mid-way continues, in a new HubRows from the saved state, with the very next row."""
+    from datasets import IterableDataset
+
+    from qwen_sft.mixing import _chunks
+    from qwen_sft.sources import SCHEMAS, HubRows, HubSettings, Source, StreamLost, shuffle_buffered
+
+    drop = {"at": 1700}
+
+    def generate(shards):
+        for shard in shards:
+            for number in range(shard * 500, shard * 500 + 500):
+                if number == drop["at"]:
+                    drop["at"] = None
+                    raise ConnectionError("connection reset")
+                yield {"n": number}
+
+    def hub_rows(state=None):
+        stream = IterableDataset.from_generator(generate, gen_kwargs={"shards": list(range(5))})
+        source = Source("stackexchange", "owner/name", SCHEMAS["stackexchange"])
+        return HubRows(source, stream, {"endpoint": "test"}, 7, 50, HubSettings(retry_s=0), state)
+
+    expected = [row["n"] for row in shuffle_buffered(({"n": n} for n in range(2500)), 7, 50)]
+    first, drawn = hub_rows(), []
+    with pytest.raises(StreamLost) as lost:
+        for chunk in _chunks(first):
+            drawn += [row["n"] for _, row, _ in chunk]
+    drawn += [row["n"] for _, row, _ in lost.value.partial]
+    assert 1000 < len(drawn) < 1700 and drawn == expected[: len(drawn)]
+    rest = [(number, row["n"]) for chunk in _chunks(hub_rows(first.state)) for number, row, _ in chunk]
+    assert rest[0][0] == len(drawn) + 1  # the stream position carries on
+    assert drawn + [n for _, n in rest] == expected
