@@ -7,7 +7,8 @@ domains goes to the one with the most hits that still needs rows. `bio` takes Pu
 StackExchange questions. Sources are streamed through a seeded shuffle buffer, so memory stays bounded however
 large they are, and the manifest next to the output accounts for every row read and every keyword hit.
 
-  python data_set_generation.py                    # hub sources (needs the Hugging Face Hub)
+  python data_set_generation.py                    # hub sources (the Hugging Face Hub, or HF_ENDPOINT's mirror)
+  python data_set_generation.py --sources orca=/data/slimorca,pubmed=/data/pubmedqa,stackexchange=/data/se  # snapshots
   # offline, from the bundled samples:
   python data_set_generation.py --total_samples 300 \\
       --sources orca=samples/slimorca.jsonl,pubmed=samples/pubmedqa_pqa_labeled.jsonl,stackexchange=samples/stack_exchange_preferences.jsonl

@@ -86,10 +86,11 @@ def write_slimorca(folder: Path, rows: int, seed: int = 0) -> Path:
 
 def write_pubmedqa(folder: Path, labeled_rows: int = 1000, artificial_rows: int = 300, seed: int = 0) -> Path:
     rng = random.Random(seed)
-    (folder).mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "README.md").write_text(PUBMED_README, encoding="utf-8")
-    for config, count, first in (("pqa_labeled", labeled_rows, 10_000_000), ("pqa_artificial", artificial_rows, 20_000_000),
-                                 ("pqa_unlabeled", 50, 30_000_000)):
+    sizes = {"pqa_labeled": labeled_rows, "pqa_artificial": artificial_rows, "pqa_unlabeled": 50}
+    for index, (config, count) in enumerate(sizes.items()):
+        first = 10_000_000 * (index + 1)
         rows = [pubmedqa_row(rng, first + i) for i in range(count)]
         _write_parquet(folder / config / "train-00000-of-00001.parquet", rows, 500)
     return folder

@@ -793,7 +793,9 @@ def mix(cfg, *, report_key: str, script: str) -> Path:
         }
         mixer = Mixer(plan, cfg, pool, workers)
         hub_sources = _draw_all(plan, cfg, mixer, WorkFolder(Path(cfg.OUTPUT_FILE)))
-        file_hashes = {key: {str(path): future.result() for path, future in items} for key, items in file_hashes.items()}
+        file_hashes = {
+            key: {str(path): future.result() for path, future in items} for key, items in file_hashes.items()
+        }
 
     shortfalls = _shortfalls(plan, mixer.stats)
     for key, item in shortfalls.items():

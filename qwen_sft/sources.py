@@ -282,7 +282,8 @@ class FileRow:
     number: int
 
     def __str__(self) -> str:
-        return f"{self.path} row {self.number}" if self.path.lower().endswith(".parquet") else f"{self.path}:{self.number}"
+        parquet = self.path.lower().endswith(".parquet")
+        return f"{self.path} row {self.number}" if parquet else f"{self.path}:{self.number}"
 
 
 def warn(message: str) -> None:
@@ -357,12 +358,13 @@ def check_local_file(source: Source) -> None:
     source.files  # noqa: B018  (resolving the files checks them)
 
 
-def _numbered_local_rows(path: str):
+def _numbered_local_rows(path: str, columns: tuple[str, ...] | None = None):
     """Yield (number, row, None) for each row of a local file, or (number, None, (offset, length)) for a JSONL line,
-    whose text is read and parsed only once it is drawn. JSONL and Parquet are read in bounded memory."""
+    whose text is read and parsed only once it is drawn. JSONL and Parquet (only `columns`, if given) are read in
+    bounded memory."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
-        yield from _numbered_parquet_rows(path)
+        yield from _numbered_parquet_rows(path, columns)
         return
     with open(path, "rb") as handle:
         head = handle.read(4096).lstrip()
@@ -412,11 +414,11 @@ def read_span(handle, span: tuple[int, int]) -> bytes:
     return os.pread(handle.fileno(), length, offset)
 
 
-def _numbered_files_rows(paths: list[Path]):
+def _numbered_files_rows(paths: list[Path], columns: tuple[str, ...] | None = None):
     """(FileRow, row, None) for the rows of several local files, one after another."""
     for path in paths:
         with open(path, "rb") as handle:
-            for number, row, span in _numbered_local_rows(path):
+            for number, row, span in _numbered_local_rows(path, columns):
                 if span is not None:
                     try:
                         row = json.loads(read_span(handle, span))
@@ -425,13 +427,16 @@ def _numbered_files_rows(paths: list[Path]):
                 yield FileRow(str(path), number), row, None
 
 
-def _numbered_parquet_rows(path: Path):
+def _numbered_parquet_rows(path: Path, columns: tuple[str, ...] | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        parquet = pq.ParquetFile(path)
+        # Only the columns the schema reads; a missing one stays missing, so the row is reported as before.
+        present = [name for name in columns if name in parquet.schema_arrow.names] if columns else None
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=present):
             for row in batch.to_pylist():
                 number += 1
                 yield number, row, None
@@ -704,7 +709,8 @@ def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings
     what was resolved), so an unreachable one fails before any row is mixed. `state` continues a HubRows.
     """
     if not source.is_hub:
-        rows = _numbered_local_rows(source.path) if source.path else _numbered_files_rows(source.files)
+        columns = source.schema.columns
+        rows = _numbered_local_rows(source.path, columns) if source.path else _numbered_files_rows(source.files, columns)
         return shuffle_buffered(rows, seed, buffer_size)
     from huggingface_hub import constants
 

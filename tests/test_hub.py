@@ -27,7 +27,8 @@ SITE_ROWS = {
     "datascience.stackexchange.com": 100, "askubuntu.com": 100, "Stackoverflow.com": 1500,
 }
 OFF_TOPIC = ("Stackoverflow.com", "askubuntu.com")
-B_ARGS = ["--total_samples", 400, "--shuffle_buffer", 64, "--ratios", "my_reports=0.01,orca=0.45,bio=0.2,ai=0.17,ic=0.17"]
+B_ARGS = ["--total_samples", 400, "--shuffle_buffer", 64,
+          "--ratios", "my_reports=0.01,orca=0.45,bio=0.2,ai=0.17,ic=0.17"]
 
 
 @pytest.fixture(scope="module")
