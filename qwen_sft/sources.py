@@ -346,7 +346,9 @@ def local_files(source: Source) -> list[Path]:
             warn(f"{source.key}: {part}: no such file, folder or glob match; skipped")
         files += found
     if not files:
-        raise UserError(f"{source.key}: {source.spec}: file not found (a hub id looks like owner/name)")
+        raise UserError(
+            f"{source.key}: {source.spec}: file not found (nor a hub spec: owner/name[:config][@revision][/path+...])"
+        )
     for path in files:
         if path.suffix.lower() not in LOCAL_SUFFIXES:
             raise UserError(f"{source.key}: {path}: unsupported file type (use .json, .jsonl or .parquet)")

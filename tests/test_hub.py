@@ -7,6 +7,7 @@ libraries read them at import), as a user runs it.
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from conftest import ROOT, run_script
 sys.path.insert(0, str(ROOT / "bench"))
 from hub_replicas import ORCA_FILE, write_pubmedqa, write_slimorca, write_stackexchange  # noqa: E402
 from hub_server import HubServer  # noqa: E402
+
+from qwen_sft.cli import UserError  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent / "fixtures" / "hub" / "reports.json"
 ORCA, PUBMED, STACKEXCHANGE = "Open-Orca/SlimOrca", "qiaojin/PubMedQA", "HuggingFaceH4/stack-exchange-preferences"
@@ -265,3 +268,13 @@ def test_hub_rows_draw_in_the_local_shuffle_order_and_resume_exactly_after_a_los
     rest = [(number, row["n"]) for chunk in _chunks(hub_rows(first.state)) for number, row, _ in chunk]
     assert rest[0][0] == len(drawn) + 1  # the stream position carries on
     assert drawn + [n for _, n in rest] == expected
+
+
+@pytest.mark.parametrize("spec", ["owner/name@", "owner/name@rev/", "owner/name:cfg:x", "owner@rev"])
+def test_a_malformed_source_spec_is_one_line_naming_the_syntax(spec, tmp_path, monkeypatch):
+    namespace = runpy.run_path(str(ROOT / "data_integration.py"))
+    monkeypatch.setattr(sys, "argv", ["data_integration.py", "--sources", f"orca={spec},pubmed={PUBMED}",
+                                      "--my_report_data_path", str(REPORTS), "--output_file", str(tmp_path / "m")])
+    with pytest.raises(UserError) as error:
+        namespace["main"]()
+    assert str(error.value) == f"orca: {spec}: file not found (nor a hub spec: owner/name[:config][@revision][/path+...])"
