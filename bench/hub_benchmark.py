@@ -36,7 +36,7 @@ RESULTS = "bench/results/hub_option_b.json"  # measurements are added to this fi
 SITE_ROWS = {
     "Stackoverflow.com": 250_000, "askubuntu.com": 40_000,
     "stats.stackexchange.com": 60_000, "electronics.stackexchange.com": 60_000, "cs.stackexchange.com": 15_000,
-    "chemistry.stackexchange.com": 15_000, "biology.stackexchange.com": 15_000,
+    "chemistry.stackexchange.com": 30_000, "biology.stackexchange.com": 50_000,
     "datascience.stackexchange.com": 15_000, "ai.stackexchange.com": 5_000,
     "bioinformatics.stackexchange.com": 4_000, "medicalsciences.stackexchange.com": 4_000,
 }  # replica rows per site folder
@@ -58,8 +58,13 @@ def replicas(folder: Path) -> dict[str, Path]:
 
 
 def snapshot_sources(paths: dict[str, Path]) -> str:
-    sites = "+".join(str(paths["stackexchange"] / "data" / site) for site in SITE_ROWS if "stackexchange" in site)
-    return f"orca={paths['orca']},pubmed={paths['pubmed']}:pqa_labeled,stackexchange={sites}"
+    """The stage's default sources, pointed at the replica folders (the same site folders, in the same order)."""
+    import runpy
+
+    default = runpy.run_path(str(repo_root / "data_set_generation.py"))["SOURCES"]["stackexchange"]
+    folders = default.split("/", 2)[2].split("+")
+    sites = "+".join(str(paths["stackexchange"] / folder) for folder in folders)
+    return f"orca={paths['orca']},pubmed={paths['pubmed']},stackexchange={sites}"
 
 
 def main():

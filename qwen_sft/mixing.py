@@ -430,7 +430,7 @@ def plan_mix(cfg, report_key: str) -> MixPlan:
         if key not in SCHEMAS:
             errors.append(f"SOURCES key {key!r} is unknown; use {', '.join(SCHEMAS)} (the key picks the schema)")
         elif not isinstance(spec, str) or not spec.strip():
-            errors.append(f"SOURCES[{key!r}] must be a hub id or a file path")
+            errors.append(f"SOURCES[{key!r}] must be a hub spec or a local path")
     errors += _check_ratios(ratios)
     errors += _check_keywords(keywords)
     for domain, names in domain_sources.items():
