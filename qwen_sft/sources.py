@@ -287,7 +287,9 @@ class FileRow:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stdout, flush=True)
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stdout)  # above a progress bar, not inside it
 
 
 def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path]:
