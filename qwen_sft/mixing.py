@@ -67,6 +67,7 @@ PARALLEL_MIN_ROWS = 20_000
 CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkeeping (bounded, for early stops)
 # Rows read from a source before its hit rates are trusted to predict a shortfall: this many, or 5% of MAX_ROWS_READ.
 ESTIMATE_MIN_ROWS = 5000
+NETWORK_SETTINGS = ("HUB_TIMEOUT_SECONDS", "NETWORK_RETRY_SECONDS")  # a rerun may change these and still continue
 WRITE_BLOCK_ROWS = 64  # output rows joined per write: about 70 KB, under glibc's 128 KiB mmap threshold
 _json_string = json.encoder.encode_basestring  # the C encoder behind json.dumps(ensure_ascii=False)
 
@@ -695,7 +696,8 @@ class WorkFolder:
             (str(path), path.stat().st_size, path.stat().st_mtime_ns)
             for source in plan.sources if not source.is_hub for path in source.files
         ]
-        text = json.dumps([{key: str(value) for key, value in sorted(cfg.items())}, files])
+        settings = {key: str(value) for key, value in sorted(cfg.items()) if key not in NETWORK_SETTINGS}
+        text = json.dumps([settings, files])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def load(self, fingerprint: str) -> dict | None:

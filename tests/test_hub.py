@@ -185,7 +185,7 @@ def test_a_lost_stream_stops_with_one_line_and_the_rerun_continues_to_the_same_b
     assert 0 < read_before < whole_read
 
     hub.reset()
-    result, output = option_b(tmp_path, hub, "mix.jsonl", "--network_retry_seconds", 3)
+    result, output = option_b(tmp_path, hub, "mix.jsonl", "--network_retry_seconds", 60)  # may differ
     assert result.returncode == 0, result.stderr
     assert "continuing the work saved in" in result.stdout
     assert output.read_bytes() == whole.read_bytes()
