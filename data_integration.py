@@ -1,7 +1,7 @@
 """Option A: mix your own reports with a small sample of SlimOrca and PubMedQA into mixed_finetune_dataset.jsonl.
 
-Each SOURCES value is a hub id (streamed, never downloaded whole) or a local .json/.jsonl/.parquet file in that
-dataset's own schema. Rows are validated, length-filtered and de-duplicated, each source gives its exact share of
+Each SOURCES value is a hub dataset (streamed, never downloaded whole; owner/name[:config][@revision][/paths]) or
+local files in that dataset's own schema (.json/.jsonl/.parquet files, a glob, or a snapshot folder). Rows are validated, length-filtered and de-duplicated, each source gives its exact share of
 TOTAL_SAMPLES, and the manifest next to the output accounts for every row read.
 
   python data_integration.py                                         # hub sources (needs the Hugging Face Hub)
