@@ -1,7 +1,7 @@
 """Option A: mix your own reports with a small sample of SlimOrca and PubMedQA into mixed_finetune_dataset.jsonl.
 
-Each SOURCES value is a hub id (streamed, never downloaded whole) or a local .json/.jsonl/.parquet file in that
-dataset's own schema. Rows are validated, length-filtered and de-duplicated, each source gives its exact share of
+Each SOURCES value is a hub dataset (streamed, never downloaded whole; owner/name[:config][@revision][/paths]) or
+local files in that dataset's own schema (.json/.jsonl/.parquet files, a glob, or a snapshot folder). Rows are validated, length-filtered and de-duplicated, each source gives its exact share of
 TOTAL_SAMPLES, and the manifest next to the output accounts for every row read.
 
   python data_integration.py                                         # hub sources (needs the Hugging Face Hub)
@@ -13,7 +13,10 @@ TOTAL_SAMPLES, and the manifest next to the output accounts for every row read.
 from qwen_sft.cli import parse_config, run_stage
 
 MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output or "messages"
-SOURCES = {"orca": "Open-Orca/SlimOrca", "pubmed": "qiaojin/PubMedQA"}  # hub id or local file in that dataset's schema
+SOURCES = {
+    "orca": "Open-Orca/SlimOrca",
+    "pubmed": "qiaojin/PubMedQA:pqa_labeled",
+}  # hub spec owner/name[:config][@revision][/folder+glob...] or local files/folder (README: "Sources")
 TOTAL_SAMPLES = 2000  # rows in the mix (fewer only when a source falls short)
 RATIOS = {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}  # share of TOTAL_SAMPLES per source; must sum to 1
 OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written next to it
@@ -25,6 +28,9 @@ SHUFFLE_BUFFER = 10000  # rows each source's seeded shuffle buffer holds (bounds
 SHORTFALL_IS_ERROR = False  # exit 2 when a source cannot supply its share, instead of reporting it
 FATAL_BAD_ROWS = False  # exit 2 at the first row in the wrong schema, instead of skipping it
 BAD_ROW_REPORT_LIMIT = 10  # wrong-schema rows printed per source; later ones are only counted
+MAX_ROWS_READ = 1000000  # rows read per source at most (its buckets may then fall short); 0 = no bound
+HUB_TIMEOUT_SECONDS = 30  # a hub request with no answer in this time fails (a route that hangs: use HF_ENDPOINT)
+NETWORK_RETRY_SECONDS = 120  # a lost hub stream is retried this long, then the run stops and keeps its work
 
 
 def main():

@@ -7,7 +7,8 @@ domains goes to the one with the most hits that still needs rows. `bio` takes Pu
 StackExchange questions. Sources are streamed through a seeded shuffle buffer, so memory stays bounded however
 large they are, and the manifest next to the output accounts for every row read and every keyword hit.
 
-  python data_set_generation.py                    # hub sources (needs the Hugging Face Hub)
+  python data_set_generation.py                    # hub sources (the Hugging Face Hub, or HF_ENDPOINT's mirror)
+  python data_set_generation.py --sources orca=/data/slimorca,pubmed=/data/pubmedqa,stackexchange=/data/se  # snapshots
   # offline, from the bundled samples:
   python data_set_generation.py --total_samples 300 \\
       --sources orca=samples/slimorca.jsonl,pubmed=samples/pubmedqa_pqa_labeled.jsonl,stackexchange=samples/stack_exchange_preferences.jsonl
@@ -19,9 +20,12 @@ from qwen_sft.cli import parse_config, run_stage
 MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output or "messages"
 SOURCES = {
     "orca": "Open-Orca/SlimOrca",
-    "pubmed": "qiaojin/PubMedQA",
-    "stackexchange": "HuggingFaceH4/stack-exchange-preferences",
-}  # hub id or local .json/.jsonl/.parquet file in that dataset's schema
+    "pubmed": "qiaojin/PubMedQA:pqa_labeled",
+    "stackexchange": "HuggingFaceH4/stack-exchange-preferences/data/ai.stackexchange.com"
+    "+data/electronics.stackexchange.com+data/biology.stackexchange.com+data/datascience.stackexchange.com"
+    "+data/bioinformatics.stackexchange.com+data/stats.stackexchange.com+data/medicalsciences.stackexchange.com"
+    "+data/cs.stackexchange.com+data/chemistry.stackexchange.com",
+}  # hub spec owner/name[:config][@revision][/folder+glob...] or local files/folder (README: "Sources")
 TOTAL_SAMPLES = 240000  # rows in the mix (fewer only when a source falls short)
 RATIOS = {"my_reports": 0.05, "orca": 0.45, "bio": 0.2, "ai": 0.15, "ic": 0.15}  # shares of TOTAL_SAMPLES; sum 1
 KEYWORDS = {
@@ -67,6 +71,9 @@ SHUFFLE_BUFFER = 10000  # rows each source's seeded shuffle buffer holds (bounds
 SHORTFALL_IS_ERROR = False  # exit 2 when a bucket's sources cannot supply its share, instead of reporting it
 FATAL_BAD_ROWS = False  # exit 2 at the first row in the wrong schema, instead of skipping it
 BAD_ROW_REPORT_LIMIT = 10  # wrong-schema rows printed per source; later ones are only counted
+MAX_ROWS_READ = 1000000  # rows read per source at most (its buckets may then fall short); 0 = no bound
+HUB_TIMEOUT_SECONDS = 30  # a hub request with no answer in this time fails (a route that hangs: use HF_ENDPOINT)
+NETWORK_RETRY_SECONDS = 120  # a lost hub stream is retried this long, then the run stops and keeps its work
 
 
 def main():

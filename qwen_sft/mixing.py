@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import sys
@@ -50,10 +51,13 @@ from .records import read_records
 from .sources import (
     REPORTS,
     SCHEMAS,
+    HubRows,
+    HubSettings,
     Rejected,
     Schema,
     Source,
     StackExchangeSchema,
+    StreamLost,
     WrongSchema,
     check_local_file,
     open_rows,
@@ -72,6 +76,9 @@ CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain ea
 # deliver at least this many rows; a smaller one (the report file, PubMedQA) is quicker to prepare in this process.
 PARALLEL_MIN_ROWS = 20_000
 CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkeeping (bounded, for early stops)
+# Rows read from a source before its hit rates are trusted to predict a shortfall: this many, or 5% of MAX_ROWS_READ.
+ESTIMATE_MIN_ROWS = 5000
+NETWORK_SETTINGS = ("HUB_TIMEOUT_SECONDS", "NETWORK_RETRY_SECONDS")  # a rerun may change these and still continue
 WRITE_BLOCK_ROWS = 64  # output rows joined per write: about 70 KB, under glibc's 128 KiB mmap threshold
 _json_string = json.encoder.encode_basestring  # the C encoder behind json.dumps(ensure_ascii=False)
 
@@ -299,20 +306,36 @@ def _prepare_conversation(rules: RowRules, messages: list[dict]) -> tuple:
     return USABLE, (conversation_duplicate_key(messages), conversation_json_body(messages))
 
 
+def _chunks(rows):
+    """Consecutive lists of CHUNK_ROWS rows. A hub stream lost mid-chunk (StreamLost) carries the rows drawn before
+    it in `partial`, so that every row drawn is accounted for before the run stops (and resumes after them)."""
+    rows = iter(rows)  # once: a HubRows starts its stream afresh at each iter()
+    while True:
+        chunk = []
+        try:
+            chunk.extend(islice(rows, CHUNK_ROWS))
+        except StreamLost as lost:
+            lost.partial = chunk
+            raise
+        if not chunk:
+            return
+        yield chunk
+
+
 def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, workers: int):
     """(chunk, prepare_rows result) for consecutive chunks of (number, row, span), in order.
 
     With a pool, a few chunks per worker are prepared ahead, never the whole source, so a source whose buckets
-    fill early is not read to its end; order, and so the output, does not depend on the workers.
+    fill early is not read to its end; order, and so the output, does not depend on the workers. A lost hub
+    stream first delivers every chunk drawn before it, then raises StreamLost.
     """
-    chunks = iter(lambda: list(islice(rows, CHUNK_ROWS)), [])
-    if pool is None:
-        for chunk in chunks:
-            yield chunk, prepare_rows(rules, chunk)
-        return
+    chunks = _chunks(rows)
     pending = deque()
     try:
         for chunk in chunks:
+            if pool is None:
+                yield chunk, prepare_rows(rules, chunk)
+                continue
             pending.append((chunk, pool.submit(prepare_rows, rules, chunk)))
             if len(pending) > CHUNKS_IN_FLIGHT_PER_WORKER * workers:
                 chunk, future = pending.popleft()
@@ -320,6 +343,13 @@ def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, wor
         while pending:
             chunk, future = pending.popleft()
             yield chunk, future.result()
+    except StreamLost as lost:
+        while pending:
+            chunk, future = pending.popleft()
+            yield chunk, future.result()
+        if lost.partial:
+            yield lost.partial, prepare_rows(rules, lost.partial)
+        raise
     finally:
         for _, future in pending:
             future.cancel()
@@ -349,6 +379,16 @@ def start_worker() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     gc.disable()
     import pyarrow.compute  # noqa: F401  (keyword matching)
+
+
+@contextlib.contextmanager
+def _timed(stats: SourceStats):
+    """Add the block's wall time to the source's drawing time (also when a lost stream ends it)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.seconds += time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -405,6 +445,9 @@ class SourceStats:
     keyword_hits: Counter = field(default_factory=Counter)
     kept: Counter = field(default_factory=Counter)
     bad_rows_shown: int = 0
+    reached_max_rows_read: bool = False
+    seconds: float = 0.0  # wall time spent drawing its rows
+    warned: set = field(default_factory=set)  # buckets already reported as not fillable within MAX_ROWS_READ
 
     def as_dict(self, keyword_split: bool) -> dict:
         summary = {
@@ -413,6 +456,8 @@ class SourceStats:
             "duplicates": self.duplicates,
             "filtered": dict(self.filtered),
             "kept": dict(self.kept),
+            "reached_max_rows_read": self.reached_max_rows_read,
+            "draw_s": round(self.seconds, 3),
         }
         if keyword_split:
             summary["no_keyword_match"] = self.unrouted["no_keyword_match"]
@@ -471,7 +516,7 @@ def plan_mix(cfg, report_key: str) -> MixPlan:
         if key not in SCHEMAS:
             errors.append(f"SOURCES key {key!r} is unknown; use {', '.join(SCHEMAS)} (the key picks the schema)")
         elif not isinstance(spec, str) or not spec.strip():
-            errors.append(f"SOURCES[{key!r}] must be a hub id or a file path")
+            errors.append(f"SOURCES[{key!r}] must be a hub spec or a local path")
     errors += _check_ratios(ratios)
     errors += _check_keywords(keywords)
     for domain, names in domain_sources.items():
@@ -555,6 +600,7 @@ class Mixer:
         self.min_output_chars = cfg.MIN_OUTPUT_CHARS
         self.fatal_bad_rows = cfg.FATAL_BAD_ROWS
         self.bad_row_report_limit = cfg.BAD_ROW_REPORT_LIMIT
+        self.max_rows_read = cfg.get("MAX_ROWS_READ", 0)
         self.stats = {source.key: SourceStats() for source in plan.sources}
         self.seen: set[bytes] = set()
         self.lines: list[tuple[bytes, bytes]] = []  # (record up to its "source" value, that value and "}\n")
@@ -625,6 +671,33 @@ class Mixer:
                 taken += 1
         return taken
 
+    def _progress(self, source: Source) -> str:
+        """Rows read, then per open bucket: kept/quota, the share of rows read that it kept (its hit rate) and the
+        rows still to read at that rate. A bucket that MAX_ROWS_READ will leave short is reported once, early."""
+        stats = self.stats[source.key]
+        parts = [f"read {stats.read:,}"]
+        for key in self.plan.feeds[source.key]:
+            bucket = self.plan.buckets[key]
+            if not bucket.open:
+                continue
+            rate = stats.kept[key] / max(stats.read, 1)
+            to_read = (bucket.quota - bucket.kept) / rate if rate else float("inf")
+            parts.append(f"{key} {bucket.kept:,}/{bucket.quota:,} hit {rate:.1%} ~{to_read:,.0f} to read")
+            trusted = stats.read >= min(ESTIMATE_MIN_ROWS, self.max_rows_read // 20)
+            if self.max_rows_read and trusted and key not in stats.warned:
+                left = self.max_rows_read - stats.read
+                if to_read > left:
+                    stats.warned.add(key)
+                    short = bucket.quota - bucket.kept - int(left * rate)
+                    tqdm.write(
+                        f"warning: {key}: {source.key} kept {rate:.2%} of the {stats.read:,} rows read for it, so "
+                        f"MAX_ROWS_READ ({self.max_rows_read:,}) leaves it about {short:,} rows short of "
+                        f"{bucket.quota:,}; widen {source.key} (more sites or files), raise --max_rows_read or "
+                        f"lower RATIOS[{key!r}]",
+                        file=sys.stdout,
+                    )
+        return " | ".join(parts)
+
     def draw(self, source: Source, rows) -> None:
         stats = self.stats[source.key]
         fed = self.plan.feeds[source.key]
@@ -634,21 +707,28 @@ class Mixer:
         # A keyword-split source's hits come in KEYWORDS order.
         domains = [key for key in self.plan.keywords if key in fed] if source.key in self.plan.keyword_split else []
         patterns = keyword_patterns({domain: self.plan.keywords[domain] for domain in domains}) if domains else None
-        path = None if source.is_hub else source.spec
-        rules = RowRules(source.schema, path, self.byte_budget, self.min_output_chars, patterns)
+        rules = RowRules(source.schema, source.path, self.byte_budget, self.min_output_chars, patterns)
         route = self._router(source, domains)
         pool = self.pool if remaining >= PARALLEL_MIN_ROWS else None
         chunks = prepared_chunks(rules, rows, pool, self.workers)
         bar = tqdm(total=remaining, desc=source.key, unit=" kept", file=sys.stdout, mininterval=0.5)
         # A hub stream's HTTP machinery may make reference cycles, so it keeps the collector.
         collector_paused = contextlib.nullcontext() if source.is_hub else cyclic_gc_paused()
-        with bar, contextlib.closing(chunks), collector_paused:
+        with bar, contextlib.closing(chunks), collector_paused, _timed(stats):
             for chunk, prepared in chunks:
+                if self.max_rows_read:
+                    room = self.max_rows_read - stats.read
+                    chunk, prepared = chunk[:room], prepared[:room]
                 taken = self._take(source, chunk, prepared, remaining, route)
                 remaining -= taken
                 bar.update(taken)
-                bar.set_postfix_str(f"read {stats.read:,}", refresh=False)
+                bar.set_postfix_str(self._progress(source), refresh=False)
                 if not remaining:
+                    break
+                if self.max_rows_read and stats.read >= self.max_rows_read:
+                    stats.reached_max_rows_read = True
+                    tqdm.write(f"{source.key}: stopped at MAX_ROWS_READ ({self.max_rows_read:,} rows read)",
+                               file=sys.stdout)
                     break
         if not stats.kept:
             reasons = {**stats.rejected, **stats.filtered, "duplicates": stats.duplicates}
@@ -672,6 +752,13 @@ def _shortfalls(plan: MixPlan, stats: dict[str, SourceStats]) -> dict[str, dict]
         for bucket in plan.buckets.values()
         if bucket.kept < bucket.quota
     }
+
+
+def _stopped_after(stats: dict[str, SourceStats], sources_read: dict[str, int]) -> list[str]:
+    return [
+        f"{name} after {read:,} rows" + (" (MAX_ROWS_READ)" if stats[name].reached_max_rows_read else "")
+        for name, read in sources_read.items()
+    ]
 
 
 def _write_shuffled(lines: list[tuple[bytes, bytes]], output_file: Path, seed: int, describe) -> None:
@@ -741,6 +828,97 @@ def check_mix_output(cfg, plan: MixPlan) -> Path:
     return output_file
 
 
+class WorkFolder:
+    """What a run stopped by a lost hub stream has done, kept next to OUTPUT_FILE (`<OUTPUT_FILE>.work/`) so that the
+    same command continues it: the rows kept so far, the sources finished, and the lost stream's position, shuffle
+    buffer and random draws. Only a run with the same configuration (and unchanged local files) picks it up."""
+
+    def __init__(self, output_file: Path):
+        self.folder = output_file.with_name(output_file.name + ".work")
+        self.state_file = self.folder / "state.pickle"
+
+    @staticmethod
+    def fingerprint(cfg, plan: MixPlan) -> str:
+        files = [
+            (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+            for source in plan.sources if not source.is_hub for path in source.files
+        ]
+        settings = {key: str(value) for key, value in sorted(cfg.items()) if key not in NETWORK_SETTINGS}
+        text = json.dumps([settings, files])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def load(self, fingerprint: str) -> dict | None:
+        if not self.state_file.is_file():
+            return None
+        with open(self.state_file, "rb") as handle:
+            saved = pickle.load(handle)
+        if saved.get("fingerprint") != fingerprint:
+            print(f"warning: {self.folder} holds work of another configuration; starting over (it will be replaced)")
+            return None
+        return saved
+
+    def save(self, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.state_file, "wb") as handle:
+            pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def remove(self) -> None:
+        """Delete what we wrote: the state file, then the folder if nothing else is in it."""
+        if self.state_file.is_file():
+            self.state_file.unlink()
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+def _draw_all(plan: MixPlan, cfg, mixer: Mixer, work: WorkFolder) -> dict[str, dict]:
+    """Draw every source into the buckets, continuing the work a lost hub stream left; returns what each hub
+    source resolved to. A hub stream lost for good saves the work and ends the run with one line."""
+    settings = HubSettings(float(cfg.get("HUB_TIMEOUT_SECONDS", 30)), float(cfg.get("NETWORK_RETRY_SECONDS", 120)))
+    fingerprint = WorkFolder.fingerprint(cfg, plan)
+    saved = work.load(fingerprint) or {"done": [], "hub": {}, "mixer": None, "source": None, "rows": None}
+    if saved["mixer"]:
+        mixer.lines, mixer.seen, mixer.stats, kept = saved["mixer"]
+        for key, count in kept.items():
+            plan.buckets[key].kept = count
+        print(f"continuing the work saved in {work.folder} (done: {', '.join(saved['done']) or 'none'})")
+    hub_sources = dict(saved["hub"])
+    todo = [source for source in plan.sources if source.key not in saved["done"]]
+    rows = {
+        source.key: open_rows(source, cfg.SEED, cfg.SHUFFLE_BUFFER, settings,
+                              saved["rows"] if source.key == saved["source"] else None)
+        for source in todo
+    }
+    hub_sources.update({key: item.hub for key, item in rows.items() if isinstance(item, HubRows)})
+    done = list(saved["done"])
+    for source in todo:
+        try:
+            mixer.draw(source, rows[source.key])
+        except StreamLost as lost:
+            stats = mixer.stats[source.key]
+            kept = {key: bucket.kept for key, bucket in plan.buckets.items()}
+            work.save({
+                "fingerprint": fingerprint, "done": done, "hub": hub_sources, "source": source.key,
+                "rows": rows[source.key].state, "mixer": (mixer.lines, mixer.seen, mixer.stats, kept),
+            })
+            raise UserError(
+                f"{source.key}: the connection to {hub_sources[source.key]['endpoint']} stayed lost for "
+                f"{settings.retry_s:g} s ({lost}) after {stats.read:,} rows read and {sum(stats.kept.values()):,} "
+                f"kept; the work is saved in {work.folder}: run the same command again to continue"
+            ) from None
+        done.append(source.key)
+    return hub_sources
+
+
+def _source_identity(file_hashes: dict | None, hub: dict | None) -> dict:
+    """The manifest's record of what a source was: each local file's sha256, or the hub commit and files read."""
+    if hub:
+        keys = ("endpoint", "repo_id", "config", "revision", "commit_sha", "data_files", "missing_paths", "columns")
+        return {key: hub[key] for key in keys}
+    if len(file_hashes) == 1:
+        return {"sha256": next(iter(file_hashes.values()))}
+    return {"files": file_hashes}
+
+
 def mix(cfg, *, report_key: str, script: str) -> Path:
     """Build the mixed dataset described by the stage's config; returns the output path."""
     with sigterm_interrupts():
@@ -772,19 +950,20 @@ def _mix(cfg, report_key: str, script: str) -> Path:
             for _ in range(workers):
                 pool.submit(start_worker)
         file_hashes = {
-            source.key: hasher.submit(sha256_file, source.spec) for source in plan.sources if not source.is_hub
+            source.key: [(path, hasher.submit(sha256_file, path)) for path in source.files]
+            for source in plan.sources if not source.is_hub
         }
-        source_rows = {source.key: open_rows(source, cfg.SEED, cfg.SHUFFLE_BUFFER) for source in plan.sources}
         mixer = Mixer(plan, cfg, pool, workers)
-        for source in plan.sources:
-            mixer.draw(source, source_rows[source.key])
-        file_hashes = {key: future.result() for key, future in file_hashes.items()}
+        hub_sources = _draw_all(plan, cfg, mixer, WorkFolder(Path(cfg.OUTPUT_FILE)))
+        file_hashes = {
+            key: {str(path): future.result() for path, future in items} for key, items in file_hashes.items()
+        }
 
     shortfalls = _shortfalls(plan, mixer.stats)
     for key, item in shortfalls.items():
         print(
             f"shortfall: {key} requested {item['requested']:,}, delivered {item['delivered']:,} "
-            f"(its sources ran out: {', '.join(f'{n} after {r:,} rows' for n, r in item['sources_read'].items())}); "
+            f"(its sources ran out: {', '.join(_stopped_after(mixer.stats, item['sources_read']))}); "
             f"rows are never repeated: add rows or lower RATIOS[{key!r}]"
         )
     if shortfalls and cfg.SHORTFALL_IS_ERROR:
@@ -796,9 +975,9 @@ def _mix(cfg, report_key: str, script: str) -> Path:
     sources = {
         source.key: {
             "spec": source.spec,
-            "kind": "hub" if source.is_hub else "file",
+            "kind": "hub" if source.is_hub else "file" if source.path else "files",
             "schema": source.schema.name,
-            **({"sha256": file_hashes[source.key]} if source.key in file_hashes else {}),
+            **_source_identity(file_hashes.get(source.key), hub_sources.get(source.key)),
             **mixer.stats[source.key].as_dict(source.key in plan.keyword_split),
         }
         for source in plan.sources
@@ -822,6 +1001,7 @@ def _mix(cfg, report_key: str, script: str) -> Path:
 
     _write_shuffled(mixer.lines, output_file, cfg.SEED, describe)
     elapsed = time.perf_counter() - started
+    WorkFolder(output_file).remove()
     _print_summary(plan, mixer.stats)
     print(
         f"wrote {len(mixer.lines):,} rows to {output_file} in {elapsed:.1f} s "

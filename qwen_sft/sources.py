@@ -1,10 +1,25 @@
 """Where mixing rows come from: local files or streamed hub datasets, and the adapters that turn each hub
 schema into instruction/input/output (or, for a multi-turn conversation, into "messages").
 
-A source is a hub id (streamed with `datasets`, never downloaded whole) or a local .json/.jsonl/.parquet file in
-that dataset's own schema. Both are drawn through the same seeded shuffle buffer (`IterableDataset.shuffle` for a
-hub id, its exact replica `shuffle_buffered` for a local file), so memory stays bounded by the buffer, whatever the
-source's size.
+A source is a hub dataset (streamed with `datasets`, never downloaded whole) or local data in that dataset's own
+schema. Both are drawn through the same seeded shuffle buffer (the algorithm of `IterableDataset.shuffle`, replicated
+in `shuffle_buffered`), so memory stays bounded by the buffer, whatever the source's size.
+
+A hub source names a repo, and optionally a config, a revision and some of its folders or globs:
+
+    owner/name[:config][@revision][/path[+path...]]
+
+    qiaojin/PubMedQA:pqa_labeled                       the config declared in the README YAML
+    HuggingFaceH4/stack-exchange-preferences@0b1c2d3/data/ai.stackexchange.com+data/biology.stackexchange.com
+    Open-Orca/SlimOrca@main/oo-labeled_correct.gpt4.sharegpt.jsonl
+
+A revision is a branch, tag or commit sha (without "/"); each path is a folder (all its data files) or a glob, and
+"+" joins several (a comma would end the --sources item). A folder that does not exist is a warning, not a failure.
+The commit a revision resolved to is recorded in the manifest; pinning it (`@<sha>`) reproduces the same rows.
+
+A local source is a .json/.jsonl/.parquet file, a folder laid out like the hub repo (what `hf download --repo-type
+dataset ... --local-dir DIR` writes; `DIR:config` picks a config of its README YAML), a glob, or several of these
+joined by "+".
 
 Schemas (the SOURCES key picks the adapter):
 - orca: Open-Orca/SlimOrca, `conversations` = [{from: system|human|gpt, value}]; a chat of several human/gpt
@@ -16,9 +31,13 @@ Schemas (the SOURCES key picks the adapter):
 
 from __future__ import annotations
 
+import glob
 import html
+import json
 import os
 import re
+import sys
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,8 +49,12 @@ from .records import iter_json_rows, validate_record
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 # Names that are plainly files (so a typo gives "file not found", not a failed hub lookup).
 FILE_SUFFIXES = LOCAL_SUFFIXES + (".csv", ".tsv", ".txt", ".gz", ".zip", ".arrow", ".xlsx")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_SPEC = re.compile(
+    r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<revision>[\w.-]+))?(?:/(?P<paths>.+))?"
+)
 HUB_CONFIGS = {"qiaojin/PubMedQA": "pqa_labeled"}  # hub datasets that need a config name
+GLOB_CHARS = re.compile(r"[*?[]")
+HUB_BATCH_ROWS = 1000  # hub rows made Python objects at a time (at most SHUFFLE_BUFFER; a lost stream resumes there)
 PARQUET_BATCH_ROWS = 1024  # rows converted to Python objects at a time
 RANDOM_SLOTS_PER_DRAW = 1000  # shuffle-buffer slots drawn at a time, as datasets draws them
 
@@ -93,6 +116,8 @@ class Schema(ABC):
     that can still be kept (on each answer of a conversation)."""
 
     name = ""
+    columns: tuple[str, ...] | None = None  # the only columns convert() reads (a Parquet stream reads only these)
+    config: str | None = None  # the config a snapshot folder that declares several is read with, unless named
 
     @abstractmethod
     def convert(self, row) -> tuple[str, str, str] | list[dict]:
@@ -158,6 +183,8 @@ class SlimOrcaSchema(Schema):
 
 class PubMedQASchema(Schema):
     name = "PubMedQA pqa_labeled"
+    columns = ("question", "context", "long_answer", "final_decision")
+    config = "pqa_labeled"
     decisions = {"yes": "Yes", "no": "No", "maybe": "Maybe"}
 
     def convert(self, row):
@@ -189,6 +216,7 @@ _SELECTED = (True, "true", "True")  # the accepted answer's flag: a bool, or its
 
 class StackExchangeSchema(Schema):
     name = "stack-exchange-preferences"
+    columns = ("question", "answers")
 
     def convert(self, row):
         question = _text_field(row, "question")
@@ -234,36 +262,132 @@ class Source:
 
     @cached_property
     def is_hub(self) -> bool:
-        """An owner/name hub id rather than a local path (a path that exists, or that ends like a data file)."""
-        spec = self.spec
-        return not (Path(spec).exists() or spec.lower().endswith(FILE_SUFFIXES)) and bool(HUB_ID.fullmatch(spec))
+        """A hub spec (owner/name...) rather than local data: a path that exists, or that ends like a data file."""
+        first = self.spec.split("+")[0]
+        match = HUB_SPEC.fullmatch(self.spec)
+        local = (
+            Path(first).exists() or Path(first.rpartition(":")[0] or first).is_dir()
+            or first.startswith(("/", ".", "~")) or bool(glob.glob(first))
+            or (match is not None and match["repo"].lower().endswith(FILE_SUFFIXES))
+        )
+        return not local and match is not None
 
-    def where(self, number: int) -> str:
+    @cached_property
+    def files(self) -> list[Path]:
+        """The local data files this source names, in reading order (a UserError if there are none)."""
+        return local_files(self)
+
+    @cached_property
+    def path(self) -> str | None:
+        """The one local file this source reads, or None (a hub stream, or several files)."""
+        return None if self.is_hub or len(self.files) != 1 else str(self.files[0])
+
+    def where(self, number) -> str:
         """A user-facing pointer to a row: file:line for JSON, file row N for Parquet, the stream position for hub."""
+        if isinstance(number, FileRow):
+            return str(number)
         if self.is_hub:
             return f"{self.spec} (streamed row {number})"
-        if self.spec.lower().endswith(".parquet"):
-            return f"{self.spec} row {number}"
-        return f"{self.spec}:{number}"
+        if self.path.lower().endswith(".parquet"):
+            return f"{self.path} row {number}"
+        return f"{self.path}:{number}"
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """Where a row of a several-file source comes from."""
+
+    path: str
+    number: int
+
+    def __str__(self) -> str:
+        parquet = self.path.lower().endswith(".parquet")
+        return f"{self.path} row {self.number}" if parquet else f"{self.path}:{self.number}"
+
+
+def warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stdout)  # above a progress bar, not inside it
+
+
+def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path]:
+    """The train files of a folder laid out like a hub repo, as `datasets` finds them: the config's `data_files` in
+    the README YAML, else files named by split (train-00000-of-00001.parquet) or any data file."""
+    import datasets
+    from datasets.data_files import DataFilesDict, sanitize_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub.repocard import metadata_load
+
+    datasets.logging.set_verbosity_error()
+    readme = folder / "README.md"
+    configs = MetadataConfigs.from_dataset_card_data(metadata_load(readme) or {}) if readme.is_file() else {}
+    if config is None and len(configs) > 1:
+        if source.schema.config not in configs:
+            raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
+        config = source.schema.config
+    try:
+        if configs:  # only the chosen config's files are resolved: a snapshot may hold only those
+            config = config or next(iter(configs))
+            if config not in configs:
+                raise ValueError(f"no config {config!r} in its README (it has {', '.join(configs)})")
+            patterns = sanitize_patterns(configs[config].get("data_files", []))
+            data_files = DataFilesDict.from_patterns(patterns, base_path=str(folder))
+        else:
+            data_files = datasets.load_dataset_builder(str(folder)).config.data_files or {}
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
+        raise UserError(f"{source.key}: {folder}: not a readable dataset folder ({_first_line(error)})") from None
+    train = data_files.get("train")
+    if not train:
+        problem = (f"the train files of config {config!r} are not there (download them)" if configs
+                   else "no train split (file names like train-00000-of-00001.parquet)")
+        raise UserError(f"{source.key}: {folder}: {problem}")
+    return [Path(name) for name in train]
+
+
+def _local_part_files(source: Source, part: str) -> list[Path]:
+    folder, colon, config = part.rpartition(":")
+    if colon and Path(folder).is_dir():
+        return _folder_files(source, Path(folder), config)
+    path = Path(part).expanduser()
+    if path.is_dir():
+        return _folder_files(source, path, None)
+    if path.is_file():
+        return [path]
+    return [Path(name) for name in sorted(glob.glob(str(path), recursive=True)) if Path(name).is_file()]
+
+
+def local_files(source: Source) -> list[Path]:
+    """Every file of a local source, checked; a part (of several) that names nothing is a warning."""
+    parts = [part.strip() for part in source.spec.split("+") if part.strip()]
+    files = []
+    for part in parts:
+        found = _local_part_files(source, part)
+        if not found and len(parts) > 1:
+            warn(f"{source.key}: {part}: no such file, folder or glob match; skipped")
+        files += found
+    if not files:
+        raise UserError(
+            f"{source.key}: {source.spec}: file not found (nor a hub spec: owner/name[:config][@revision][/path+...])"
+        )
+    for path in files:
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise UserError(f"{source.key}: {path}: unsupported file type (use .json, .jsonl or .parquet)")
+    return files
 
 
 def check_local_file(source: Source) -> None:
     """Fail early, with one line, on a local source that cannot be read."""
-    path = Path(source.spec)
-    if not path.exists():
-        raise UserError(f"{source.key}: {path}: file not found (a hub id looks like owner/name)")
-    if not path.is_file():
-        raise UserError(f"{source.key}: {path}: is not a file")
-    if path.suffix.lower() not in LOCAL_SUFFIXES:
-        raise UserError(f"{source.key}: {path}: unsupported file type (use .json, .jsonl or .parquet)")
+    source.files  # noqa: B018  (resolving the files checks them)
 
 
-def _numbered_local_rows(path: str):
+def _numbered_local_rows(path: str, columns: tuple[str, ...] | None = None):
     """Yield (number, row, None) for each row of a local file, or (number, None, (offset, length)) for a JSONL line,
-    whose text is read and parsed only once it is drawn. JSONL and Parquet are read in bounded memory."""
+    whose text is read and parsed only once it is drawn. JSONL and Parquet (only `columns`, if given) are read in
+    bounded memory."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
-        yield from _numbered_parquet_rows(path)
+        yield from _numbered_parquet_rows(path, columns)
         return
     with open(path, "rb") as handle:
         head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # after a byte-order mark, if any
@@ -313,13 +437,29 @@ def read_span(handle, span: tuple[int, int]) -> bytes:
     return os.pread(handle.fileno(), length, offset)
 
 
-def _numbered_parquet_rows(path: Path):
+def _numbered_files_rows(paths: list[Path], columns: tuple[str, ...] | None = None):
+    """(FileRow, row, None) for the rows of several local files, one after another."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            for number, row, span in _numbered_local_rows(path, columns):
+                if span is not None:
+                    try:
+                        row = json.loads(read_span(handle, span))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                        raise UserError(f"{path}:{number}: malformed JSON ({error})") from None
+                yield FileRow(str(path), number), row, None
+
+
+def _numbered_parquet_rows(path: Path, columns: tuple[str, ...] | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        parquet = pq.ParquetFile(path)
+        # Only the columns the schema reads; a missing one stays missing, so the row is reported as before.
+        present = [name for name in columns if name in parquet.schema_arrow.names] if columns else None
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=present):
             for row in batch.to_pylist():
                 number += 1
                 yield number, row, None
@@ -355,27 +495,251 @@ def shuffle_buffered(items, seed: int, buffer_size: int):
     yield from buffer
 
 
-def open_rows(source: Source, seed: int, buffer_size: int):
-    """The source's rows through a seeded shuffle buffer, as (row number, parsed row or None, (offset, length) of a
-    JSONL line or None); the number is the file's line or row for local files and the position in the stream for
-    hub ids. Nothing is read yet.
+# ---------------------------------------------------------------------------------------------------- hub streams
 
-    A local file must have passed check_local_file; a hub id is resolved here, so an unreachable one fails before
-    any row is mixed.
-    """
-    if not source.is_hub:
-        return shuffle_buffered(_numbered_local_rows(source.spec), seed, buffer_size)
+
+@dataclass(frozen=True)
+class HubSettings:
+    timeout_s: float = 30.0  # a hub request with no answer in this time fails
+    retry_s: float = 120.0  # how long a stream that lost its connection is retried before the run stops
+
+
+class StreamLost(Exception):
+    """A hub stream stayed unreachable for HubSettings.retry_s; the stream's state is kept for a later run."""
+
+
+def _single_attempt_reads() -> None:
+    """Make huggingface_hub's file reads try once: its own backoff (about 23 s per read, logged as warnings) would
+    hide inside every attempt of HubRows, which retries the stream visibly within NETWORK_RETRY_SECONDS."""
+    import functools
+
+    from huggingface_hub import hf_file_system
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # also "Repo card metadata block was not found" for repos without YAML
+    for name in ("http_backoff", "http_stream_backoff"):
+        backoff = getattr(hf_file_system, name, None)
+        if backoff is not None and not isinstance(backoff, functools.partial):
+            setattr(hf_file_system, name, functools.partial(backoff, max_retries=0))
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """A lost or refused connection, a timeout, or a hub answer that says "try later" (429, 5xx)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else 0
+        return status == 429 or status >= 500
+    return isinstance(error, _network_errors())
+
+
+def _network_errors() -> tuple:
+    import httpx
+    import requests
+    from datasets.utils.file_utils import CONNECTION_ERRORS_TO_RETRY
+
+    return (ConnectionError, TimeoutError, httpx.TransportError, requests.exceptions.RequestException,
+            *CONNECTION_ERRORS_TO_RETRY)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _local_hint(source: Source) -> str:
+    return (
+        f"--sources {source.key}=/path/to/{source.key}.jsonl (or .json/.parquet files, a glob, or a folder that "
+        f"`hf download` wrote, in the {source.schema.name} schema)"
+    )
+
+
+def _unreachable(source: Source, endpoint: str, error: BaseException) -> UserError:
+    return UserError(
+        f"{source.key}: the hub at {endpoint} did not answer for {source.spec!r} ({_first_line(error)}); "
+        f"set HF_ENDPOINT to a reachable mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), or download the data "
+        f"where the hub is reachable and point the source at the local files, e.g. {_local_hint(source)}"
+    )
+
+
+def _hub_files(source: Source, repo: str, sha: str, paths: str) -> tuple[list[str], list[str]]:
+    """The repo files that the "+"-joined folders and globs name at commit `sha`, and the names that match nothing."""
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem()
+    base = f"datasets/{repo}@{sha}"
+    files, missing = [], []
+    for path in (part.strip().strip("/") for part in paths.split("+") if part.strip()):
+        if GLOB_CHARS.search(path):
+            found = sorted(fs.glob(f"{base}/{path}"))
+        elif fs.isfile(f"{base}/{path}"):
+            found = [f"{base}/{path}"]
+        elif fs.isdir(f"{base}/{path}"):
+            found = sorted(name for name in fs.find(f"{base}/{path}") if name.lower().endswith(LOCAL_SUFFIXES))
+        else:
+            found = []
+        if not found:
+            missing.append(path)
+        files += [name[len(base) + 1 :] for name in found if name.lower().endswith(LOCAL_SUFFIXES)]
+    return files, missing
+
+
+def resolve_hub(source: Source, settings: HubSettings) -> dict:
+    """Resolve a hub spec: its commit sha (one request bounded by the timeout, so a hanging route fails fast) and,
+    for named folders or globs, the files they hold. A folder that does not exist is a warning."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+
+    match = HUB_SPEC.fullmatch(source.spec)
+    repo, revision, paths = match["repo"], match["revision"], match["paths"]
+    api = HfApi()
+    try:
+        sha = api.dataset_info(repo, revision=revision, timeout=settings.timeout_s).sha
+        files, missing = _hub_files(source, repo, sha, paths) if paths else (None, [])
+    except OfflineModeIsEnabled:
+        raise UserError(
+            f"{source.key}: cannot stream the hub dataset {source.spec!r} while HF_HUB_OFFLINE=1; unset it, or point "
+            f"the source at local files, e.g. {_local_hint(source)}"
+        ) from None
+    except RevisionNotFoundError:
+        raise UserError(f"{source.key}: the hub dataset {repo!r} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"{source.key}: no hub dataset {repo!r} at {api.endpoint} (nor a local path {source.spec!r})"
+        ) from None
+    except _network_errors() as error:
+        raise _unreachable(source, api.endpoint, error) from None
+    for path in missing:
+        warn(f"{source.key}: {repo}@{sha[:8]} has no {path}; skipped (list its folders: see the README)")
+    if files == []:
+        raise UserError(f"{source.key}: none of the paths in {source.spec!r} exist in {repo}@{sha[:8]}")
+    return {
+        "endpoint": api.endpoint, "repo_id": repo, "config": match["config"] or HUB_CONFIGS.get(repo),
+        "revision": revision or "main", "commit_sha": sha, "data_files": files, "missing_paths": missing,
+        "columns": list(source.schema.columns) if source.schema.columns else None,
+    }
+
+
+def _hub_stream(source: Source, hub: dict, settings: HubSettings):
+    """The source's rows as a `datasets` stream at the resolved commit, reading only the schema's columns."""
     import datasets
 
     datasets.logging.set_verbosity_error()
+    if "torch" not in sys.modules:  # a stream made only for mixing never meets torch, whose import costs ~2.5 CPU s
+        datasets.config.TORCH_AVAILABLE = False
+    # One attempt per read inside datasets (whose own retries are silent): HubRows retries, visibly and bounded.
+    datasets.config.STREAMING_READ_MAX_RETRIES = 1
+    datasets.config.STREAMING_READ_RETRY_INTERVAL = 0
     try:
-        stream = datasets.load_dataset(source.spec, HUB_CONFIGS.get(source.spec), split="train", streaming=True)
-    except Exception as error:  # offline, unknown id, gated, network: all end the same way for the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        builder = datasets.load_dataset_builder(
+            hub["repo_id"], hub["config"], revision=hub["commit_sha"], data_files=hub["data_files"]
+        )
+        if hub["columns"] and hasattr(builder.config, "columns"):  # Parquet reads only those columns' pages
+            builder.config.columns = hub["columns"]
+        else:
+            hub["columns"] = None
+        return builder.as_streaming_dataset(split="train")
+    except _network_errors() as error:
+        raise _unreachable(source, hub["endpoint"], error) from None
+    except Exception as error:  # unknown config, no data files, gated: all end the same way for the user
         raise UserError(
-            f"{source.key}: cannot stream the hub dataset {source.spec!r} ({reason}); download it where the hub "
-            f"is reachable and point the source at the file, e.g. --sources {source.key}=/path/to/"
-            f"{source.key}.jsonl (or .json/.parquet, in the {source.schema.name} schema)"
+            f"{source.key}: cannot stream the hub dataset {source.spec!r} ({_first_line(error)}); download it "
+            f"where the hub is reachable and point the source at the files, e.g. {_local_hint(source)}"
         ) from None
-    stream = stream.shuffle(seed=seed, buffer_size=buffer_size)
-    return ((number, row, None) for number, row in enumerate(stream, start=1))
+
+
+class HubRows:
+    """(number, row, None) for each row of a hub stream through the seeded shuffle buffer, in the order
+    `shuffle_buffered` gives: the same algorithm, but its state (stream position, buffer, random draws) is kept
+    between batches, so a lost connection is retried from where it stopped, and a later run can continue it.
+    """
+
+    def __init__(self, source: Source, stream, hub: dict, seed: int, buffer_size: int, settings: HubSettings,
+                 state: dict | None = None):
+        import numpy as np
+
+        self.source, self.hub, self.buffer_size, self.settings = source, hub, buffer_size, settings
+        self.stream = stream.with_format("arrow")
+        self.state = state or {
+            "stream": None, "buffer": [], "rng": np.random.default_rng(seed).bit_generator.state, "slots": [],
+            "number": 0, "hub": hub,
+        }
+        self.retries = 0
+
+    def __iter__(self):
+        import numpy as np
+
+        state = self.state
+        buffer, slots, size = state["buffer"], state["slots"], self.buffer_size
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        try:
+            for rows in self._batches():
+                for row in rows:
+                    if len(buffer) < size:
+                        buffer.append(row)
+                        continue
+                    if not slots:  # drawn as datasets draws them, kept reversed so pop() takes the next one
+                        slots.extend(reversed(rng.integers(0, size, size=RANDOM_SLOTS_PER_DRAW).tolist()))
+                    slot = slots.pop()
+                    drawn, buffer[slot] = buffer[slot], row
+                    state["number"] += 1
+                    yield state["number"], drawn, None
+        finally:
+            state["rng"] = rng.bit_generator.state
+        rng.shuffle(buffer)
+        for row in buffer:
+            state["number"] += 1
+            yield state["number"], row, None
+
+    def _batches(self):
+        """The stream's rows a batch at a time from the saved position; a lost connection is retried from the last
+        whole batch until HubSettings.retry_s have passed without data, then StreamLost."""
+        deadline, attempt = None, 0
+        while True:
+            if self.state["stream"] is not None:
+                self.stream.load_state_dict(self.state["stream"])
+            try:
+                for table in self.stream.iter(batch_size=min(HUB_BATCH_ROWS, self.buffer_size)):
+                    deadline, attempt = None, 0
+                    yield table.to_pylist()
+                    self.state["stream"] = self.stream.state_dict()
+                return
+            except Exception as error:
+                if not _is_network_error(error):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + self.settings.retry_s
+                if now >= deadline:
+                    raise StreamLost(_first_line(error)) from None
+                attempt += 1
+                self.retries += 1
+                wait = min(2.0**attempt, 30.0, deadline - now)
+                warn(
+                    f"{self.source.key}: connection to {self.hub['endpoint']} lost ({_first_line(error)}); "
+                    f"retry {attempt} in {wait:.0f} s ({deadline - now:.0f} s left before the run stops)"
+                )
+                time.sleep(wait)
+
+
+def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings | None = None,
+              state: dict | None = None):
+    """The source's rows through a seeded shuffle buffer, as (row number, parsed row or None, (offset, length) of a
+    JSONL line or None); the number is the file's line or row for local files (a FileRow for several files) and
+    the position in the stream for hub specs. Nothing is read yet.
+
+    A local source must have passed check_local_file; a hub spec is resolved here (a HubRows, whose `hub` says
+    what was resolved), so an unreachable one fails before any row is mixed. `state` continues a HubRows.
+    """
+    if not source.is_hub:
+        columns = source.schema.columns
+        rows = _numbered_local_rows(source.path, columns) if source.path else _numbered_files_rows(source.files, columns)
+        return shuffle_buffered(rows, seed, buffer_size)
+    from huggingface_hub import constants
+
+    settings = settings or HubSettings()
+    # Every request (file reads mid-stream included) gets the same bound, so a route that hangs fails fast.
+    constants.HF_HUB_ETAG_TIMEOUT = constants.HF_HUB_DOWNLOAD_TIMEOUT = settings.timeout_s
+    _single_attempt_reads()
+    hub = state["hub"] if state else resolve_hub(source, settings)  # a continued stream stays at its commit
+    return HubRows(source, _hub_stream(source, hub, settings), hub, seed, buffer_size, settings, state)

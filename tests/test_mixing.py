@@ -407,7 +407,8 @@ def bad_file(tmp_path, name: str, text: str) -> Path:
     [
         (["--ratios", "reports=-0.1,orca=0.8,pubmed=0.3"], r"RATIOS\['reports'\] = -0.1 must be a number >= 0"),
         (["--sources", f"orca={ORCA},pubmed={PUBMED},wiki=x.jsonl"], "SOURCES key 'wiki' is unknown"),
-        (["--sources", f"orca={HUB},pubmed={PUBMED}"], "is not a file"),
+        (["--sources", f"orca={ROOT / 'scripts'},pubmed={PUBMED}"],
+         r"scripts: not a readable dataset folder \(No \(supported\) data files found"),
         (["--sources", f"orca={REPORTS.with_suffix('.csv')},pubmed={PUBMED}"], "file not found"),
         (["--sources", f"orca={PUBMED},pubmed={PUBMED}", "--fatal_bad_rows"],
          r"orca: .*pubmedqa_pqa_labeled.jsonl:\d+: not in the SlimOrca schema"),
