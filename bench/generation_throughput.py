@@ -361,7 +361,21 @@ def measure_path(cfg, part: str) -> dict:
     # CUDA graphs belong to the thread that recorded them, and bs1 ran in the generation thread (as chat runs):
     # the evaluation steps run there too (evaluate.py, in its own process, runs them in its main thread).
     def on_generation_thread(measure):
-        return lambda *args: start_in_generation_thread(model, lambda: measure(*args))()
+        def run(*args):
+            outcome = {}
+
+            def work():
+                try:
+                    outcome["value"] = measure(*args)
+                except Exception as error:  # handed to the caller's thread, where guarded() records it
+                    outcome["error"] = error
+
+            start_in_generation_thread(model, work)()
+            if "error" in outcome:
+                raise outcome["error"]
+            return outcome["value"]
+
+        return run
 
     if fast and cuda():  # evaluate.py never compiles bs1: compile its batch shape afresh, not as a dynamic batch
         step("compiler_reset", on_generation_thread(fresh_compilation), model)

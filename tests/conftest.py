@@ -25,6 +25,12 @@ LEARNING_FLAGS = [
 ]
 
 
+def without_flags(flags: list[str], extra) -> list[str]:
+    """`flags` less the flags (with their values) that `extra` gives again: a flag may be given only once."""
+    given = set(extra[::2])
+    return [item for flag, value in zip(flags[::2], flags[1::2]) if flag not in given for item in (flag, value)]
+
+
 def run_script(script: str, *args, cwd=None, input_text=None, timeout=600, env=None):
     """Run a stage script as a user would; returns the CompletedProcess (text mode)."""
     return subprocess.run(

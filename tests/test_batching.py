@@ -35,8 +35,9 @@ def test_preset_sets_its_flags_but_command_line_flags_win():
 @pytest.mark.slow
 def test_stage_hints_at_padding_and_groups_rows_by_length(tmp_path):
     rng = random.Random(1)
-    rows = [{"instruction": f"question {i}", "input": "", "output": " ".join(["yes"] * min(120, max(1, int(rng.lognormvariate(2.5, 1.0)))))}
-            for i in range(400)]  # enough rows for transformers to sort them in groups of 96
+    lengths = [min(200, max(1, int(rng.lognormvariate(3.0, 1.0)))) for _ in range(400)]
+    rows = [{"instruction": f"question {i}", "input": "", "output": " ".join(["yes"] * length)}
+            for i, length in enumerate(lengths)]  # enough rows for transformers to sort them in groups of 96
     dataset = tmp_path / "varied.jsonl"
     dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
     shares = {}
@@ -46,7 +47,7 @@ def test_stage_hints_at_padding_and_groups_rows_by_length(tmp_path):
         result = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--load_in_4bit", "false",
                             "--dataset_path", dataset, "--max_steps", "3", "--eval_ratio", "0", "--save_steps", "100",
                             "--optim", "adamw_torch", "--gradient_checkpointing", "false",
-                            "--group_by_length", grouped, cwd=workdir)
+                            "--group_by_length", grouped, "--system_prompt", "S", cwd=workdir)
         assert result.returncode == 0, result.stderr[-3000:]
         padding_lines = [line for line in result.stdout.splitlines() if line.startswith("padding: about")]
         assert len(padding_lines) == 1

@@ -22,7 +22,7 @@ from qwen_sft.chat import STOPPED, ChatSession, chat_loop
 from qwen_sft.cli import UserError
 from qwen_sft.modeling import load_adapter_model, load_adapter_tokenizer
 from qwen_sft.records import read_records
-from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
+from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, prompt_ids
 from qwen_sft.tiny import tiny_path
 
 ROWS = read_records(FIXTURES / "learning_20.jsonl")
@@ -199,8 +199,14 @@ def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
 def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapter, monkeypatch, capsys):
     """The loop chat.py runs, in this process: three messages, one too long to send, then end of input."""
     model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
-    # Each exchange adds about 50 prompt tokens: a 130-token prompt budget holds one earlier exchange, not two.
-    budget, max_new_tokens = 130, 32
+    def prompt_tokens(*turns):
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
+        messages += [{"role": role, "content": text} for role, text in zip(("user", "assistant") * 3, turns)]
+        return len(prompt_ids(tokenizer, messages))
+
+    # A prompt budget one token short of two earlier exchanges: it holds one earlier exchange, not two.
+    budget, max_new_tokens = prompt_tokens(Q0, A0, Q2, ROWS[2]["output"], Q4) - 1, 32
+    assert prompt_tokens(Q0, A0, Q2) <= budget and prompt_tokens(Q2, ROWS[2]["output"], Q4) <= budget
     session = ChatSession(tokenizer, DEFAULT_SYSTEM_PROMPT, budget + max_new_tokens, max_new_tokens)
     too_long = "晶圆" * 200
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([Q0, Q2, Q4, too_long]) + "\n"))
@@ -218,7 +224,7 @@ def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapte
     notice = "[dropped the 1 oldest exchange(s) to stay within max_context_tokens]"
     assert stdout.count(notice) == 1 and stdout.index(notice) < stdout.index(third)
     assert [exchange.user for exchange in session.history] == [Q2, Q4]  # the message too long was refused...
-    assert re.search(r"\[that message needs \d+ prompt tokens but max_context_tokens leaves 130 beside "
+    assert re.search(rf"\[that message needs \d+ prompt tokens but max_context_tokens leaves {budget} beside "
                      r"max_new_tokens; shorten it or raise --max_context_tokens\]", stdout)  # ...with a notice
     assert stdout.endswith("你> \n")  # end of input at the prompt leaves quietly
 

@@ -253,12 +253,12 @@ SYSTEM = "你是助手。"  # short, so the examples stay short (the real vocabu
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
     """The tiny model trained on 8 "remember the number" conversations and 2 single-turn rows, in one file."""
-    from conftest import FIXTURES, LEARNING_FLAGS, run_script
+    from conftest import FIXTURES, LEARNING_FLAGS, run_script, without_flags
 
     workdir = tmp_path_factory.mktemp("memorised")
     dataset = FIXTURES / "conversations_10.jsonl"
-    result = run_script("Qwen_finetuning.py", *LEARNING_FLAGS, "--per_device_train_batch_size", "10",
-                        "--dataset_path", dataset, "--system_prompt", SYSTEM, cwd=workdir)
+    extra = ["--per_device_train_batch_size", "10", "--dataset_path", dataset, "--system_prompt", SYSTEM]
+    result = run_script("Qwen_finetuning.py", *without_flags(LEARNING_FLAGS, extra), *extra, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "Qwen_finetuning_model", read_records(dataset), dataset
 

@@ -224,7 +224,15 @@ def test_predictions_and_per_source_breakdown(full_run, dataset_with_sources):
 
 
 def test_tuned_only_run_truncation_and_sample_cap(learned_adapter, tmp_path):
-    max_seq_length = 70
+    # Full-sample lengths of the eval rows, counted from the whole rendered conversation; the limit cuts about half.
+    tokenizer = AutoTokenizer.from_pretrained(learned_adapter / "Qwen_finetuning_model")
+    _, eval_records = split_records(read_records(FIXTURES / "learning_20.jsonl"), 0.5, 42)
+    lengths = [
+        len(tokenizer(tokenizer.apply_chat_template(build_messages(r, with_answer=True), tokenize=False).removesuffix("\n"),
+                      add_special_tokens=False)["input_ids"])
+        for r in eval_records
+    ]
+    max_seq_length = sorted(lengths)[len(lengths) // 2]
     result = run_script(
         "evaluate.py", "--adapter_dir", learned_adapter / "Qwen_finetuning_model", "--dataset_path",
         FIXTURES / "learning_20.jsonl", *RUN_FLAGS, "--compare_base", "false", "--max_gen_samples", "3",
@@ -237,14 +245,6 @@ def test_tuned_only_run_truncation_and_sample_cap(learned_adapter, tmp_path):
     assert len(predictions) == metrics["dataset"]["generated_rows"] == 3
     assert all("base_prediction" not in json.loads(line) for line in predictions)
 
-    # Full-sample lengths of the same eval rows, counted from the whole rendered conversation.
-    tokenizer = AutoTokenizer.from_pretrained(learned_adapter / "Qwen_finetuning_model")
-    _, eval_records = split_records(read_records(FIXTURES / "learning_20.jsonl"), 0.5, 42)
-    lengths = [
-        len(tokenizer(tokenizer.apply_chat_template(build_messages(r, with_answer=True), tokenize=False).removesuffix("\n"),
-                      add_special_tokens=False)["input_ids"])
-        for r in eval_records
-    ]
     assert metrics["length_stats"] == pytest.approx(length_stats(lengths))
     assert metrics["truncation_rate"] == pytest.approx(sum(n > max_seq_length for n in lengths) / len(lengths))
     assert 0 < metrics["truncation_rate"] < 1

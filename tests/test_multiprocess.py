@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, without_flags
 
 FLAGS = [
     "--base_model", "tiny", "--load_in_4bit", "false", "--dataset_path", str(FIXTURES / "learning_20.jsonl"),
@@ -20,12 +20,6 @@ LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
 }
-
-
-def without_flags(flags: list[str], extra) -> list[str]:
-    """`flags` less the flags (with their values) that `extra` gives again: a flag may be given only once."""
-    given = set(extra[::2])
-    return [item for flag, value in zip(flags[::2], flags[1::2]) if flag not in given for item in (flag, value)]
 
 
 def launch(launcher: str, workdir: Path, *extra):
