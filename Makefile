@@ -10,6 +10,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA one
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -c "from qwen_sft.llama_cpp import download_sdist; download_sdist()"  # llama.cpp's converter, for --gguf
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv with the pinned CPU stack and the test tools
