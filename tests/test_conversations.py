@@ -122,7 +122,7 @@ def test_single_exchange_conversation_tokenizes_exactly_as_a_single_turn_row(tok
 def test_single_turn_rows_render_and_tokenize_as_before(tokenizer):
     """The single-turn example is the hand-written ChatML it always was: prompt, then answer + <|im_end|>."""
     record = {"instruction": "总结", "input": "良率 93%", "output": "良率为93%。"}
-    prompt = f"<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n总结\n\n补充信息：\n良率 93%<|im_end|>\n<|im_start|>assistant\n"
+    prompt = "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n总结\n\n补充信息：\n良率 93%<|im_end|>\n<|im_start|>assistant\n"
     example, cut = tokenize_example(tokenizer, record, "SYS", 2048)
     answer = ids(tokenizer, "良率为93%。<|im_end|>")
     assert not cut and example == {"input_ids": ids(tokenizer, prompt) + answer,

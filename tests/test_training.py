@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, LEARNING_FLAGS, ROOT, run_script
+from conftest import FIXTURES, ROOT, run_script
 from qwen_sft.cli import Config
 from qwen_sft.generation import generate_batch
 from qwen_sft.modeling import load_adapter_model
