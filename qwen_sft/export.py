@@ -122,7 +122,7 @@ def write_gguf(cfg, folder: Path, tokenizer) -> dict:
     """llama.cpp's converter on the merged folder, then its gguf-py reads the file back: Qwen's pre-tokenizer, the
     stop and pad ids and the chat template must be there. The GGUF lands inside the folder, so it appears with it."""
     outfile = folder / gguf_name(cfg.gguf)
-    convert(folder, outfile, cfg.gguf, Path(cfg.output_dir).name, cfg.llama_cpp_dir)
+    convert(folder, outfile, cfg.gguf, Path(cfg.output_dir).resolve().name, cfg.llama_cpp_dir)
     summary = gguf_summary(outfile, cfg.llama_cpp_dir)
     expected = {"pre_tokenizer": "qwen2", "eos_token_id": tokenizer.eos_token_id,
                 "padding_token_id": tokenizer.pad_token_id, "chat_template": tokenizer.chat_template}

