@@ -188,8 +188,8 @@ def is_command(text: str) -> bool:
 
 
 def run_command(session: ChatSession, line: str) -> None:
-    name, _, argument = line.partition(" ")
-    argument = argument.strip()
+    name, *rest = line.split(maxsplit=1)  # split as is_command does: a tab after the command counts too
+    argument = rest[0].strip() if rest else ""
     if name == "/help":
         print(HELP)
     elif name == "/reset":

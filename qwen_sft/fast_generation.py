@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from .cli import UserError
 
 FAST_GENERATION_CHOICES = ("auto", "true", "false")
-FAST_GENERATION_HELP = "auto (merged bf16 + static cache + compile when the GPU has room), true or false"
 MEMORY_MARGIN_GIB = 4.0  # KV cache, activations and the compiled graphs' pools, beside the weights
 FOUR_BIT_SHARE = 0.35  # an NF4 model's size over its bf16 size (double-quantized, norms and embeddings in bf16)
 WARM_UP_TOKENS = 8  # decoding steps at load time: compile, then CUDA-graph warm-up, recording and a replay
@@ -43,7 +42,12 @@ def dense_bytes(base_path: str, dtype) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base_path)
+    from .modeling import unreachable_model_error
+
+    try:
+        config = AutoConfig.from_pretrained(base_path)
+    except OSError as error:  # an unreachable or uncached hub id: one line, as the model load itself would say
+        raise unreachable_model_error(base_path, error) from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(parameter.numel() for parameter in model.parameters()) * torch.tensor([], dtype=dtype).element_size()

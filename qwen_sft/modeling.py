@@ -55,7 +55,7 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _unreachable(name: str, error: Exception) -> UserError:
+def unreachable_model_error(name: str, error: Exception) -> UserError:
     return UserError(
         f"could not load model {name!r} ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
         "without hub access, download it elsewhere and pass the local folder (e.g. --base_model /models/Qwen2.5-7B-Instruct), "
@@ -116,7 +116,7 @@ def load_base_model(name: str, backend: str, load_in_4bit: bool, max_seq_length:
                 device_map=device_map(),
             )
     except OSError as error:
-        raise _unreachable(name, error) from None
+        raise unreachable_model_error(name, error) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

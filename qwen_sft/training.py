@@ -30,6 +30,7 @@ from .records import read_records
 from .template import is_conversation, tokenize_example
 
 CHECKPOINT_PREFIX = "checkpoint-"
+RESUME_OFF = ("", "false", "no", "none")  # --resume_from_checkpoint values that start from scratch
 # Files without which a checkpoint cannot resume; trainer_state.json is written last, so it marks completion.
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
@@ -133,7 +134,7 @@ def checkpoint_step(folder: Path) -> int:
 
 def find_resume_checkpoint(setting: str, output_dir: str, quiet: bool = False) -> str | None:
     """`false` -> None; a path -> that checkpoint (validated); `auto` -> the latest complete one, if any."""
-    if setting.lower() in ("", "false", "no", "none"):
+    if setting.lower() in RESUME_OFF:
         return None
     if setting.lower() != "auto":
         folder = Path(setting)
@@ -211,7 +212,7 @@ def check_output_folders(cfg) -> None:
     resume = cfg.resume_from_checkpoint
     inputs = {"--dataset_path": cfg.dataset_path,
               "--base_model": cfg.base_model if Path(cfg.base_model).expanduser().exists() else "",
-              "--resume_from_checkpoint": "" if resume.lower() in ("", "auto", "false", "no", "none") else resume}
+              "--resume_from_checkpoint": "" if resume.lower() in ("auto", *RESUME_OFF) else resume}
     check_outputs_apart(outputs, inputs, folders={"--adapter_dir", "--tokenizer_dir"})
     for flag, folder in outputs.items():
         check_output_folder(folder, flag, cfg.overwrite_output)

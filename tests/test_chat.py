@@ -64,6 +64,15 @@ def test_help_lists_every_setting():
     assert "/save FILE" in result.stdout
 
 
+def test_a_command_and_its_argument_may_be_split_by_a_tab(tokenizer, capsys):
+    from qwen_sft.chat import is_command, run_command
+
+    session = ChatSession(tokenizer, "SYS", 4096, 512)
+    assert is_command("/system\tNEW PROMPT")
+    run_command(session, "/system\tNEW PROMPT")
+    assert session.system_prompt == "NEW PROMPT" and "usage" not in capsys.readouterr().out
+
+
 def test_session_drops_oldest_exchanges_first_and_keeps_the_system_prompt(tokenizer):
     session = ChatSession(tokenizer, "SYSTEM-X", max_context_tokens=10_000, max_new_tokens=100)
     for index in range(4):

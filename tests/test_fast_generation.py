@@ -252,3 +252,11 @@ def test_auto_keeps_the_4bit_path_on_a_24_gb_gpu_and_takes_the_fast_one_on_an_h2
         fast, reason = choose_fast("auto", str(tmp_path), copies)
         assert fast == expected, reason
     assert "GiB needed for 2 dense copies" in reason
+
+
+def test_memory_check_on_an_unreachable_base_is_one_user_error():
+    """`auto` sizes the base from its config before loading it: a hub id that cannot be had is a UserError."""
+    from qwen_sft.fast_generation import dense_bytes
+
+    with pytest.raises(UserError, match="could not load model 'nobody/no-such-model'"):
+        dense_bytes("nobody/no-such-model", torch.bfloat16)
