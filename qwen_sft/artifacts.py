@@ -250,7 +250,7 @@ def _list_files_in_manifest(folder: Path, manifest_name: str) -> None:
     user's."""
     manifest_file = folder / manifest_name
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    manifest["files"] = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith(".partial"))
+    manifest["files"] = sorted(entry.name for entry in folder.iterdir() if not _LEFTOVER.fullmatch(entry.name))
     write_json_atomic(manifest_file, manifest)
 
 

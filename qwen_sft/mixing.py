@@ -577,17 +577,20 @@ def fatal_bad_row(source: Source, number: int, what: str) -> UserError:
 
 
 def first_bad_row(source: Source) -> None:
-    """With --fatal_bad_rows, every row of a local file is checked before mixing, in file order: which rows the
-    seeded shuffle draws must not decide whether the run fails."""
+    """With --fatal_bad_rows, every row of a local source is checked before mixing, in file order: which rows the
+    seeded shuffle draws must not decide whether the run fails. A source of several files names the file."""
     from .sources import _numbered_local_rows
 
-    rows = _numbered_local_rows(source.spec)
-    with open(source.spec, "rb") as handle:
-        for chunk in iter(lambda: list(islice(rows, CHUNK_ROWS)), []):
-            for number, row, span in chunk:
+    for path in source.files:
+        with open(path, "rb") as handle:
+            for number, row, span in _numbered_local_rows(path):
                 kind, detail, _ = _convert(source.schema, row, read_span(handle, span) if span else None)
-                if kind in (MALFORMED, WRONG_SCHEMA):
+                if kind not in (MALFORMED, WRONG_SCHEMA):
+                    continue
+                if source.path:
                     raise fatal_bad_row(source, number, bad_row_text(source, kind, detail))
+                raise UserError(f"{source.key}: {path}:{number}: {bad_row_text(source, kind, detail)}; fix the row, "
+                                "or pass --fatal_bad_rows false to skip such rows")
 
 
 class Mixer:
@@ -821,7 +824,11 @@ def check_mix_output(cfg, plan: MixPlan) -> Path:
     """The output policy (qwen_sft/artifacts.py): never over an input, nor over a file this toolkit did not write."""
     output_file = Path(cfg.OUTPUT_FILE)
     inputs = {"--my_report_data_path": cfg.MY_REPORT_DATA_PATH}
-    inputs.update({f"--sources {source.key}": source.spec for source in plan.sources if not source.is_hub})
+    for source in plan.sources:  # every file a folder or glob resolves to, e.g. a mix written beside its sources
+        if not source.is_hub:
+            count = len(source.files)
+            inputs.update({f"--sources {source.key}" + (f" file {number} of {count}" if count > 1 else ""): str(path)
+                           for number, path in enumerate(source.files, 1)})
     outputs = {"--output_file": str(output_file), "its manifest": str(manifest_path_for(output_file))}
     check_outputs_apart(outputs, inputs)
     check_output_file(output_file, "--output_file", cfg.OVERWRITE_OUTPUT)
@@ -850,9 +857,13 @@ class WorkFolder:
     def load(self, fingerprint: str) -> dict | None:
         if not self.state_file.is_file():
             return None
-        with open(self.state_file, "rb") as handle:
-            saved = pickle.load(handle)
-        if saved.get("fingerprint") != fingerprint:
+        try:
+            with open(self.state_file, "rb") as handle:
+                saved = pickle.load(handle)
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, ValueError) as error:
+            print(f"warning: {self.state_file} cannot be read ({type(error).__name__}); starting over")
+            return None
+        if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
             print(f"warning: {self.folder} holds work of another configuration; starting over (it will be replaced)")
             return None
         return saved

@@ -664,7 +664,6 @@ class HubRows:
             "stream": None, "buffer": [], "rng": np.random.default_rng(seed).bit_generator.state, "slots": [],
             "number": 0, "hub": hub,
         }
-        self.retries = 0
 
     def __iter__(self):
         import numpy as np
@@ -713,7 +712,6 @@ class HubRows:
                 if now >= deadline:
                     raise StreamLost(_first_line(error)) from None
                 attempt += 1
-                self.retries += 1
                 wait = min(2.0**attempt, 30.0, deadline - now)
                 warn(
                     f"{self.source.key}: connection to {self.hub['endpoint']} lost ({_first_line(error)}); "

@@ -289,3 +289,33 @@ def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, script, flags
     result = run_script(script, *flags, cwd=workdir, timeout=120)
     assert_one_line_exit_2(result, message)
     assert snapshot(workdir) == before
+
+
+def test_folder_sources_are_inputs_and_checked_whole_with_fatal_bad_rows(tmp_path):
+    """A source given as a folder: the mix may not be written into it (it would be read back as a source on the
+    next run), and --fatal_bad_rows checks each of its files, naming the file and line."""
+    folder = tmp_path / "orca"
+    folder.mkdir()
+    shutil.copy(ORCA, folder / "a.jsonl")
+    shutil.copy(ORCA, folder / "b.jsonl")
+    into_source = run_script("data_integration.py", *mix_args(folder / "b.jsonl", orca=folder), "--overwrite_output",
+                             "true", cwd=tmp_path)
+    assert_one_line_exit_2(into_source, "is the input --sources orca file 2 of 2")
+    assert (folder / "b.jsonl").read_bytes() == ORCA.read_bytes()
+
+    with open(folder / "b.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    lines = len((folder / "b.jsonl").read_text(encoding="utf-8").splitlines())
+    fatal = run_script("data_integration.py", *mix_args(tmp_path / "mix.jsonl", orca=folder), "--fatal_bad_rows",
+                       "true", cwd=tmp_path)
+    assert_one_line_exit_2(fatal, f"orca: {folder / 'b.jsonl'}:{lines}:")
+    assert not (tmp_path / "mix.jsonl").exists()
+
+
+def test_an_unreadable_work_state_starts_over_with_a_warning(tmp_path):
+    from qwen_sft.mixing import WorkFolder
+
+    work = WorkFolder(tmp_path / "mix.jsonl")
+    work.folder.mkdir()
+    work.state_file.write_bytes(b"\x80\x05truncated")
+    assert work.load("any fingerprint") is None
