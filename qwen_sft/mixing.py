@@ -309,7 +309,7 @@ def _prepare_conversation(rules: RowRules, messages: list[dict]) -> tuple:
 def _chunks(rows):
     """Consecutive lists of CHUNK_ROWS rows. A hub stream lost mid-chunk (StreamLost) carries the rows drawn before
     it in `partial`, so that every row drawn is accounted for before the run stops (and resumes after them)."""
-    rows = iter(rows)  # once: a HubRows starts its stream afresh at each iter()
+    rows = iter(rows)  # once: every iter() of a HubRows would resume from the same saved state
     while True:
         chunk = []
         try:
