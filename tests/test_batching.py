@@ -34,9 +34,8 @@ def test_stage_hints_at_padding_and_groups_rows_by_length(tmp_path):
     for grouped in ("false", "true"):
         workdir = tmp_path / grouped
         workdir.mkdir()
-        result = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--load_in_4bit", "false",
-                            "--dataset_path", dataset, "--max_steps", "3", "--eval_ratio", "0", "--save_steps", "100",
-                            "--optim", "adamw_torch", "--gradient_checkpointing", "false",
+        result = run_script("Qwen_finetuning.py", "--preset", "tiny_cpu", "--dataset_path", dataset,
+                            "--max_steps", "3", "--eval_ratio", "0", "--save_steps", "100",
                             "--group_by_length", grouped, "--system_prompt", "S", cwd=workdir)
         assert result.returncode == 0, result.stderr[-3000:]
         padding_lines = [line for line in result.stdout.splitlines() if line.startswith("padding: about")]
