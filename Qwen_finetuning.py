@@ -4,16 +4,16 @@ Writes checkpoints and TensorBoard logs to OUTPUT_DIR, then the adapter with its
 manifest to ADAPTER_DIR (and the tokenizer again to TOKENIZER_DIR).
 
   python Qwen_finetuning.py                                   # the seed defaults, Qwen/Qwen2.5-7B-Instruct
-  python Qwen_finetuning.py --base_model tiny --max_steps 20  # the offline CPU demo
+  python Qwen_finetuning.py --preset tiny                     # the offline CPU demo: the tiny model, 30 steps
   python Qwen_finetuning.py --resume_from_checkpoint auto     # continue an interrupted run
   python Qwen_finetuning.py --preset h200_fast                # fastest on a 48 GB+ GPU (gpu24 for 24 GB)
 """
 
 import sys
 
-from qwen_sft.batching import apply_preset
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.modeling import LORA_TARGET_MODULES
+from qwen_sft.presets import apply_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # hub id, local model folder, or `tiny` (built offline)
@@ -44,7 +44,7 @@ LOAD_BEST_MODEL_AT_END = True  # restore the checkpoint with the lowest eval los
 NEFTUNE_NOISE_ALPHA = 5.0  # NEFTune embedding noise; 0 = off
 PACKING = False  # pack rows padding-free into MAX_SEQ_LENGTH rows (Unsloth on CUDA only); see README
 GROUP_BY_LENGTH = True  # unpacked: batch rows of similar length (less padding); batches still come in random order
-PRESET = "none"  # none, h200_fast (fastest, 48 GB+ GPU) or gpu24 (fits 24 GB); flags given still win
+PRESET = "none"  # none, h200_fast (fastest, 48 GB+ GPU), gpu24 (fits 24 GB), tiny or tiny_cpu; flags given still win
 SEED = 3407  # training seed (LoRA init, data order, dropout)
 SPLIT_SEED = 42  # seed of the 90/10 train/eval split (evaluate.py uses the same)
 EVAL_RATIO = 0.1  # share of rows held out for evaluation; 0 = no eval split
@@ -56,7 +56,7 @@ OVERWRITE_OUTPUT = False  # write into output folders this toolkit did not creat
 
 
 def main():
-    cfg = apply_preset(parse_config(globals()), sys.argv[1:])
+    cfg = apply_preset(parse_config(globals()), sys.argv[1:], "training")
     from qwen_sft.training import train
 
     train(cfg, script_name=__file__)

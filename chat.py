@@ -9,7 +9,10 @@ leave. Ctrl-C stops the reply being written and keeps the conversation; at the p
   printf '你好\\n/save chats.jsonl\\n' | python chat.py  # scripted, from a pipe
 """
 
+import sys
+
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.presets import apply_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
@@ -24,10 +27,11 @@ HISTORY_FILE = "~/.qwen_sft_chat_history"  # readline input history kept across 
 SHOW_PROMPT = False  # print the full rendered prompt (system, history, message) before each reply
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
 FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
+PRESET = "none"  # none, or greedy (temperature 0, no repetition penalties: reproducible); flags given still win
 
 
 def main():
-    cfg = parse_config(globals())
+    cfg = apply_preset(parse_config(globals()), sys.argv[1:], "chat")
     from qwen_sft.chat import run_chat
 
     run_chat(cfg)

@@ -10,7 +10,10 @@ per-source breakdown, config and versions) and OUTPUT_DIR/predictions.jsonl, the
   python evaluate.py --compare_base false              # the adapter alone
 """
 
+import sys
+
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.presets import apply_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
@@ -32,10 +35,11 @@ ROUGE = False  # ROUGE-1/2/L of the answers (needs `pip install rouge-score`)
 LOAD_IN_4BIT = "auto"  # auto (as the adapter was trained, from its manifest), true or false
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
 FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
+PRESET = "none"  # none, or tiny (short answers for 8 rows, for the tiny model); flags given still win
 
 
 def main():
-    cfg = parse_config(globals())
+    cfg = apply_preset(parse_config(globals()), sys.argv[1:], "evaluate")
     from qwen_sft.evaluation import evaluate
 
     evaluate(cfg)

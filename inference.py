@@ -12,7 +12,10 @@ a manifest beside it.
   cat questions.jsonl | python inference.py --instruction_file -
 """
 
+import sys
+
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.presets import apply_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
@@ -30,10 +33,11 @@ REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the promp
 NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
 FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
+PRESET = "none"  # none, or greedy (temperature 0, no repetition penalties: reproducible); flags given still win
 
 
 def main():
-    cfg = parse_config(globals())
+    cfg = apply_preset(parse_config(globals()), sys.argv[1:], "inference")
     from qwen_sft.inference import run_inference
 
     run_inference(cfg)

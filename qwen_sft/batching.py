@@ -1,36 +1,15 @@
-"""How rows become batches: the padding share of a batch shape (for the start-up hint), and the speed presets."""
+"""How rows become batches: the padding share of a batch shape (for the start-up hint), and what packing changed.
+
+The speed presets for GPUs are in presets.py.
+"""
 
 from __future__ import annotations
 
 import math
 
-from .cli import UserError, format_value, say
+from .cli import say
 
-# Flag sets for common GPUs; flags given on the command line win over a preset. Both pack rows padding-free,
-# which needs the Unsloth backend (a CUDA GPU). bench/train_throughput.py measures them (README, Training speed).
-PRESETS = {
-    # 48 GB and up (H100, H200): no activation recompute (about 36 GiB of activations for 4 packed 2,048-token rows)
-    "h200_fast": {"PACKING": True, "GRADIENT_CHECKPOINTING": False, "PER_DEVICE_TRAIN_BATCH_SIZE": 4,
-                  "GRADIENT_ACCUMULATION_STEPS": 2},
-    # 24 GB (RTX 3090/4090, L4, A10): Unsloth's gradient checkpointing, 4 packed rows x 2 accumulation steps
-    "gpu24": {"PACKING": True, "GRADIENT_CHECKPOINTING": True, "PER_DEVICE_TRAIN_BATCH_SIZE": 4,
-              "GRADIENT_ACCUMULATION_STEPS": 2},
-}
 PADDING_HINT_SHARE = 0.2  # above this share of padded token slots, the start-up line suggests a fix
-
-
-def apply_preset(cfg, argv: list[str]):
-    """Set the preset's values in `cfg`, except those given as flags in `argv`; prints what it set."""
-    name = cfg.preset
-    if name == "none":
-        return cfg
-    if name not in PRESETS:
-        raise UserError(f"--preset must be none or one of {', '.join(PRESETS)}, got {name!r}")
-    given = {word[2:].split("=")[0].replace("-", "_").upper() for word in argv if word.startswith("--")}
-    changes = {key: value for key, value in PRESETS[name].items() if key not in given}
-    cfg.update(changes)
-    say(f"preset {name}: " + " ".join(f"--{key.lower()} {format_value(value)}" for key, value in changes.items()))
-    return cfg
 
 
 def padding_share(lengths: list[int], batch_size: int, group_size: int, seed: int) -> float:

@@ -22,6 +22,7 @@ from .artifacts import (
     write_text_atomic,
 )
 from .cli import UserError
+from .families import family
 from .qwen_tokenizer_build import write_portable_tokenizer_config
 from .generation import stop_token_ids
 from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir, gguf_summary
@@ -37,21 +38,6 @@ from .modeling import (
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODELFILE = "Modelfile"
-# ChatML, as Qwen2.5's own template renders system/user/assistant turns, in Ollama's Go template language.
-OLLAMA_TEMPLATE = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<|im_start|>user
-{{ .Content }}<|im_end|>
-{{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ .Content }}{{ if not $last }}<|im_end|>
-{{ end }}
-{{- end }}
-{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}"""
 
 
 def modelfile_system(system_prompt: str) -> str:
@@ -65,7 +51,7 @@ def ollama_modelfile(cfg, stop_tokens: list[str], context_length: int, gguf_file
     lines = [
         "# Ollama model of this folder: `ollama create NAME -f Modelfile` here, then `ollama run NAME`.",
         f"FROM ./{gguf_file}" if gguf_file else "FROM .",
-        f'TEMPLATE """{OLLAMA_TEMPLATE}"""',
+        f'TEMPLATE """{family.OLLAMA_TEMPLATE}"""',
         modelfile_system(cfg.system_prompt),
         f"PARAMETER num_ctx {context_length}",
         f"PARAMETER temperature {cfg.temperature}",
@@ -124,7 +110,7 @@ def write_gguf(cfg, folder: Path, tokenizer) -> dict:
     outfile = folder / gguf_name(cfg.gguf)
     convert(folder, outfile, cfg.gguf, Path(cfg.output_dir).resolve().name, cfg.llama_cpp_dir)
     summary = gguf_summary(outfile, cfg.llama_cpp_dir)
-    expected = {"pre_tokenizer": "qwen2", "eos_token_id": tokenizer.eos_token_id,
+    expected = {"pre_tokenizer": family.GGUF_PRE_TOKENIZER, "eos_token_id": tokenizer.eos_token_id,
                 "padding_token_id": tokenizer.pad_token_id, "chat_template": tokenizer.chat_template}
     wrong = [f"{key} {summary[key]!r:.40}" for key, value in expected.items() if summary[key] != value]
     if wrong:

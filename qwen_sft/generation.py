@@ -10,13 +10,14 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from .template import END_OF_TURN, prompt_ids
+from .families import family
+from .template import prompt_ids
 
 
 def stop_token_ids(tokenizer) -> list[int]:
     """`<|im_end|>` plus the tokenizer's EOS and `<|endoftext|>`, whichever exist."""
     ids = []
-    for token in (END_OF_TURN, tokenizer.eos_token, "<|endoftext|>"):
+    for token in (family.END_OF_TURN, tokenizer.eos_token, family.END_OF_TEXT):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None
         # A token the vocabulary lacks maps to the unknown id (0 even without an unk token), so check the round trip.
         known = isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token

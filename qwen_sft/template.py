@@ -10,13 +10,13 @@ closing `<|im_end|>` only.
 from __future__ import annotations
 
 from .cli import UserError
+from .families import family
 
 DEFAULT_SYSTEM_PROMPT = (
     "你是一位跨领域专家，精通人工智能、集成电路（IC）设计与制造以及生物医学。"
     "请基于事实作答：先给出结论，再分点说明依据；不确定时请明确说明，不要编造。"
 )
 INPUT_HEADING = "补充信息"
-END_OF_TURN = "<|im_end|>"
 
 
 def user_content(instruction: str, extra_input: str = "") -> str:
@@ -87,7 +87,7 @@ def prompt_within(tokenizer, messages: list[dict], max_tokens: int) -> tuple[lis
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
     """The answer followed by the end-of-turn token, the only tokens that carry loss."""
-    return tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
+    return tokenizer(answer + family.END_OF_TURN, add_special_tokens=False)["input_ids"]
 
 
 def conversation_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -103,7 +103,7 @@ def conversation_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool
             continue
         opened = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
         closed = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        answer = message["content"] + END_OF_TURN
+        answer = message["content"] + family.END_OF_TURN
         if not (opened.startswith(rendered) and closed.startswith(opened + answer)):
             raise UserError(
                 "the tokenizer's chat template does not render a conversation turn by turn (each render a prefix "

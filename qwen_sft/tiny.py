@@ -1,4 +1,5 @@
-"""`tiny`: a small random-weight Qwen2 model with the real Qwen2.5 tokenizer, built offline in seconds.
+"""`tiny`: a small random-weight model of the family in use (families/), with its real tokenizer, built offline
+in seconds: for Qwen2.5, a 2-layer Qwen2 with the real Qwen2.5 tokenizer.
 
 It stands in for Qwen/Qwen2.5-7B-Instruct wherever a base model is named, so that the whole pipeline runs and is
 tested on a CPU with no hub. The build is deterministic (the pinned vocabulary, a fixed seed) and cached on disk.
@@ -10,12 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
+from .families import family
 from .qwen_tokenizer_build import build_qwen2_5_tokenizer, write_portable_tokenizer_config
 
 TINY_NAME = "tiny"
 TINY_VERSION = "v2"  # bump when the build below changes, so stale caches are not reused
-VOCAB_SIZE = 151936  # Qwen2.5-0.5B's embedding rows: the 151,665 tokens padded to a multiple of 128
-TEMPLATE_PATH = Path(__file__).with_name("qwen2_5_chat_template.jinja")
 
 
 def cache_root() -> Path:
@@ -32,12 +32,13 @@ def tiny_path() -> Path:
 
 def _build(folder: Path) -> None:
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    tokenizer = build_qwen2_5_tokenizer(TEMPLATE_PATH.read_text(encoding="utf-8"))
-    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
+    tokenizer = build_qwen2_5_tokenizer(family.CHAT_TEMPLATE_PATH.read_text(encoding="utf-8"))
+    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids([family.END_OF_TURN, family.END_OF_TEXT])
+    config = AutoConfig.for_model(
+        family.MODEL_TYPE,
+        vocab_size=family.VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -51,7 +52,7 @@ def _build(folder: Path) -> None:
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     torch.random.set_rng_state(generator_state)
     model.generation_config = GenerationConfig(
         eos_token_id=[end_of_turn, end_of_text], pad_token_id=end_of_text, do_sample=False

@@ -23,6 +23,7 @@ from .artifacts import (
 )
 from .batching import report_packing, report_padding
 from .cli import UserError, is_main_process, say
+from .families import family
 from .locking import folder_lock
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .neftune import per_example_neftune
@@ -279,7 +280,7 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
         axes.plot(*zip(*evaluation), marker="o", label="eval loss")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
-    axes.set_title("Qwen2.5 LoRA SFT")
+    axes.set_title(f"{family.NAME} LoRA SFT")
     axes.grid(alpha=0.3)
     if train or evaluation:
         axes.legend()

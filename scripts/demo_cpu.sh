@@ -25,10 +25,10 @@ $PYTHON "$root/data_set_generation.py" --my_report_data_path "$root/my_dataset.j
   --sources "orca=$samples/slimorca.jsonl,pubmed=$samples/pubmedqa_pqa_labeled.jsonl,stackexchange=$samples/stack_exchange_preferences.jsonl"
 
 stage "2. fine-tune the tiny model on the mix of single-turn and conversation rows (4-bit NF4 + LoRA, the seed's other defaults), 30 steps"
-$PYTHON "$root/Qwen_finetuning.py" --base_model tiny --max_steps 30 --eval_steps 10 --save_steps 10 --logging_steps 10
+$PYTHON "$root/Qwen_finetuning.py" --preset tiny
 
-stage "3. evaluate: tuned vs base on the eval split"
-$PYTHON "$root/evaluate.py" --max_new_tokens 32 --max_gen_samples 8
+stage "3. evaluate: tuned vs base on the eval split (32 new tokens, 8 rows)"
+$PYTHON "$root/evaluate.py" --preset tiny
 
 stage "4. inference: one streamed answer"
 $PYTHON "$root/inference.py" --max_new_tokens 32

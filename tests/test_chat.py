@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, ROOT, run_script
+from conftest import EXACT, FIXTURES, ROOT, run_script
 from qwen_sft.chat import STOPPED, ChatSession, chat_loop
 from qwen_sft.cli import UserError
 from qwen_sft.modeling import load_adapter_model, load_adapter_tokenizer
@@ -28,8 +28,6 @@ from qwen_sft.tiny import tiny_path
 ROWS = read_records(FIXTURES / "learning_20.jsonl")
 Q0, A0 = ROWS[0]["instruction"], ROWS[0]["output"]  # 报告0中的晶圆良率是多少？ -> 报告0中的晶圆良率为80%。
 Q2, Q4, Q6 = ROWS[2]["instruction"], ROWS[4]["instruction"], ROWS[6]["instruction"]
-# Greedy without penalties, so that the trained tiny model repeats its training answers exactly.
-EXACT = ["--temperature", "0", "--repetition_penalty", "1", "--no_repeat_ngram_size", "0", "--max_new_tokens", "40"]
 SHOWN_PROMPT = re.compile(r"\[prompt, (\d+) tokens\]\n(.*?)\[end of prompt\]", re.S)
 
 

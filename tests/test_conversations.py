@@ -328,9 +328,8 @@ def test_inference_file_mode_answers_conversations(memorised, tmp_path):
         {"id": "single", "instruction": records[2]["instruction"]},
     ])
     result = run_script("inference.py", "--adapter_dir", adapter, "--instruction_file", prompts, "--output_file",
-                        tmp_path / "answers.jsonl", "--system_prompt", SYSTEM, "--temperature", "0",
-                        "--repetition_penalty", "1", "--no_repeat_ngram_size", "0", "--max_new_tokens", "24",
-                        cwd=tmp_path)
+                        tmp_path / "answers.jsonl", "--system_prompt", SYSTEM, "--preset", "greedy",
+                        "--max_new_tokens", "24", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     answered = {row["id"]: row for row in map(json.loads, (tmp_path / "answers.jsonl").read_text().splitlines())}
     assert answered["open"]["output"] == answered["trained"]["output"] == chat[3]["content"]
@@ -361,8 +360,8 @@ def test_training_manifest_counts_shortened_and_dropped_conversations(tokenizer,
     too_long = {"messages": [*short_end, {"role": "user", "content": "long " * 60}, {"role": "assistant", "content": "b"}]}
     limit = len(conversation_example(tokenizer, [{"role": "system", "content": SYSTEM}, *short_end])["input_ids"])
     dataset = write_rows(tmp_path / "rows.jsonl", [fits, too_long, {"instruction": "q", "output": "a"}])
-    result = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--load_in_4bit", "false", "--max_steps", "1",
-                        "--per_device_train_batch_size", "1", "--eval_ratio", "0", "--optim", "adamw_torch",
+    result = run_script("Qwen_finetuning.py", "--preset", "tiny_cpu", "--max_steps", "1",
+                        "--per_device_train_batch_size", "1", "--eval_ratio", "0",
                         "--dataset_path", dataset, "--system_prompt", SYSTEM, "--max_seq_length", limit, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "Qwen_finetuning_model" / "manifest.json").read_text(encoding="utf-8"))

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import FIXTURES, run_script
+from conftest import EXACT, FIXTURES, run_script
 from qwen_sft.cli import UserError
 from qwen_sft.fast_generation import (adapter_disabled, choose_fast, dense_model, load_generation_model,
                                       resolve_fast_generation, warm_up)
@@ -17,7 +17,6 @@ from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, build_messages, prompt_ids
 from qwen_sft.tiny import tiny_path
 
 ROWS = read_records(FIXTURES / "learning_20.jsonl")
-EXACT = ["--temperature", "0", "--repetition_penalty", "1", "--no_repeat_ngram_size", "0", "--max_new_tokens", "40"]
 
 
 def random_lora_model(load_in_4bit: bool, seed: int = 0):

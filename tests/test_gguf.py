@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from conftest import run_script
 from qwen_sft.cli import UserError
-from qwen_sft.export import OLLAMA_TEMPLATE
+from qwen_sft.families import family
 from qwen_sft.llama_cpp import NETWORK_ERRORS, converter_dir
 
 pytestmark = pytest.mark.slow
@@ -166,7 +166,7 @@ def test_ollama_template_renders_like_the_hf_chat_template(conversation, go_rend
 
     system = dict(conversation).get("system", "the training system prompt")  # Ollama: the Modelfile's SYSTEM
     messages = [{"Role": role, "Content": content} for role, content in conversation]
-    data = json.dumps({"Template": OLLAMA_TEMPLATE, "System": system, "Messages": messages})
+    data = json.dumps({"Template": family.OLLAMA_TEMPLATE, "System": system, "Messages": messages})
     result = subprocess.run([str(go_render)], input=data, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     hf_messages = [{"role": role, "content": content} for role, content in conversation]

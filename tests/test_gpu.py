@@ -14,14 +14,14 @@ BACKEND = "unsloth" if importlib.util.find_spec("unsloth") else "hf"
 
 def test_train_evaluate_infer_on_gpu(tmp_path):
     dataset = FIXTURES / "learning_20.jsonl"
-    trained = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--backend", BACKEND, "--dataset_path", dataset,
-                         "--max_steps", "30", "--eval_steps", "15", "--save_steps", "15", cwd=tmp_path)
+    trained = run_script("Qwen_finetuning.py", "--preset", "tiny", "--backend", BACKEND, "--dataset_path", dataset,
+                         cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     manifest = json.loads((tmp_path / "Qwen_finetuning_model" / "manifest.json").read_text())
     assert manifest["backend"] == BACKEND and manifest["global_step"] == 30
     assert manifest["throughput"]["peak_gpu_memory_gib"] > 0
 
-    evaluated = run_script("evaluate.py", "--dataset_path", dataset, "--max_new_tokens", "16", cwd=tmp_path)
+    evaluated = run_script("evaluate.py", "--preset", "tiny", "--dataset_path", dataset, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "evaluation_results" / "metrics.json").read_text())
     assert metrics["eval_loss"] > 0 and "base" in metrics and "delta" in metrics

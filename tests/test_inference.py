@@ -6,14 +6,13 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURES, ROOT, run_script
+from conftest import EXACT, FIXTURES, ROOT, run_script
 from qwen_sft.cli import parse_config
 from qwen_sft.inference import run_inference
+from qwen_sft.presets import apply_preset
 from qwen_sft.records import read_records
 
 ROWS = read_records(FIXTURES / "learning_20.jsonl")
-# Greedy without penalties, so that the trained tiny model repeats its training answers exactly.
-EXACT = ["--temperature", "0", "--repetition_penalty", "1", "--no_repeat_ngram_size", "0", "--max_new_tokens", "40"]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,8 @@ def test_one_prompt_with_input_is_answered_exactly(adapter, tmp_path, monkeypatc
     assert row["input"]
     monkeypatch.chdir(tmp_path)
     script = runpy.run_path(str(ROOT / "inference.py"))  # its constants; main() does not run
-    run_inference(parse_config(script, ["--adapter_dir", str(adapter), "--instruction", row["instruction"],
-                                        "--input", row["input"], *EXACT], quiet=True))
+    argv = ["--adapter_dir", str(adapter), "--instruction", row["instruction"], "--input", row["input"], *EXACT]
+    run_inference(apply_preset(parse_config(script, argv, quiet=True), argv, "inference"))
     stdout = capsys.readouterr().out
     question, answer = stdout.split("[question]\n", 1)[1].split("\n\n[answer]\n", 1)
     assert question == f"{row['instruction']}\n\n补充信息：\n{row['input']}"

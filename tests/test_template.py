@@ -12,7 +12,8 @@ from qwen_sft.template import (
     tokenize_example,
     user_content,
 )
-from qwen_sft.tiny import TEMPLATE_PATH, tiny_path
+from qwen_sft.families import family
+from qwen_sft.tiny import tiny_path
 
 # sha256 of Qwen2.5-7B-Instruct's official chat template (tokenizer_config.json "chat_template").
 OFFICIAL_TEMPLATE_SHA256 = "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f"
@@ -31,8 +32,8 @@ def chatml(*turns, open_assistant=False):
 
 
 def test_shipped_template_is_the_official_one(tokenizer):
-    assert hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest() == OFFICIAL_TEMPLATE_SHA256
-    assert tokenizer.chat_template == TEMPLATE_PATH.read_text(encoding="utf-8")
+    assert hashlib.sha256(family.CHAT_TEMPLATE_PATH.read_bytes()).hexdigest() == OFFICIAL_TEMPLATE_SHA256
+    assert tokenizer.chat_template == family.CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_sft.qwen_tokenizer_build import ADDED_NOT_SPECIAL, SPECIAL_TOKENS, read_ranks, vocab_and_merges
+from qwen_sft.families import family
+from qwen_sft.qwen_tokenizer_build import read_ranks, vocab_and_merges
 from qwen_sft.tiny import tiny_path
 
 from conftest import FIXTURES
@@ -61,11 +62,11 @@ def test_merges_follow_from_the_ranks():
 
 def test_added_tokens_eos_pad_and_limits(tokenizer):
     assert len(tokenizer) == 151665
-    for offset, token in enumerate(SPECIAL_TOKENS + ADDED_NOT_SPECIAL):
+    for offset, token in enumerate(family.SPECIAL_TOKENS + family.ADDED_NOT_SPECIAL):
         assert tokenizer.convert_tokens_to_ids(token) == 151643 + offset
         assert encode(tokenizer, token) == [151643 + offset]  # atomic, never split
     special = set(tokenizer.all_special_tokens)
-    assert set(SPECIAL_TOKENS) <= special and not special & set(ADDED_NOT_SPECIAL)
+    assert set(family.SPECIAL_TOKENS) <= special and not special & set(family.ADDED_NOT_SPECIAL)
     assert tokenizer.decode([151657, 9707]) == "<tool_call>Hello"  # added but not special: kept when skipping specials
     assert tokenizer.decode([151644, 9707], skip_special_tokens=True) == "Hello"
     assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
@@ -75,15 +76,15 @@ def test_added_tokens_eos_pad_and_limits(tokenizer):
 def test_saved_config_is_in_the_hubs_form():
     config = json.loads((tiny_path() / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["tokenizer_class"] == "Qwen2Tokenizer"
-    assert config["additional_special_tokens"] == SPECIAL_TOKENS[1:]
+    assert config["additional_special_tokens"] == family.SPECIAL_TOKENS[1:]
     assert "extra_special_tokens" not in config  # transformers 4.x (llama.cpp's converter) reads that key as a dict
 
 
 def test_data_stage_length_estimate_is_conservative_on_real_tokens(tokenizer, tmp_path):
-    """The data stage drops rows by UTF-8 bytes (BYTES_PER_TOKEN, TEMPLATE_TOKENS) before any tokenizer loads: on
-    the bundled samples and my_dataset.json its estimate is never below the real Qwen2.5 token count."""
+    """The data stage drops rows by UTF-8 bytes (the family's BYTES_PER_TOKEN, TEMPLATE_TOKENS) before any tokenizer
+    loads: on the bundled samples and my_dataset.json its estimate is never below the real Qwen2.5 token count."""
     from conftest import ROOT, run_script
-    from qwen_sft.mixing import BYTES_PER_TOKEN, TEMPLATE_TOKENS, utf8_length
+    from qwen_sft.mixing import utf8_length
     from qwen_sft.records import read_records
     from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, tokenize_example
 
@@ -99,6 +100,6 @@ def test_data_stage_length_estimate_is_conservative_on_real_tokens(tokenizer, tm
     system_bytes = utf8_length(DEFAULT_SYSTEM_PROMPT)
     for row in rows:
         content = utf8_length(row["instruction"]) + utf8_length(row["input"]) + utf8_length(row["output"])
-        estimate = (content + system_bytes) / BYTES_PER_TOKEN + TEMPLATE_TOKENS
+        estimate = (content + system_bytes) / family.BYTES_PER_TOKEN + family.TEMPLATE_TOKENS
         example, _ = tokenize_example(tokenizer, row, DEFAULT_SYSTEM_PROMPT, 1 << 20)
         assert len(example["input_ids"]) <= estimate, row

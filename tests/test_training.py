@@ -22,10 +22,10 @@ from qwen_sft.tiny import tiny_path
 
 # A short run that checkpoints every 2 steps, for the resume tests.
 RESUME_FLAGS = [
-    "--base_model", "tiny", "--load_in_4bit", "false", "--dataset_path", FIXTURES / "learning_20.jsonl",
+    "--preset", "tiny_cpu", "--dataset_path", FIXTURES / "learning_20.jsonl",
     "--max_steps", "12", "--save_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
-    "2", "--learning_rate", "1e-3", "--optim", "adamw_torch", "--eval_ratio", "0.2", "--eval_steps", "2",
-    "--gradient_checkpointing", "false", "--logging_steps", "2", "--save_total_limit", "20",
+    "2", "--learning_rate", "1e-3", "--eval_ratio", "0.2", "--eval_steps", "2",
+    "--logging_steps", "2", "--save_total_limit", "20",
 ]
 
 

@@ -1,0 +1,49 @@
+"""Named presets: a flag set that a stage script takes as `--preset NAME`.
+
+A preset sets only the settings not given on the command line, so the constants at the top of each script stay
+the defaults and any flag given wins. It prints the flags it set.
+"""
+
+from __future__ import annotations
+
+from .cli import UserError, format_value, say
+
+# The tiny model's pipeline check: 30 steps, evaluated and saved every 10, with the seed's NF4 and 8-bit AdamW
+TINY_RUN = {"BASE_MODEL": "tiny", "MAX_STEPS": 30, "EVAL_STEPS": 10, "SAVE_STEPS": 10, "LOGGING_STEPS": 10}
+# Greedy without penalties: reproducible answers, and a model repeats the answers it was trained on exactly
+GREEDY = {"TEMPERATURE": 0.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0}
+
+PRESETS = {
+    "training": {
+        # Flag sets for common GPUs. Both pack rows padding-free, which needs the Unsloth backend (a CUDA GPU).
+        # bench/train_throughput.py measures them (README, Training speed).
+        # 48 GB and up (H100, H200): no activation recompute (about 36 GiB of activations for 4 packed 2,048-token rows)
+        "h200_fast": {"PACKING": True, "GRADIENT_CHECKPOINTING": False, "PER_DEVICE_TRAIN_BATCH_SIZE": 4,
+                      "GRADIENT_ACCUMULATION_STEPS": 2},
+        # 24 GB (RTX 3090/4090, L4, A10): Unsloth's gradient checkpointing, 4 packed rows x 2 accumulation steps
+        "gpu24": {"PACKING": True, "GRADIENT_CHECKPOINTING": True, "PER_DEVICE_TRAIN_BATCH_SIZE": 4,
+                  "GRADIENT_ACCUMULATION_STEPS": 2},
+        "tiny": TINY_RUN,  # scripts/demo_cpu.sh, the GPU test
+        # quickest on a CPU: fp32 (no 4-bit dequantizing), torch's AdamW, no activation recompute (the tests)
+        "tiny_cpu": {**TINY_RUN, "LOAD_IN_4BIT": False, "OPTIM": "adamw_torch", "GRADIENT_CHECKPOINTING": False},
+    },
+    "evaluate": {
+        "tiny": {"MAX_NEW_TOKENS": 32, "MAX_GEN_SAMPLES": 8},  # a quick look at the tiny model's answers
+    },
+    "inference": {"greedy": GREEDY},
+    "chat": {"greedy": GREEDY},
+}
+
+
+def apply_preset(cfg, argv: list[str], stage: str):
+    """Set `cfg.preset`'s values for `stage` in `cfg`, except those given as flags in `argv`; prints what it set."""
+    name, presets = cfg.preset, PRESETS[stage]
+    if name == "none":
+        return cfg
+    if name not in presets:
+        raise UserError(f"--preset must be none or one of {', '.join(presets)}, got {name!r}")
+    given = {word[2:].split("=")[0].replace("-", "_").upper() for word in argv if word.startswith("--")}
+    changes = {key: value for key, value in presets[name].items() if key not in given}
+    cfg.update(changes)
+    say(f"preset {name}: " + " ".join(f"--{key.lower()} {format_value(value)}" for key, value in changes.items()))
+    return cfg
