@@ -73,12 +73,12 @@ def main():
     from qwen_sft.packed_attention import enable_varlen_packed_attention
     from qwen_sft.records import read_records
     from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
-    from qwen_sft.training import tokenize_records
+    from qwen_sft.data import tokenize_records
 
     model, tokenizer = load_base_model(args.model, "unsloth", True, args.max_seq_length)
     model = add_lora(model, "unsloth", 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"], 3407, True)
-    rows, _ = tokenize_records(tokenizer, read_records(args.mix), DEFAULT_SYSTEM_PROMPT, args.max_seq_length)
+    rows = tokenize_records(tokenizer, read_records(args.mix), DEFAULT_SYSTEM_PROMPT, args.max_seq_length).rows
     shares = real_token_shares(rows, 2, args.max_seq_length, 3407)
 
     # One packed row's worth of examples: a sequence past max_seq_length would be cut by Unsloth when the
