@@ -11,6 +11,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .accumulation import TokenWeightedAccumulation
 from .artifacts import (
@@ -30,6 +31,11 @@ from .locking import folder_lock
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .neftune import per_example_neftune
 from .records import read_records
+
+if TYPE_CHECKING:  # progress imports transformers, which Unsloth must patch first; TRL likewise
+    from trl import SFTTrainer
+
+    from .progress import ProgressCallback, StopOnSignal, TokenCountingCollator
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RESUME_OFF = ("", "false", "no", "none")  # --resume_from_checkpoint values that start from scratch
@@ -322,10 +328,10 @@ class StageRows:
 class TrainingRun:
     """The trainer and the stage's parts around it: the clean stop on a signal, the token count, the progress line."""
 
-    trainer: object
-    stop_on_signal: object
-    token_counter: object
-    progress: object
+    trainer: SFTTrainer
+    stop_on_signal: StopOnSignal
+    token_counter: TokenCountingCollator
+    progress: ProgressCallback
 
 
 def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callable[[], type] = sft_trainer_class):
