@@ -94,12 +94,18 @@ def profile_bare_loop(model_path: str, start: int, count: int):
         next(steps)
 
 
-def profile_stage(stage_flags: list[str], start: int, count: int):
-    """Runs the training stage in this process as Qwen_finetuning.py runs it, through train()'s trainer_class hook:
-    the stage's trainer class, extended to tick the window at every micro-batch."""
+def stage_config(stage_flags: list[str]):
+    """Qwen_finetuning.py's config for these flags, resolved as its main() resolves it (presets included)."""
     import Qwen_finetuning as stage
     from qwen_sft.batching import apply_preset
     from qwen_sft.cli import parse_config
+
+    return apply_preset(parse_config(vars(stage), stage_flags), stage_flags)
+
+
+def profile_stage(stage_flags: list[str], start: int, count: int):
+    """Runs the training stage in this process as Qwen_finetuning.py runs it, through train()'s trainer_class hook:
+    the stage's trainer class, extended to tick the window at every micro-batch."""
     from qwen_sft.training import sft_trainer_class, train
 
     window = ProfileWindow("Qwen_finetuning.py " + " ".join(stage_flags), start, count)
@@ -112,8 +118,7 @@ def profile_stage(stage_flags: list[str], start: int, count: int):
 
         return ProfiledTrainer
 
-    train(apply_preset(parse_config(vars(stage), stage_flags), stage_flags), stage.__file__,
-          trainer_class=profiled_trainer_class)
+    train(stage_config(stage_flags), str(ROOT / "Qwen_finetuning.py"), trainer_class=profiled_trainer_class)
     if not window.done:
         raise SystemExit(f"the stage ran {window.ticks} micro-batches, fewer than the window needs; lower --start or --count, or "
                          "add a larger --max_steps to --stage_flags")
