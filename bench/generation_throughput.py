@@ -309,14 +309,52 @@ def kept(record: dict, cfg) -> dict:
     return saved
 
 
+def load_path(cfg, fast: bool, holder: dict) -> dict:
+    """Load the adapter as the stages do, on the new (fast) or the old path, into holder["loaded"]; returns the
+    load's record."""
+    from qwen_sft.fast_generation import load_generation_model
+
+    started = time.perf_counter()
+    loaded = load_generation_model(
+        cfg.adapter_dir, "hf" if fast else cfg.old_backend, "true" if fast else "false",
+        max_seq_length=cfg.prompt_tokens[1] + cfg.new_tokens, keep_base=fast,
+        max_cache_len=max(cfg.prompt_tokens[1], cfg.bs1_prompt_tokens) + max(cfg.new_tokens, cfg.bs1_new_tokens),
+    )
+    holder["loaded"] = loaded
+    model, _, manifest = loaded
+    return {"seconds": round(time.perf_counter() - started, 1), "backend": manifest["backend_loaded"],
+            "fast_generation": manifest["fast_generation"], "peak_gpu_gib": peak_gib(),
+            "weights_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)}
+
+
+def on_generation_thread(model, measure):
+    """`measure`, run in the model's generation thread: CUDA graphs belong to the thread that recorded them."""
+    from qwen_sft.generation import start_in_generation_thread
+
+    def run(*args):
+        outcome = {}
+
+        def work():
+            try:
+                outcome["value"] = measure(*args)
+            except Exception as error:  # handed to the caller's thread, where guarded() records it
+                outcome["error"] = error
+
+        start_in_generation_thread(model, work)()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return run
+
+
 def measure_path(cfg, part: str) -> dict:
     """Load the adapter as the stages do, on the old or the new path, and measure it. The part's record is saved
     after every step, so a part stopped by a time limit keeps what it measured."""
     import torch
 
     from qwen_sft.artifacts import write_json_atomic
-    from qwen_sft.fast_generation import adapter_disabled, load_generation_model, warm_up
-    from qwen_sft.generation import start_in_generation_thread
+    from qwen_sft.fast_generation import adapter_disabled, warm_up
 
     fast = part == "new"
     record = {"part": part, "device": torch.cuda.get_device_name() if cuda() else "cpu"}
@@ -327,21 +365,7 @@ def measure_path(cfg, part: str) -> dict:
         return result
 
     holder = {}
-
-    def load():
-        started = time.perf_counter()
-        loaded = load_generation_model(
-            cfg.adapter_dir, "hf" if fast else cfg.old_backend, "true" if fast else "false",
-            max_seq_length=cfg.prompt_tokens[1] + cfg.new_tokens, keep_base=fast,
-            max_cache_len=max(cfg.prompt_tokens[1], cfg.bs1_prompt_tokens) + max(cfg.new_tokens, cfg.bs1_new_tokens),
-        )
-        holder["loaded"] = loaded
-        model, _, manifest = loaded
-        return {"seconds": round(time.perf_counter() - started, 1), "backend": manifest["backend_loaded"],
-                "fast_generation": manifest["fast_generation"], "peak_gpu_gib": peak_gib(),
-                "weights_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)}
-
-    if step("load", load) is None:
+    if step("load", load_path, cfg, fast, holder) is None:
         return kept(record, cfg)
     model, tokenizer, _ = holder.pop("loaded")
     step("adapter_max_logit_change", adapter_effect, model)
@@ -360,33 +384,16 @@ def measure_path(cfg, part: str) -> dict:
              model.generation_config.max_cache_len)
     # CUDA graphs belong to the thread that recorded them, and bs1 ran in the generation thread (as chat runs):
     # the evaluation steps run there too (evaluate.py, in its own process, runs them in its main thread).
-    def on_generation_thread(measure):
-        def run(*args):
-            outcome = {}
-
-            def work():
-                try:
-                    outcome["value"] = measure(*args)
-                except Exception as error:  # handed to the caller's thread, where guarded() records it
-                    outcome["error"] = error
-
-            start_in_generation_thread(model, work)()
-            if "error" in outcome:
-                raise outcome["error"]
-            return outcome["value"]
-
-        return run
-
     if fast and cuda():  # evaluate.py never compiles bs1: compile its batch shape afresh, not as a dynamic batch
-        step("compiler_reset", on_generation_thread(fresh_compilation), model)
-    step("eval_warm_up", on_generation_thread(warm_up_batches), model, tokenizer, prompts, batch_size)
-    step("eval_tuned", on_generation_thread(evaluation), model, tokenizer, prompts, cfg.new_tokens, batch_size,
+        step("compiler_reset", on_generation_thread(model, fresh_compilation), model)
+    step("eval_warm_up", on_generation_thread(model, warm_up_batches), model, tokenizer, prompts, batch_size)
+    step("eval_tuned", on_generation_thread(model, evaluation), model, tokenizer, prompts, cfg.new_tokens, batch_size,
          f"{part} tuned")
     with adapter_disabled(model):
-        step("eval_base", on_generation_thread(evaluation), model, tokenizer, prompts, cfg.new_tokens, batch_size,
-             f"{part} base")
+        step("eval_base", on_generation_thread(model, evaluation), model, tokenizer, prompts, cfg.new_tokens,
+             batch_size, f"{part} base")
     if fast:
-        step("identity", on_generation_thread(agreement), model, cfg, prompts, record.get("eval_tuned"))
+        step("identity", on_generation_thread(model, agreement), model, cfg, prompts, record.get("eval_tuned"))
     record["peak_gpu_gib"] = peak_gib()  # the whole part: weights, caches, compiled graphs' pools
     return kept(record, cfg)
 

@@ -56,44 +56,27 @@ def real_token_shares(rows: list[dict], batch_size: int, max_length: int, seed: 
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="/tmp/qwen7b-random")
-    parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"))
-    parser.add_argument("--examples", type=int, default=8, help="at most this many examples, together within max_seq_length")
-    parser.add_argument("--max_seq_length", type=int, default=2048)
-    parser.add_argument("--tolerance", type=float, default=0.02, help="largest allowed |loss difference| (bf16)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "packing_check.json"))
-    args = parser.parse_args()
-
-    import torch
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from qwen_sft.modeling import add_lora, load_base_model
-    from qwen_sft.packed_attention import enable_varlen_packed_attention
-    from qwen_sft.records import read_records
-    from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
-    from qwen_sft.training import tokenize_records
-
-    model, tokenizer = load_base_model(args.model, "unsloth", True, args.max_seq_length)
-    model = add_lora(model, "unsloth", 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"], 3407, True)
-    rows, _ = tokenize_records(tokenizer, read_records(args.mix), DEFAULT_SYSTEM_PROMPT, args.max_seq_length)
-    shares = real_token_shares(rows, 2, args.max_seq_length, 3407)
-
-    # One packed row's worth of examples: a sequence past max_seq_length would be cut by Unsloth when the
-    # boundaries are hidden, so the examples together fit in max_seq_length, as a packed training row does.
-    shuffled, sample = random.Random(0).sample(rows, len(rows)), []
+def one_packed_row(rows: list[dict], examples: int, max_seq_length: int, seed: int = 0) -> list[dict]:
+    """At most `examples` random rows that together fit in `max_seq_length`, as a packed training row does (a
+    sequence past max_seq_length would be cut by Unsloth when the boundaries are hidden), labelled on their
+    completions only."""
+    shuffled, sample = random.Random(seed).sample(rows, len(rows)), []
     for row in shuffled:
-        if len(sample) < args.examples and sum(len(r["input_ids"]) for r in sample) + len(row["input_ids"]) <= \
-                args.max_seq_length:
+        if len(sample) < examples and sum(len(r["input_ids"]) for r in sample) + len(row["input_ids"]) <= \
+                max_seq_length:
             sample.append(row)
-    sample = [{"input_ids": row["input_ids"],
-               "labels": [t if bit else -100 for t, bit in zip(row["input_ids"], row["completion_mask"])]}
-              for row in sample]
-    lengths = [len(row["input_ids"]) for row in sample]
-    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(sample)
-    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(sample)
+    return [{"input_ids": row["input_ids"],
+             "labels": [t if bit else -100 for t, bit in zip(row["input_ids"], row["completion_mask"])]}
+            for row in sample]
+
+
+def padded_and_packed_losses(model, padded, packed, lengths: list[int]) -> tuple[list[float], dict, str]:
+    """Per-example losses of the padded batch (the reference) and of each packed variant, and the varlen attention
+    that qwen_sft.packed_attention put in place."""
+    import torch
+
+    from qwen_sft.packed_attention import enable_varlen_packed_attention
+
     padded_bounds = [(i, 0, n) for i, n in enumerate(lengths)]
     offsets = [sum(lengths[:i]) for i in range(len(lengths))]
     packed_bounds = [(0, start, start + n) for start, n in zip(offsets, lengths)]
@@ -111,7 +94,37 @@ def main():
     variants["varlen_packed"] = per_example_losses(forward(packed), packed["labels"].cuda(), packed_bounds)
     hidden = {"input_ids": packed["input_ids"], "position_ids": torch.arange(sum(lengths)).unsqueeze(0)}
     variants["boundaries_hidden"] = per_example_losses(forward(hidden), packed["labels"].cuda(), packed_bounds)
+    return reference, variants, attention
 
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="/tmp/qwen7b-random")
+    parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"))
+    parser.add_argument("--examples", type=int, default=8, help="at most this many examples, together within max_seq_length")
+    parser.add_argument("--max_seq_length", type=int, default=2048)
+    parser.add_argument("--tolerance", type=float, default=0.02, help="largest allowed |loss difference| (bf16)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "packing_check.json"))
+    args = parser.parse_args()
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from qwen_sft.data import tokenize_records
+    from qwen_sft.modeling import add_lora, load_base_model
+    from qwen_sft.records import read_records
+    from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
+
+    model, tokenizer = load_base_model(args.model, "unsloth", True, args.max_seq_length)
+    model = add_lora(model, "unsloth", 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"], 3407, True)
+    rows = tokenize_records(tokenizer, read_records(args.mix), DEFAULT_SYSTEM_PROMPT, args.max_seq_length).rows
+    shares = real_token_shares(rows, 2, args.max_seq_length, 3407)
+
+    sample = one_packed_row(rows, args.examples, args.max_seq_length)
+    lengths = [len(row["input_ids"]) for row in sample]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(sample)
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(sample)
+    reference, variants, attention = padded_and_packed_losses(model, padded, packed, lengths)
     differences = {name: max(abs(a - b) for a, b in zip(reference, losses)) for name, losses in variants.items()}
     record = {
         "model": args.model,

@@ -14,7 +14,6 @@ the top GPU kernels and host operations. A GPU busy share well below 1 means the
 
 import argparse
 import json
-import runpy
 import statistics
 import subprocess
 import sys
@@ -95,28 +94,31 @@ def profile_bare_loop(model_path: str, start: int, count: int):
         next(steps)
 
 
-def profile_stage(stage_flags: list[str], start: int, count: int):
-    """Runs Qwen_finetuning.py in this process, its trainer class wrapped to tick the window at every micro-batch."""
-    import qwen_sft.training as training
+def stage_config(stage_flags: list[str]):
+    """Qwen_finetuning.py's config for these flags, resolved as its main() resolves it (presets included)."""
+    import Qwen_finetuning as stage
+    from qwen_sft.presets import apply_preset
+    from qwen_sft.cli import parse_config
 
-    make_trainer_class = training.sft_trainer_class
+    return apply_preset(parse_config(vars(stage), stage_flags), stage_flags, "training")
+
+
+def profile_stage(stage_flags: list[str], start: int, count: int):
+    """Runs the training stage in this process as Qwen_finetuning.py runs it, through train()'s trainer_class hook:
+    the stage's trainer class, extended to tick the window at every micro-batch."""
+    from qwen_sft.training import sft_trainer_class, train
+
     window = ProfileWindow("Qwen_finetuning.py " + " ".join(stage_flags), start, count)
 
-    def profiled_trainer_class():
-        class ProfiledTrainer(make_trainer_class()):
+    def profiled_trainer_class():  # called by train() after Unsloth is loaded, so TRL comes after it
+        class ProfiledTrainer(sft_trainer_class()):
             def training_step(self, model, inputs, *args, **kwargs):
                 window.tick(inputs["input_ids"].numel())  # packed: every slot is a real token
                 return super().training_step(model, inputs, *args, **kwargs)
 
         return ProfiledTrainer
 
-    training.sft_trainer_class = profiled_trainer_class
-    sys.argv = [str(ROOT / "Qwen_finetuning.py"), *stage_flags]
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as stop:
-        if stop.code:
-            raise
+    train(stage_config(stage_flags), str(ROOT / "Qwen_finetuning.py"), trainer_class=profiled_trainer_class)
     if not window.done:
         raise SystemExit(f"the stage ran {window.ticks} micro-batches, fewer than the window needs; lower --start or --count, or "
                          "add a larger --max_steps to --stage_flags")

@@ -37,6 +37,7 @@ from .artifacts import (
     write_json_atomic,
 )
 from .cli import UserError
+from .data import split_records, tokenize_records
 from .records import read_records
 
 NO_SOURCE = "unspecified"
@@ -209,8 +210,6 @@ def answer_nll(model, examples: list[dict], batch_size: int, pad_token_id: int, 
 
 def evaluation_split(cfg) -> tuple[list[dict], list[dict]]:
     """All rows and the eval split (training's split_records), or a UserError naming the file and what to do."""
-    from .training import split_records
-
     path = Path(cfg.dataset_path)
     if not path.is_file():
         raise UserError(
@@ -260,9 +259,7 @@ class EvalRows:
     """The eval split tokenized once, for teacher forcing (exactly as training tokenizes) and for generation."""
 
     def __init__(self, tokenizer, records: list[dict], cfg):
-        from .template import (
-            answer_ids, build_messages, is_conversation, prompt_ids, prompt_within, reference_answer, tokenize_example,
-        )
+        from .template import answer_ids, build_messages, prompt_ids, prompt_within, reference_answer
 
         self.records = records
         self.sources = [record.get("source", NO_SOURCE) for record in records]
@@ -274,19 +271,11 @@ class EvalRows:
 
         # Teacher forcing, fitted to MAX_SEQ_LENGTH as in training: a prompt is cut from the left and a
         # conversation loses its oldest exchanges; a row whose (last) answer alone does not fit carries no loss.
-        self.examples, self.example_rows, self.prompts_cut, self.dropped = [], [], 0, 0
-        self.conversations_shortened = self.conversations_dropped = 0
-        for row, record in enumerate(records):
-            example, cut = tokenize_example(tokenizer, record, cfg.system_prompt, cfg.max_seq_length)
-            conversation = is_conversation(record)
-            if example is None:
-                self.conversations_dropped += conversation
-                self.dropped += not conversation
-                continue
-            self.conversations_shortened += conversation and bool(cut)
-            self.prompts_cut += not conversation and bool(cut)
-            self.examples.append(example)
-            self.example_rows.append(row)
+        tokenized = tokenize_records(tokenizer, records, cfg.system_prompt, cfg.max_seq_length)
+        self.examples, self.example_rows = tokenized.rows, tokenized.record_indices
+        self.prompts_cut, self.dropped = tokenized.stats["prompt_truncated"], tokenized.stats["dropped_answer_too_long"]
+        self.conversations_shortened = tokenized.stats["conversations_shortened"]
+        self.conversations_dropped = tokenized.stats["dropped_last_exchange_too_long"]
 
         # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH loses a conversation's oldest exchanges
         # first, then keeps its end.
@@ -377,9 +366,65 @@ def write_predictions(path: Path, rows: EvalRows, runs: dict) -> None:
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
+def run_models(model, tokenizer, cfg, rows: EvalRows) -> dict:
+    """The tuned model's run and, with --compare_base, the base model's; out of GPU memory is one line."""
+    import torch
+
+    from .fast_generation import adapter_disabled
+
+    try:
+        runs = {"tuned": run_model(model, tokenizer, cfg, rows, "tuned")}
+        if cfg.compare_base:
+            with adapter_disabled(model):  # the same model with the LoRA switched off (or unmerged): no second load
+                runs["base"] = run_model(model, tokenizer, cfg, rows, "base")
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory; lower --gen_batch_size (now {cfg.gen_batch_size}) or --eval_batch_size "
+            f"(now {cfg.eval_batch_size})"
+        ) from None
+    return runs
+
+
+def row_statistics(cfg, rows: EvalRows, runs: dict) -> dict:
+    """The metrics file's account of the rows: their lengths, and what teacher forcing and generation ran on."""
+    return {
+        "length_stats": length_stats(rows.full_lengths),
+        "truncation_rate": sum(length > cfg.max_seq_length for length in rows.full_lengths) / len(rows.full_lengths),
+        "teacher_forcing": {"rows": len(rows.examples),
+                            "answer_tokens": sum(count for _, count in runs["tuned"]["losses"]),
+                            "prompts_cut_from_left": rows.prompts_cut, "rows_dropped_answer_too_long": rows.dropped,
+                            "conversations_shortened": rows.conversations_shortened,
+                            "conversations_dropped_last_exchange_too_long": rows.conversations_dropped},
+        "generation": {"rows": len(rows.generation_rows), "prompts_cut_from_left": rows.generation_prompts_cut,
+                       "decoding": "greedy" if cfg.temperature <= 0 else "sampled",
+                       "throughput": {label: run["throughput"] for label, run in runs.items()}},
+    }
+
+
+def metrics_by_source(runs: dict, rows: EvalRows, scorer) -> dict:
+    return {
+        source: {"eval_rows": rows.sources.count(source),
+                 "generated_rows": sum(rows.sources[row] == source for row in rows.generation_rows),
+                 **grouped_metrics(runs, rows, scorer, source)}
+        for source in sorted(set(rows.sources))
+    }
+
+
+def write_results(output_dir: Path, rows: EvalRows, runs: dict, metrics: dict) -> None:
+    """metrics.json and predictions.jsonl as one unit, then the summary table."""
+    with atomic_directory(output_dir, manifest_name=METRICS_FILE) as folder:
+        write_predictions(folder / "predictions.jsonl", rows, runs)
+        write_json_atomic(folder / METRICS_FILE, metrics)
+
+    print()
+    print(summary_table(metrics))
+    print(f"\nmetrics and {len(rows.generation_rows)} predictions written to {output_dir}/ "
+          "(metrics.json, predictions.jsonl)")
+
+
 def evaluate(cfg) -> dict:
     """Run the whole stage and write OUTPUT_DIR/metrics.json and predictions.jsonl; returns the metrics."""
-    from .fast_generation import adapter_disabled, generation_path, load_generation_model, resolve_fast_generation
+    from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
     from .modeling import read_adapter_manifest
 
     # Every check that needs no model comes first, so bad input fails in a second.
@@ -411,20 +456,8 @@ def evaluate(cfg) -> dict:
 
         set_seed(cfg.seed)
 
-    import torch
-
     rows = EvalRows(tokenizer, eval_records, cfg)
-    try:
-        runs = {"tuned": run_model(model, tokenizer, cfg, rows, "tuned")}
-        if cfg.compare_base:
-            with adapter_disabled(model):  # the same model with the LoRA switched off (or unmerged): no second load
-                runs["base"] = run_model(model, tokenizer, cfg, rows, "base")
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(
-            f"out of GPU memory; lower --gen_batch_size (now {cfg.gen_batch_size}) or --eval_batch_size "
-            f"(now {cfg.eval_batch_size})"
-        ) from None
-
+    runs = run_models(model, tokenizer, cfg, rows)
     metrics = build_manifest(
         "evaluate",
         dict(cfg),
@@ -435,30 +468,9 @@ def evaluate(cfg) -> dict:
         dataset={"path": str(cfg.dataset_path), "sha256": dataset_sha256, "rows": len(records),
                  "eval_rows": len(eval_records), "generated_rows": len(rows.generation_rows)},
         warnings=warnings,
-        length_stats=length_stats(rows.full_lengths),
-        truncation_rate=sum(length > cfg.max_seq_length for length in rows.full_lengths) / len(rows.full_lengths),
-        teacher_forcing={"rows": len(rows.examples), "answer_tokens": sum(count for _, count in runs["tuned"]["losses"]),
-                         "prompts_cut_from_left": rows.prompts_cut, "rows_dropped_answer_too_long": rows.dropped,
-                         "conversations_shortened": rows.conversations_shortened,
-                         "conversations_dropped_last_exchange_too_long": rows.conversations_dropped},
-        generation={"rows": len(rows.generation_rows), "prompts_cut_from_left": rows.generation_prompts_cut,
-                    "decoding": "greedy" if cfg.temperature <= 0 else "sampled",
-                    "throughput": {label: run["throughput"] for label, run in runs.items()}},
+        **row_statistics(cfg, rows, runs),
         **grouped_metrics(runs, rows, scorer),
-        by_source={
-            source: {"eval_rows": rows.sources.count(source),
-                     "generated_rows": sum(rows.sources[row] == source for row in rows.generation_rows),
-                     **grouped_metrics(runs, rows, scorer, source)}
-            for source in sorted(set(rows.sources))
-        },
+        by_source=metrics_by_source(runs, rows, scorer),
     )
-    output_dir = Path(cfg.output_dir)
-    with atomic_directory(output_dir, manifest_name=METRICS_FILE) as folder:  # metrics and predictions: one unit
-        write_predictions(folder / "predictions.jsonl", rows, runs)
-        write_json_atomic(folder / METRICS_FILE, metrics)
-
-    print()
-    print(summary_table(metrics))
-    print(f"\nmetrics and {len(rows.generation_rows)} predictions written to {output_dir}/ "
-          "(metrics.json, predictions.jsonl)")
+    write_results(Path(cfg.output_dir), rows, runs, metrics)
     return metrics

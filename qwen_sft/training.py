@@ -8,7 +8,10 @@ import math
 import os
 import time
 import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .accumulation import TokenWeightedAccumulation
 from .artifacts import (
@@ -23,49 +26,22 @@ from .artifacts import (
 )
 from .batching import report_packing, report_padding
 from .cli import UserError, is_main_process, say
+from .data import TokenizedRecords, split_records, tokenize_records
 from .families import family
 from .locking import folder_lock
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .neftune import per_example_neftune
 from .records import read_records
-from .template import is_conversation, tokenize_example
+
+if TYPE_CHECKING:  # progress imports transformers, which Unsloth must patch first; TRL likewise
+    from trl import SFTTrainer
+
+    from .progress import ProgressCallback, StopOnSignal, TokenCountingCollator
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RESUME_OFF = ("", "false", "no", "none")  # --resume_from_checkpoint values that start from scratch
 # Files without which a checkpoint cannot resume; trainer_state.json is written last, so it marks completion.
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
-
-
-def split_records(records: list[dict], eval_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """The seeded train/eval split that training and evaluation share (datasets' train_test_split)."""
-    if not 0 <= eval_ratio < 1:
-        raise UserError(f"--eval_ratio must be in [0, 1), got {eval_ratio}")
-    if eval_ratio == 0 or len(records) < 2:
-        return records, []
-    from datasets import Dataset
-
-    indices = Dataset.from_dict({"index": list(range(len(records)))})
-    split = indices.train_test_split(test_size=max(1, round(len(records) * eval_ratio)), seed=seed)
-    return [records[i] for i in split["train"]["index"]], [records[i] for i in split["test"]["index"]]
-
-
-def tokenize_records(tokenizer, records: list[dict], system_prompt: str, max_seq_length: int):
-    """Tokenize once: rows of input_ids + completion_mask, and what fitting them to `max_seq_length` did:
-    single-turn prompts cut from the left and rows dropped (answer alone too long); conversations shortened,
-    the oldest exchanges they lost, and conversations dropped (last exchange alone too long)."""
-    rows = []
-    stats = dict.fromkeys(("prompt_truncated", "dropped_answer_too_long", "conversations_shortened",
-                           "exchanges_dropped", "dropped_last_exchange_too_long"), 0)
-    for record in records:
-        example, cut = tokenize_example(tokenizer, record, system_prompt, max_seq_length)
-        conversation = is_conversation(record)
-        if example is None:
-            stats["dropped_last_exchange_too_long" if conversation else "dropped_answer_too_long"] += 1
-            continue
-        stats["conversations_shortened" if conversation else "prompt_truncated"] += bool(cut)
-        stats["exchanges_dropped"] += cut if conversation else 0
-        rows.append(example)
-    return rows, stats
 
 
 def require_one_batch(cfg, train_rows: int, world_size: int) -> None:
@@ -331,13 +307,65 @@ def restore_finished_run(trainer, checkpoint: str) -> None:
         trainer._load_best_model()
 
 
-def train(cfg, script_name: str):
-    """Run the stage; returns the trainer (its model holds the trained adapter)."""
+def launched_processes() -> int:
+    """How many processes train together (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def effective_batch_size(cfg) -> int:
+    return cfg.per_device_train_batch_size * launched_processes() * cfg.gradient_accumulation_steps
+
+
+@dataclass
+class StageRows:
+    """The rows the stage trains and evaluates on, tokenized, and how many rows the dataset file has."""
+
+    dataset_rows: int
+    train: TokenizedRecords
+    eval: TokenizedRecords
+
+
+@dataclass
+class TrainingRun:
+    """The trainer and the stage's parts around it: the clean stop on a signal, the token count, the progress line."""
+
+    trainer: SFTTrainer
+    stop_on_signal: StopOnSignal
+    token_counter: TokenCountingCollator
+    progress: ProgressCallback
+
+
+def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callable[[], type] = sft_trainer_class):
+    """Run the stage; returns the trainer (its model holds the trained adapter).
+
+    Benchmarks and tests watch or time a run through two hooks instead of patching the stage: `callbacks`,
+    transformers TrainerCallbacks added after the stage's own, and `trainer_class`, a function returning the trainer
+    class (a subclass of `sft_trainer_class()` may extend, say, its training_step). The function is called
+    once the backend is loaded, because Unsloth must patch TRL before TRL is imported.
+    """
     with contextlib.ExitStack() as locks:  # released however the stage ends
-        return _train(cfg, script_name, locks)
+        backend = check_stage(cfg)
+        records, train_records, eval_records = read_and_split(cfg)  # before the (slow) model load
+        if is_main_process():
+            for flag, folder in (("--output_dir", cfg.output_dir), ("--adapter_dir", cfg.adapter_dir)):
+                locks.enter_context(folder_lock(folder, flag))
+        model, tokenizer = load_model(cfg, backend)
+        rows = prepare_rows(cfg, tokenizer, len(records), train_records, eval_records)
+        model = add_adapter(cfg, model, backend)
+        run = build_trainer(cfg, model, tokenizer, rows, callbacks, trainer_class)
+        resume, finished, adapter_written = resume_point(cfg, run.trainer)
+        if adapter_written:
+            return run.trainer
+        wall_time = run_training(cfg, run, resume, finished, script_name)
+        outcome = measure(run, wall_time, has_eval=bool(rows.eval.rows))  # collectives: every process takes part
+        if run.trainer.is_world_process_zero():
+            manifest = training_manifest(cfg, backend, rows, run.trainer, resume, outcome)
+            save_outputs(cfg, run.trainer, tokenizer, manifest)
+        return run.trainer
 
 
-def _train(cfg, script_name: str, locks: contextlib.ExitStack):
+def check_stage(cfg) -> str:
+    """The flags and output folders, checked before anything slow; returns the backend to load."""
     check_step_limit(cfg)
     backend = choose_backend(cfg.backend)
     if cfg.packing and backend != "unsloth":
@@ -347,25 +375,35 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         )
     check_training_flags(cfg)
     check_output_folders(cfg)
+    return backend
+
+
+def read_and_split(cfg) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every row of the dataset, then its train and eval split; a train split smaller than one batch is refused."""
     records = read_records(cfg.dataset_path)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    require_one_batch(cfg, len(train_records), world_size)  # before the (slow) model load
-    if is_main_process():
-        for flag, folder in (("--output_dir", cfg.output_dir), ("--adapter_dir", cfg.adapter_dir)):
-            locks.enter_context(folder_lock(folder, flag))
+    require_one_batch(cfg, len(train_records), launched_processes())
+    return records, train_records, eval_records
 
-    # Unsloth patches transformers and TRL when imported, so the backend is loaded before TRL.
+
+def load_model(cfg, backend: str):
+    """The base model and its tokenizer. Unsloth patches transformers and TRL when imported, so the backend is
+    loaded before anything imports TRL."""
     model, tokenizer = load_base_model(cfg.base_model, backend, cfg.load_in_4bit, cfg.max_seq_length)
     say(f"backend: {backend} (base model {cfg.base_model}, 4-bit {cfg.load_in_4bit})")
     if cfg.packing:
         from .packed_attention import enable_varlen_packed_attention
 
         say(f"packing: padding-free rows; attention: {enable_varlen_packed_attention()}")
+    return model, tokenizer
 
-    train_rows, train_stats = tokenize_records(tokenizer, train_records, cfg.system_prompt, cfg.max_seq_length)
-    eval_rows, eval_stats = tokenize_records(tokenizer, eval_records, cfg.system_prompt, cfg.max_seq_length)
-    for name, stats in (("train", train_stats), ("eval", eval_stats)):
+
+def prepare_rows(cfg, tokenizer, dataset_rows: int, train_records: list[dict], eval_records: list[dict]) -> StageRows:
+    """The split tokenized and fitted to MAX_SEQ_LENGTH, with a line on what fitting, padding and batching do."""
+    rows = StageRows(dataset_rows,
+                     tokenize_records(tokenizer, train_records, cfg.system_prompt, cfg.max_seq_length),
+                     tokenize_records(tokenizer, eval_records, cfg.system_prompt, cfg.max_seq_length))
+    for name, stats in (("train", rows.train.stats), ("eval", rows.eval.stats)):
         if any(stats.values()):
             say(
                 f"{name}: {stats['prompt_truncated']} prompts cut from the left to fit --max_seq_length "
@@ -375,14 +413,17 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
                 "too long)"
             )
     if not cfg.packing:
-        report_padding(cfg, [len(row["input_ids"]) for row in train_rows])
-    rows_per_step = cfg.per_device_train_batch_size * world_size
+        report_padding(cfg, [len(row["input_ids"]) for row in rows.train.rows])
     say(
         f"effective batch size: {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
-        f"accumulation x {world_size} processes = {rows_per_step * cfg.gradient_accumulation_steps} rows per step"
+        f"accumulation x {launched_processes()} processes = {effective_batch_size(cfg)} rows per step"
     )
-    require_one_batch(cfg, len(train_rows), world_size)
+    require_one_batch(cfg, len(rows.train.rows), launched_processes())
+    return rows
 
+
+def add_adapter(cfg, model, backend: str):
+    """The base model wrapped with trainable LoRA adapters, initialised from --seed."""
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the LoRA initialisation draws from the global RNG
@@ -391,12 +432,15 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         cfg.gradient_checkpointing,
     )
     keep_4bit_layout_trainable(model)
+    return model
 
+
+def sft_config(cfg, has_eval: bool):
+    """TRL's SFTConfig from the stage's flags: prompt/completion rows with the loss on the completion only, mixed
+    precision on a GPU, evaluations and checkpoints every N steps, TensorBoard logs."""
     import torch
-    from datasets import Dataset
     from trl import SFTConfig
 
-    has_eval = bool(eval_rows)
     load_best = cfg.load_best_model_at_end and has_eval
     if load_best and cfg.save_steps % cfg.eval_steps:
         raise UserError(
@@ -405,7 +449,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         )
     on_gpu = cuda_available()
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -442,31 +486,53 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
         use_cpu=not on_gpu,
     )
+
+
+def build_trainer(cfg, model, tokenizer, rows: StageRows, callbacks: Sequence, trainer_class) -> TrainingRun:
+    """The trainer over the tokenized rows, its collator counting real tokens, with the stage's callbacks (the
+    stop on a signal, the progress line) and then the caller's."""
+    from datasets import Dataset
+
     from .progress import ProgressCallback, StopOnSignal, TokenCountingCollator
 
+    has_eval = bool(rows.eval.rows)
+    args = sft_config(cfg, has_eval)
     stop_on_signal = StopOnSignal()
-    trainer = sft_trainer_class()(
+    trainer = trainer_class()(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if has_eval else None,
+        train_dataset=Dataset.from_list(rows.train.rows),
+        eval_dataset=Dataset.from_list(rows.eval.rows) if has_eval else None,
         processing_class=tokenizer,
         callbacks=[stop_on_signal],
     )
     if cfg.packing:
-        report_packing(cfg, len(train_rows), len(trainer.train_dataset), world_size)
+        report_packing(cfg, len(rows.train.rows), len(trainer.train_dataset), launched_processes())
     token_counter = TokenCountingCollator(trainer.data_collator)
     trainer.data_collator = token_counter
     progress = ProgressCallback(token_counter)
-    trainer.add_callback(progress)
+    for callback in (progress, *callbacks):
+        trainer.add_callback(callback)
+    return TrainingRun(trainer, stop_on_signal, token_counter, progress)
 
+
+def resume_point(cfg, trainer) -> tuple[str | None, bool, bool]:
+    """(the checkpoint to resume from or None, it is the run's last step, that step's adapter is already written).
+    Also marks OUTPUT_DIR as ours."""
     resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     mark_work_folder(cfg)
     if resume:
         say(f"resuming from {resume}")
     finished, adapter_written = is_finished(trainer, resume, cfg.adapter_dir) if resume else (False, False)
-    if adapter_written:
-        return trainer
+    return resume, finished, adapter_written
+
+
+def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, script_name: str) -> float:
+    """Train (or restore a finished run) with the signal handler and NEFTune installed; returns the wall time.
+    A signal, a second signal and CUDA out of memory each end the stage with one line on how to go on."""
+    import torch
+
+    trainer, stop_on_signal = run.trainer, run.stop_on_signal
     started = time.time()
     try:
         with stop_on_signal.installed(), per_example_neftune(trainer.model, cfg.neftune_noise_alpha):
@@ -484,14 +550,7 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         )
         raise SystemExit(130) from None
     except torch.cuda.OutOfMemoryError:
-        raise UserError(
-            f"CUDA out of memory at step {trainer.state.global_step}: "
-            + ("set --gradient_checkpointing true (or use --preset gpu24), or " if not cfg.gradient_checkpointing else "")
-            + "lower --per_device_train_batch_size "
-            f"(now {cfg.per_device_train_batch_size}) and raise --gradient_accumulation_steps (now "
-            f"{cfg.gradient_accumulation_steps}) to keep the effective batch, or lower --max_seq_length (now "
-            f"{cfg.max_seq_length}); resume with --resume_from_checkpoint auto"
-        ) from None
+        raise UserError(out_of_memory_message(cfg, trainer.state.global_step)) from None
     wall_time = time.time() - started
 
     if stop_on_signal.received:
@@ -502,33 +561,58 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
             f"Resume with: python {os.path.basename(script_name)} --resume_from_checkpoint auto (and the same flags)"
         )
         raise SystemExit(130)
+    return wall_time
 
-    final_eval = trainer.evaluate() if has_eval else {}  # collectives: every process takes part
-    tokens, throughput = token_counter.summary(trainer.accelerator), progress.summary(trainer.accelerator)
-    if not trainer.is_world_process_zero():
-        return trainer
-    manifest = build_manifest(
+
+def out_of_memory_message(cfg, step: int) -> str:
+    return (
+        f"CUDA out of memory at step {step}: "
+        + ("set --gradient_checkpointing true (or use --preset gpu24), or " if not cfg.gradient_checkpointing else "")
+        + "lower --per_device_train_batch_size "
+        f"(now {cfg.per_device_train_batch_size}) and raise --gradient_accumulation_steps (now "
+        f"{cfg.gradient_accumulation_steps}) to keep the effective batch, or lower --max_seq_length (now "
+        f"{cfg.max_seq_length}); resume with --resume_from_checkpoint auto"
+    )
+
+
+def measure(run: TrainingRun, wall_time: float, has_eval: bool) -> dict:
+    """The final evaluation, the token counts and the throughput: collectives, so every process calls this."""
+    accelerator = run.trainer.accelerator
+    return {"final_eval": run.trainer.evaluate() if has_eval else {}, "wall_time_s": round(wall_time, 2),
+            "tokens": run.token_counter.summary(accelerator), "throughput": run.progress.summary(accelerator)}
+
+
+def training_manifest(cfg, backend: str, rows: StageRows, trainer, resume: str | None, outcome: dict) -> dict:
+    """The adapter's manifest: the config, the data, and what the run did (see `measure`)."""
+    final_eval = outcome["final_eval"]
+    return build_manifest(
         "train",
         {key: value for key, value in cfg.items()},
         base_model=cfg.base_model,
         backend=backend,
         load_in_4bit=cfg.load_in_4bit,
-        dataset={"path": str(cfg.dataset_path), "sha256": sha256_file(cfg.dataset_path), "rows": len(records)},
-        rows={"train": len(train_rows), "eval": len(eval_rows), "train_stats": train_stats, "eval_stats": eval_stats},
-        world_size=world_size,
-        effective_batch_size=rows_per_step * cfg.gradient_accumulation_steps,
+        dataset={"path": str(cfg.dataset_path), "sha256": sha256_file(cfg.dataset_path), "rows": rows.dataset_rows},
+        rows={"train": len(rows.train.rows), "eval": len(rows.eval.rows), "train_stats": rows.train.stats,
+              "eval_stats": rows.eval.stats},
+        world_size=launched_processes(),
+        effective_batch_size=effective_batch_size(cfg),
         resumed_from=resume,
         global_step=trainer.state.global_step,
         best_checkpoint=trainer.state.best_model_checkpoint,
         final_eval_loss=final_eval.get("eval_loss"),
         final_eval_perplexity=math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
-        wall_time_s=round(wall_time, 2),
-        tokens=tokens,
+        wall_time_s=outcome["wall_time_s"],
+        tokens=outcome["tokens"],
         loss_weighting={"token_weighted": trainer.model_accepts_loss_kwargs,
                         "steps_counted_by_qwen_sft": trainer.steps_counted_here},
-        throughput=throughput,
+        throughput=outcome["throughput"],
         log_history=trainer.state.log_history,
     )
+
+
+def save_outputs(cfg, trainer, tokenizer, manifest: dict) -> None:
+    """The adapter folder (adapter, tokenizer, loss curve, manifest) and the tokenizer folder, each renamed into
+    place only when complete."""
     with atomic_directory(cfg.adapter_dir) as folder:
         trainer.model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -539,6 +623,5 @@ def _train(cfg, script_name: str, locks: contextlib.ExitStack):
         write_json_atomic(folder / FOLDER_MANIFEST, build_manifest("train", cfg, contents="tokenizer"))
     say(f"adapter, tokenizer, loss curve and manifest written to {cfg.adapter_dir}/ (tokenizer also in "
         f"{cfg.tokenizer_dir}/)")
-    if final_eval:
-        say(f"final eval_loss {final_eval['eval_loss']:.4f}, perplexity {manifest['final_eval_perplexity']:.3f}")
-    return trainer
+    if manifest["final_eval_loss"] is not None:
+        say(f"final eval_loss {manifest['final_eval_loss']:.4f}, perplexity {manifest['final_eval_perplexity']:.3f}")

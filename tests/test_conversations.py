@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from qwen_sft.cli import UserError
+from qwen_sft.data import tokenize_records
 from qwen_sft.records import read_records
 from qwen_sft.template import (
     DEFAULT_SYSTEM_PROMPT,
@@ -15,7 +16,6 @@ from qwen_sft.template import (
     tokenize_example,
 )
 from qwen_sft.tiny import tiny_path
-from qwen_sft.training import tokenize_records
 
 THREE_TURNS = [
     {"role": "user", "content": "请记住数字7。"},
@@ -150,14 +150,13 @@ def test_long_conversation_drops_its_oldest_whole_exchanges(tokenizer):
     assert tokenize_example(tokenizer, record, "", len(last["input_ids"])) == (last, 2)
     assert tokenize_example(tokenizer, record, "", len(last["input_ids"]) - 1) == (None, 0)
 
-    rows, stats = tokenize_records(
-        tokenizer, [record, record, {"instruction": "q", "input": "", "output": "a"}], "", len(last["input_ids"])
-    )
-    assert rows == [last, last] + rows[2:] and len(rows) == 3
+    mixed = [record, record, {"instruction": "q", "input": "", "output": "a"}]
+    rows, stats, kept = tokenize_records(tokenizer, mixed, "", len(last["input_ids"]))
+    assert rows == [last, last] + rows[2:] and len(rows) == 3 and kept == [0, 1, 2]
     assert stats == {"prompt_truncated": 0, "dropped_answer_too_long": 0, "conversations_shortened": 2,
                      "exchanges_dropped": 4, "dropped_last_exchange_too_long": 0}
-    _, stats = tokenize_records(tokenizer, [record], "", len(last["input_ids"]) - 1)
-    assert stats["dropped_last_exchange_too_long"] == 1
+    _, stats, kept = tokenize_records(tokenizer, mixed, "", len(last["input_ids"]) - 1)
+    assert stats["dropped_last_exchange_too_long"] == 2 and kept == [2]  # the row each example came from
 
 
 def test_a_template_that_is_not_prefix_consistent_is_refused(tokenizer):
@@ -292,7 +291,7 @@ def test_multi_turn_learning_proof_greedy_chat_recalls_the_first_exchange(memori
 def test_evaluation_scores_every_answer_and_generates_the_last(memorised, tmp_path):
     from conftest import run_script
 
-    from qwen_sft.training import split_records
+    from qwen_sft.data import split_records
 
     adapter, records, dataset = memorised
     result = run_script("evaluate.py", "--adapter_dir", adapter, "--dataset_path", dataset, "--eval_ratio", "0.5",

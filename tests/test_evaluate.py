@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import FIXTURES, run_script
+from qwen_sft.data import split_records
 from qwen_sft.evaluation import (
     answer_nll,
     choose_generation_rows,
@@ -26,7 +27,6 @@ from qwen_sft.modeling import load_adapter_model
 from qwen_sft.records import read_records
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, build_messages, prompt_ids, tokenize_example
 from qwen_sft.tiny import tiny_path
-from qwen_sft.training import split_records
 
 RATES = ("exact_match", "stop_rate", "empty_rate", "distinct-1", "distinct-2", "rouge1", "rouge2", "rougeL")
 MODEL_KEYS = ("eval_loss", "perplexity", "avg_pred_len_tokens", "avg_ref_len_tokens", "len_ratio_pred_over_ref", *RATES)

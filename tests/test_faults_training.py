@@ -19,7 +19,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, ROOT, run_script
-from qwen_sft import progress
+from transformers import TrainerCallback
+
 from qwen_sft.cli import Config, UserError
 from qwen_sft.locking import lock_path
 from qwen_sft.training import find_resume_checkpoint, train
@@ -62,15 +63,13 @@ def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     lock_path(workdir / "outputs").write_text(json.dumps({"pid": dead_pid(), "host": "gone", "started": "x"}))
     seen = {}
-    original = progress.ProgressCallback.on_step_begin
 
-    def record_lock(self, args, state, control, **kwargs):
-        seen.setdefault("lock", json.loads(lock_path(workdir / "outputs").read_text()))
-        return original(self, args, state, control, **kwargs)
+    class RecordLock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.setdefault("lock", json.loads(lock_path(workdir / "outputs").read_text()))
 
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
-        patch.setattr(progress.ProgressCallback, "on_step_begin", record_lock)
-        train(config(workdir), "Qwen_finetuning.py")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train(config(workdir), "Qwen_finetuning.py", callbacks=[RecordLock()])
     return workdir, seen["lock"], out.getvalue()
 
 
@@ -102,28 +101,25 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
     assert not lock_path(tmp_path / "outputs").exists()  # the lock it took first is given back
 
 
-def sigterm_at_step(step: int, signals: int = 1):
-    """An on_step_begin that sends this process SIGTERM(s) as step `step` starts, as `kill PID` would."""
-    original = progress.ProgressCallback.on_step_begin
+class SigtermAtStep(TrainerCallback):
+    """Sends this process SIGTERM(s) as step `step` starts, as `kill PID` would."""
 
-    def send(self, args, state, control, **kwargs):
-        if state.global_step == step - 1:
-            for _ in range(signals):
+    def __init__(self, step: int, signals: int = 1):
+        self.step, self.signals = step, signals
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            for _ in range(self.signals):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.01)  # the handler runs between the two, as with two separate `kill`s
-        return original(self, args, state, control, **kwargs)
-
-    return send
 
 
-def test_4bit_resume_from_a_sigterm_checkpoint_is_exact(uninterrupted, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(progress.ProgressCallback, "on_step_begin", sigterm_at_step(3))
+def test_4bit_resume_from_a_sigterm_checkpoint_is_exact(uninterrupted, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
-        train(config(tmp_path), "Qwen_finetuning.py")
+        train(config(tmp_path), "Qwen_finetuning.py", callbacks=[SigtermAtStep(3)])
     assert stopped.value.code == 130
     assert sorted(p.name for p in (tmp_path / "outputs").glob("checkpoint-*")) == ["checkpoint-3"]  # off schedule
     assert not (tmp_path / "adapter").exists()
-    monkeypatch.undo()
     train(config(tmp_path, RESUME_FROM_CHECKPOINT="auto"), "Qwen_finetuning.py")
     assert "resuming from " + str(tmp_path / "outputs" / "checkpoint-3") in capsys.readouterr().out
     assert_same_adapter(uninterrupted[0] / "adapter", tmp_path / "adapter")
@@ -168,10 +164,9 @@ def test_auto_falls_back_past_a_corrupt_checkpoint_naming_it(uninterrupted, tmp_
         find_resume_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 
-def test_a_second_sigterm_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(progress.ProgressCallback, "on_step_begin", sigterm_at_step(6, signals=2))
+def test_a_second_sigterm_stops_at_once_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:  # SystemExit, not the KeyboardInterrupt behind a traceback
-        train(config(tmp_path), "Qwen_finetuning.py")
+        train(config(tmp_path), "Qwen_finetuning.py", callbacks=[SigtermAtStep(6, signals=2)])
     assert stopped.value.code == 130
     out = capsys.readouterr().out
     assert f"stopped at once by a second SIGTERM at step 5, without saving; resume from " \

@@ -90,6 +90,47 @@ def test_lora_weights_change_and_base_weights_do_not(tmp_path):
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.slow
+def test_benchmarks_hook_in_through_callbacks_and_a_trainer_class(tmp_path):
+    """How bench/profile_training.py and the fault tests watch a run without patching the stage: extra callbacks,
+    and a function returning the trainer class, called by train() once the backend is loaded."""
+    from transformers import TrainerCallback
+
+    from qwen_sft.training import sft_trainer_class, train
+
+    seen = {"micro_batches": 0, "steps_ended": []}
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["steps_ended"].append(state.global_step)
+
+    def counting_trainer_class():
+        class CountingTrainer(sft_trainer_class()):
+            def training_step(self, model, inputs, *args, **kwargs):
+                seen["micro_batches"] += 1
+                return super().training_step(model, inputs, *args, **kwargs)
+
+        return CountingTrainer
+
+    trainer = train(_tiny_config(tmp_path, MAX_STEPS=2, GRADIENT_ACCUMULATION_STEPS=2), "Qwen_finetuning.py",
+                    callbacks=[StepEnds()], trainer_class=counting_trainer_class)
+    assert seen == {"micro_batches": 4, "steps_ended": [1, 2]}
+    assert type(trainer).__name__ == "CountingTrainer" and trainer.state.global_step == 2
+
+
+def test_the_profiler_resolves_the_stage_config_as_the_stage_does():
+    """bench/profile_training.py calls train() itself, so it resolves the flags (and a preset) as the stage's main()
+    does; this fails when the stage's config resolution moves and the profiler's does not follow."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_training", ROOT / "bench" / "profile_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.stage_config(["--preset", "h200_fast", "--gradient_accumulation_steps", "1", "--max_steps", "3"])
+    assert (cfg.packing, cfg.gradient_checkpointing, cfg.per_device_train_batch_size) == (True, False, 4)
+    assert (cfg.gradient_accumulation_steps, cfg.max_steps, cfg.base_model) == (1, 3, "Qwen/Qwen2.5-7B-Instruct")
+
+
 def _adapter_weights(folder: Path) -> dict:
     return load_file(folder / "adapter_model.safetensors")
 
