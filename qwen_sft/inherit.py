@@ -54,8 +54,9 @@ def _checked(value, name: str, manifest_file: Path):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not type(default):
-        raise UserError(f"{manifest_file}: config {name} is {value!r}, not a {type(default).__name__}; restore the "
-                        f"file from training, or pass --{name.lower()}")
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+        raise UserError(f"{manifest_file}: config {name} is {value!r}, not {kind}; restore the file from training, "
+                        f"or pass --{name.lower()}")
     return value
 
 
