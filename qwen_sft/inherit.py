@@ -3,7 +3,7 @@ export_model.py takes the value recorded in the adapter's manifest.json; an expl
 it differs from training's.
 
 `inherit_from_adapter` is the hook those stages pass to `parse_config`, so the printed config says which values
-came from the adapter. The model loaders resolve an omitted setting through `trained_value` too.
+came from the adapter. The model loaders resolve a setting they are not given through `trained_or_default`.
 """
 
 from __future__ import annotations
@@ -55,14 +55,16 @@ def _checked(value, name: str, manifest_file: Path):
         return float(value)
     if type(value) is not type(default):
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
-        raise UserError(f"{manifest_file}: config {name} is {value!r}, not {kind}; restore the file from training, "
-                        f"or pass --{name.lower()}")
+        key = TOP_LEVEL.get(name, f"config {name}")
+        raise UserError(f"{manifest_file}: {key} is {value!r}, not {kind}; restore the file from training, or pass "
+                        f"--{name.lower()}")
     return value
 
 
 def _shown(value) -> str:
-    text = format_value(value)
-    return repr(text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "…")
+    if not isinstance(value, str):
+        return format_value(value)
+    return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "…")
 
 
 def inherited_settings(values: dict) -> dict[str, str]:
@@ -75,7 +77,7 @@ def overrides(manifest: dict, values: dict) -> list[str]:
     lines = []
     for name, trained_name in inherited_settings(values).items():
         recorded = trained_value(manifest, trained_name)
-        if recorded is not None and values[name] != AUTO and values[name] != recorded:
+        if recorded is not None and values[name] != recorded:
             lines.append(f"--{name.lower()} {_shown(values[name])} differs from the {_shown(recorded)} the adapter "
                          f"was trained with ({trained_name}); pass --{name.lower()} auto to inherit it")
     return lines

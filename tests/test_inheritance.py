@@ -74,7 +74,7 @@ def test_an_explicit_value_that_differs_from_training_prints_one_line(tmp_path, 
     out = capsys.readouterr().out
     assert "MAX_SEQ_LENGTH = 512   (from the command line)" in out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: --max_seq_length '512' differs from the '1024' the adapter was trained with "
+    assert warnings == ["warning: --max_seq_length 512 differs from the 1024 the adapter was trained with "
                         "(MAX_SEQ_LENGTH); pass --max_seq_length auto to inherit it"]  # the same prompt: no line
 
 
@@ -201,3 +201,11 @@ def test_inference_with_no_flags_uses_x_and_1024(trained, monkeypatch, capsys):
     assert args[3:5] == (False, LENGTH) and kwargs["base_model"] == "tiny"  # 4-bit, max_seq_length: as trained
     assert seen["conversations"][0][0] == {"role": "system", "content": SYSTEM}
     assert f"SYSTEM_PROMPT = {SYSTEM}   (from the adapter)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_export_with_no_flags_writes_x_and_1024_into_the_modelfile(trained):
+    result = run_script("export_model.py", "--dtype", "float32", cwd=trained)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modelfile = (trained / "Qwen_finetuning_merged" / "Modelfile").read_text(encoding="utf-8").splitlines()
+    assert f'SYSTEM """{SYSTEM}"""' in modelfile and f"PARAMETER num_ctx {LENGTH}" in modelfile
