@@ -27,12 +27,11 @@ from .generation import stop_token_ids
 from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir, gguf_summary
 from .modeling import (
     ADAPTER_MANIFEST,
-    adapter_base_path,
     choose_backend,
+    chosen_base_path,
     load_adapter_tokenizer,
     load_base_model,
     read_adapter_manifest,
-    resolve_model_path,
 )
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
@@ -149,8 +148,7 @@ def check_export_flags(cfg) -> None:
 def export_merged(cfg) -> None:
     check_export_flags(cfg)
     manifest = read_adapter_manifest(cfg.adapter_dir)
-    base_path = (adapter_base_path(cfg.adapter_dir, manifest) if cfg.base_model == manifest["base_model"]
-                 else resolve_model_path(cfg.base_model))
+    base_path = chosen_base_path(cfg.adapter_dir, manifest, cfg.base_model)
     check_outputs_apart({"--output_dir": cfg.output_dir},
                         {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""},
                         folders={"--output_dir"})

@@ -183,8 +183,8 @@ def set_static_cache(model, max_cache_len: int | None) -> None:
 
 
 def load_generation_model(adapter_dir: str, backend: str = "auto", fast_generation: str = "auto",
-                          load_in_4bit: bool | None = None, max_seq_length: int | None = None, keep_base: bool = False,
-                          max_cache_len: int | None = None, base_model: str | None = None):
+                          load_in_4bit: bool | None = None, max_seq_length: int | None = None,
+                          keep_base: bool = False, max_cache_len: int | None = None, base_model: str | None = None):
     """Load the adapter for chat, inference or evaluation on the fast path when chosen, else as before.
 
     Settings left None are as the adapter was trained (load_adapter_model). `max_cache_len` fixes the static cache's size (chat: its context budget, so every reply reuses the compiled
@@ -195,11 +195,10 @@ def load_generation_model(adapter_dir: str, backend: str = "auto", fast_generati
     """
     import torch
 
-    from .modeling import adapter_base_path, compute_dtype, load_adapter_model, read_adapter_manifest, resolve_model_path
+    from .modeling import chosen_base_path, compute_dtype, load_adapter_model, read_adapter_manifest
 
     resolve_fast_generation(fast_generation)
-    base_path = (adapter_base_path(adapter_dir, read_adapter_manifest(adapter_dir)) if base_model is None
-                 else resolve_model_path(base_model))
+    base_path = chosen_base_path(adapter_dir, read_adapter_manifest(adapter_dir), base_model)
     fast, reason = choose_fast(fast_generation, base_path, 2 if keep_base else 1)
     if not fast:
         model, tokenizer, manifest = load_adapter_model(adapter_dir, backend, load_in_4bit, max_seq_length, base_model)

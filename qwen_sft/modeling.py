@@ -194,6 +194,13 @@ def adapter_base_path(adapter_dir: str, manifest: dict) -> str:
         ) from None
 
 
+def chosen_base_path(adapter_dir: str, manifest: dict, base_model: str | None) -> str:
+    """The base model to load, resolved: `base_model`, or (None) the one the adapter was trained on."""
+    if base_model is None or base_model == manifest["base_model"]:
+        return adapter_base_path(adapter_dir, manifest)
+    return resolve_model_path(base_model)
+
+
 def load_adapter_tokenizer(adapter_dir: str):
     """The tokenizer saved with the adapter; it must carry the chat template training used."""
     from transformers import AutoTokenizer
@@ -216,11 +223,8 @@ def load_adapter_model(adapter_dir: str, backend: str = "auto", load_in_4bit: bo
     from .inherit import trained_or_default
 
     manifest = read_adapter_manifest(adapter_dir)
-    if base_model is None:
-        adapter_base_path(adapter_dir, manifest)
-    else:
-        manifest["base_model"] = base_model
-        resolve_model_path(base_model)
+    chosen_base_path(adapter_dir, manifest, base_model)
+    manifest["base_model"] = base_model or manifest["base_model"]
     backend = choose_backend(backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)
