@@ -96,14 +96,14 @@ def test_explicit_values_need_no_manifest(tmp_path):
     assert (cfg.system_prompt, cfg.max_seq_length, cfg.base_model) == (SYSTEM, 512, "tiny")  # base: adapter_config
 
 
-BAD_AUTO_INPUT = {
-    "no manifest": (None, [], "{adapter}/manifest.json: not found, so --system_prompt, --load_in_4bit, --max_seq_length "
-                              "cannot be inherited from training (auto); put the manifest back, or give --system_prompt, "
-                              "--load_in_4bit, --max_seq_length the values the adapter was trained with"),
+FLAGS = "--system_prompt, --load_in_4bit, --max_seq_length"
+BAD_AUTO_INPUT = {  # case: (the adapter's manifest config, None = no manifest, "none" = no adapter; flags; the line)
+    "no manifest": (None, [], f"{{adapter}}/manifest.json: not found, so {FLAGS} cannot be inherited from training "
+                              f"(auto); put the manifest back, or give {FLAGS} the values the adapter was trained with"),
     "no adapter": ("none", [], "{adapter}: no LoRA adapter there; run Qwen_finetuning.py first (or pass --adapter_dir)"),
     "a manifest value of the wrong type": ({"MAX_SEQ_LENGTH": "long"}, [],
-                                           "{adapter}/manifest.json: config MAX_SEQ_LENGTH is 'long', not an integer; "
-                                           "restore the file from training, or pass --max_seq_length"),
+                                           "{adapter}/manifest.json: config MAX_SEQ_LENGTH is 'long', not an "
+                                           "integer; restore the file from training, or pass --max_seq_length"),
     "a bad flag value": ({}, ["--load_in_4bit", "maybe"],
                          "--load_in_4bit expects true or false, got 'maybe' (or auto: as the adapter was trained)"),
 }
