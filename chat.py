@@ -12,26 +12,28 @@ leave. Ctrl-C stops the reply being written and keeps the conversation; at the p
 import sys
 
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.inherit import inherit_from_adapter
 from qwen_sft.presets import apply_preset
-from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
-ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
-SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message at the start of the conversation (/system changes it)
+ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
+SYSTEM_PROMPT = "auto"  # system message at the start of the conversation (/system changes it); auto = as trained
 MAX_NEW_TOKENS = 512  # length limit of each reply
 TEMPERATURE = 0.8  # sampling temperature; 0 = greedy
 TOP_P = 0.9  # nucleus sampling share (only when TEMPERATURE > 0)
 REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the conversation
 NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
-MAX_CONTEXT_TOKENS = 4096  # prompt + reply budget; the oldest exchanges are dropped to stay within it
+MAX_CONTEXT_TOKENS = "auto"  # prompt + reply budget, oldest exchanges dropped to fit; auto = training's MAX_SEQ_LENGTH
 HISTORY_FILE = "~/.qwen_sft_chat_history"  # readline input history kept across sessions; empty = none
 SHOW_PROMPT = False  # print the full rendered prompt (system, history, message) before each reply
+BASE_MODEL = "auto"  # base model the adapter is applied to: auto (as trained), a hub id, a local folder, or tiny
+LOAD_IN_4BIT = "auto"  # load the base model in NF4 4-bit: auto (as trained), true or false
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
 FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
 PRESET = "none"  # none, or greedy (temperature 0, no repetition penalties: reproducible); flags given still win
 
 
 def main():
-    cfg = apply_preset(parse_config(globals()), sys.argv[1:], "chat")
+    cfg = apply_preset(parse_config(globals(), resolve=inherit_from_adapter), sys.argv[1:], "chat")
     from qwen_sft.chat import run_chat
 
     run_chat(cfg)

@@ -12,14 +12,16 @@ folder as is.
 """
 
 from qwen_sft.cli import parse_config, run_stage
-from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
+from qwen_sft.inherit import inherit_from_adapter
 
-ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
+ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
+BASE_MODEL = "auto"  # base model the adapter is merged into: auto (as trained), a hub id, a local folder, or tiny
 OUTPUT_DIR = "Qwen_finetuning_merged"  # the merged model folder (replaced only once complete)
 OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (files of the same name replaced)
 DTYPE = "bfloat16"  # weight type of the merged model: bfloat16, float16, or float32 (exact, twice the size)
 OLLAMA_MODELFILE = True  # also write OUTPUT_DIR/Modelfile (ChatML template, SYSTEM_PROMPT, stop tokens)
-SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # the Modelfile's system prompt (keep it as in training)
+SYSTEM_PROMPT = "auto"  # the Modelfile's system prompt; auto = as trained
+MAX_SEQ_LENGTH = "auto"  # the Modelfile's num_ctx, and the length Unsloth loads the model for; auto = as trained
 TEMPERATURE = 0.8  # the Modelfile's sampling temperature (the seed's, as in inference.py and chat.py)
 TOP_P = 0.9  # the Modelfile's nucleus sampling share
 REPETITION_PENALTY = 1.3  # the Modelfile's repeat_penalty
@@ -29,7 +31,7 @@ BACKEND = "auto"  # auto (Unsloth's merged save when CUDA and unsloth are presen
 
 
 def main():
-    cfg = parse_config(globals())
+    cfg = parse_config(globals(), resolve=inherit_from_adapter)
     from qwen_sft.export import export_merged
 
     export_merged(cfg)

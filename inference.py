@@ -15,13 +15,13 @@ a manifest beside it.
 import sys
 
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.inherit import inherit_from_adapter
 from qwen_sft.presets import apply_preset
-from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
-ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; its manifest names the base model
+ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 INSTRUCTION = "请解释什么是LoRA微调，并说明它为什么能降低显存占用。"  # the question (ignored with INSTRUCTION_FILE)
 INPUT = ""  # extra context for INSTRUCTION, shown under 补充信息; empty = none
-SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message (keep it as in training)
+SYSTEM_PROMPT = "auto"  # system message; auto = as trained
 INSTRUCTION_FILE = ""  # JSONL/JSON array of {"instruction", "input"} or {"messages"} rows; - = stdin; empty = INSTRUCTION
 OUTPUT_FILE = "inference_results.jsonl"  # answers for INSTRUCTION_FILE, one row per prompt row
 OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
@@ -31,13 +31,16 @@ TEMPERATURE = 0.8  # sampling temperature; 0 = greedy
 TOP_P = 0.9  # nucleus sampling share (only when TEMPERATURE > 0)
 REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the prompt or answer
 NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
+BASE_MODEL = "auto"  # base model the adapter is applied to: auto (as trained), a hub id, a local folder, or tiny
+LOAD_IN_4BIT = "auto"  # load the base model in NF4 4-bit: auto (as trained), true or false
+MAX_SEQ_LENGTH = "auto"  # sequence length Unsloth loads the model for; auto = as trained
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
 FAST_GENERATION = "auto"  # auto (merged bf16 copy + static cache + torch.compile when the GPU has room), true or false
 PRESET = "none"  # none, or greedy (temperature 0, no repetition penalties: reproducible); flags given still win
 
 
 def main():
-    cfg = apply_preset(parse_config(globals()), sys.argv[1:], "inference")
+    cfg = apply_preset(parse_config(globals(), resolve=inherit_from_adapter), sys.argv[1:], "inference")
     from qwen_sft.inference import run_inference
 
     run_inference(cfg)

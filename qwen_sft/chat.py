@@ -250,8 +250,9 @@ def run_chat(cfg) -> None:
             f"{cfg.max_context_tokens}; raise --max_context_tokens or lower --max_new_tokens"
         )
     model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation,
-                                                       max_seq_length=cfg.max_context_tokens,
-                                                       max_cache_len=cfg.max_context_tokens)
+                                                       cfg.load_in_4bit, max_seq_length=cfg.max_context_tokens,
+                                                       max_cache_len=cfg.max_context_tokens,
+                                                       base_model=cfg.base_model)
     warm_up_seconds = warm_up(model, tokenizer)
     session = ChatSession(tokenizer, cfg.system_prompt, cfg.max_context_tokens, cfg.max_new_tokens)
     if sys.stdin.isatty():

@@ -183,8 +183,12 @@ def _help_text(doc: str, defaults: dict, comments: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: bool = False) -> Config:
-    """Resolve the script's UPPER_CASE constants against `--lower_name value` flags and print the result."""
+def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: bool = False, resolve=None) -> Config:
+    """Resolve the script's UPPER_CASE constants against `--lower_name value` flags and print the result.
+
+    `resolve(values, notes)`, when given, settles values further (e.g. `auto` from the adapter's manifest), notes
+    where they came from, and returns lines to print under the config.
+    """
     argv = sys.argv[1:] if argv is None else argv
     source = Path(script_globals["__file__"]).read_text(encoding="utf-8")
     comments = _constant_comments(source)
@@ -233,9 +237,13 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
     if errors:
         raise UserError("; ".join(errors))
 
+    notes = dict.fromkeys(overridden, "from the command line")
+    lines = resolve(values, notes) if resolve is not None else []
     if not quiet:
         say("config:\n" + "\n".join(
-            f"  {name} = {format_value(value)}" + ("   (from the command line)" if name in overridden else "")
+            f"  {name} = {format_value(value)}" + (f"   ({notes[name]})" if name in notes else "")
             for name, value in values.items()
         ))
+        for line in lines:
+            say(line)
     return Config(values)

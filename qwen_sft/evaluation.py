@@ -38,6 +38,7 @@ from .artifacts import (
 )
 from .cli import UserError
 from .data import split_records, tokenize_records
+from .inherit import overrides
 from .records import read_records
 
 NO_SOURCE = "unspecified"
@@ -219,7 +220,7 @@ def evaluation_split(cfg) -> tuple[list[dict], list[dict]]:
         records = read_records(path)
     except UserError as error:
         raise UserError(f"{error}; fix that row, or rebuild the file with data_integration.py") from None
-    _, eval_records = split_records(records, cfg.eval_ratio, cfg.seed)
+    _, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
     if not eval_records:
         raise UserError(
             f"{path}: the eval split is empty ({len(records)} rows at --eval_ratio {cfg.eval_ratio}); "
@@ -229,30 +230,15 @@ def evaluation_split(cfg) -> tuple[list[dict], list[dict]]:
 
 
 def split_warnings(adapter_manifest: dict, cfg, dataset_sha256: str) -> list[str]:
-    """Where this evaluation differs from how the adapter was trained, so its eval rows may be training rows."""
-    trained = adapter_manifest.get("config", {})
-    warnings = []
-    for flag, trained_key, value in (
-        ("--eval_ratio", "EVAL_RATIO", cfg.eval_ratio),
-        ("--seed", "SPLIT_SEED", cfg.seed),
-        ("--system_prompt", "SYSTEM_PROMPT", cfg.system_prompt),
-    ):
-        if trained_key in trained and trained[trained_key] != value:
-            warnings.append(f"{flag} is {value!r} here but the adapter was trained with {trained[trained_key]!r}")
+    """Where this evaluation differs from how the adapter was trained, so its eval rows may be training rows (the
+    settings given were printed with the config; they are recorded here)."""
+    warnings = overrides(adapter_manifest, cfg)
     trained_sha = adapter_manifest.get("dataset", {}).get("sha256")
     if trained_sha and trained_sha != dataset_sha256:
-        warnings.append(f"{cfg.dataset_path} is not the file the adapter was trained on (its sha256 differs)")
+        changed = f"{cfg.dataset_path} is not the file the adapter was trained on (its sha256 differs)"
+        print(f"warning: {changed}")
+        warnings.append(changed)
     return warnings
-
-
-def resolve_load_in_4bit(setting: str) -> bool | None:
-    """`auto` -> None (as the adapter was trained); true/false -> that."""
-    word = setting.strip().lower()
-    if word == "auto":
-        return None
-    if word in ("true", "false"):
-        return word == "true"
-    raise UserError(f"--load_in_4bit must be auto, true or false, got {setting!r}")
 
 
 class EvalRows:
@@ -279,7 +265,7 @@ class EvalRows:
 
         # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH loses a conversation's oldest exchanges
         # first, then keeps its end.
-        self.generation_rows = choose_generation_rows(len(records), cfg.max_gen_samples, cfg.seed)
+        self.generation_rows = choose_generation_rows(len(records), cfg.max_gen_samples, cfg.generation_seed)
         fitted = [
             prompt_within(tokenizer, build_messages(records[row], cfg.system_prompt), cfg.max_seq_length)
             if len(prompts[row]) > cfg.max_seq_length else (prompts[row], False)
@@ -431,7 +417,6 @@ def evaluate(cfg) -> dict:
     for name in ("eval_batch_size", "gen_batch_size", "max_new_tokens", "max_seq_length"):
         if cfg[name.upper()] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
-    load_in_4bit = resolve_load_in_4bit(cfg.load_in_4bit)
     resolve_fast_generation(cfg.fast_generation)
     check_outputs_apart({"--output_dir": cfg.output_dir},
                         {"--adapter_dir": cfg.adapter_dir, "--dataset_path": cfg.dataset_path}, folders={"--output_dir"})
@@ -441,12 +426,10 @@ def evaluate(cfg) -> dict:
     records, eval_records = evaluation_split(cfg)
     dataset_sha256 = sha256_file(cfg.dataset_path)
     warnings = split_warnings(adapter_manifest, cfg, dataset_sha256)
-    for warning in warnings:
-        print(f"warning: {warning}")
 
     model, tokenizer, adapter_manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation,
-                                                               load_in_4bit, cfg.max_seq_length,
-                                                               keep_base=cfg.compare_base)
+                                                               cfg.load_in_4bit, cfg.max_seq_length,
+                                                               keep_base=cfg.compare_base, base_model=cfg.base_model)
     backend = adapter_manifest["backend_loaded"]
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
     print(f"backend: {backend} (base model {adapter_manifest['base_model']}, 4-bit {four_bit}); "
@@ -454,7 +437,7 @@ def evaluate(cfg) -> dict:
     if cfg.temperature > 0:
         from transformers import set_seed
 
-        set_seed(cfg.seed)
+        set_seed(cfg.generation_seed)
 
     rows = EvalRows(tokenizer, eval_records, cfg)
     runs = run_models(model, tokenizer, cfg, rows)

@@ -28,8 +28,8 @@ from .generation import stop_token_ids
 from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir, gguf_summary
 from .modeling import (
     ADAPTER_MANIFEST,
-    adapter_base_path,
     choose_backend,
+    chosen_base_path,
     load_adapter_tokenizer,
     load_base_model,
     read_adapter_manifest,
@@ -134,38 +134,40 @@ def check_export_flags(cfg) -> None:
 def export_merged(cfg) -> None:
     check_export_flags(cfg)
     manifest = read_adapter_manifest(cfg.adapter_dir)
-    base_path = adapter_base_path(cfg.adapter_dir, manifest)
+    base_path = chosen_base_path(cfg.adapter_dir, manifest, cfg.base_model)
     check_outputs_apart({"--output_dir": cfg.output_dir},
                         {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""},
                         folders={"--output_dir"})
     check_output_folder(cfg.output_dir, "--output_dir", cfg.overwrite_output)
     backend = choose_backend(cfg.backend)
+    if backend == "unsloth" and cfg.base_model != manifest["base_model"]:
+        raise UserError(f"--base_model {cfg.base_model}: Unsloth's merge loads the base the adapter names; pass "
+                        "--backend hf to merge into another base")
     if backend == "unsloth":
         import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)
     tokenizer = load_adapter_tokenizer(cfg.adapter_dir)
     import torch
 
     dtype = getattr(torch, cfg.dtype)
-    max_seq_length = manifest.get("config", {}).get("MAX_SEQ_LENGTH", 2048)
-    print(f"merging {cfg.adapter_dir} into {manifest['base_model']} ({backend}, {cfg.dtype})")
+    print(f"merging {cfg.adapter_dir} into {cfg.base_model} ({backend}, {cfg.dtype})")
     started = time.time()
     with atomic_directory(cfg.output_dir) as folder:
         if backend == "unsloth":
-            merge_with_unsloth(cfg.adapter_dir, folder, dtype, max_seq_length, tokenizer)
+            merge_with_unsloth(cfg.adapter_dir, folder, dtype, cfg.max_seq_length, tokenizer)
         else:
-            merge_with_peft(cfg.adapter_dir, manifest["base_model"], folder, dtype, max_seq_length)
+            merge_with_peft(cfg.adapter_dir, cfg.base_model, folder, dtype, cfg.max_seq_length)
         tokenizer.save_pretrained(folder)  # the adapter's tokenizer: the chat template training used
         write_portable_tokenizer_config(folder)
         write_generation_config(folder, tokenizer)
         stops = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))
         gguf = write_gguf(cfg, folder, tokenizer) if cfg.gguf else None
         if cfg.ollama_modelfile:
-            modelfile = ollama_modelfile(cfg, stops, max_seq_length, gguf["file"] if gguf else "")
+            modelfile = ollama_modelfile(cfg, stops, cfg.max_seq_length, gguf["file"] if gguf else "")
             write_text_atomic(folder / MODELFILE, modelfile)
         write_json_atomic(
             folder / ADAPTER_MANIFEST,
             build_manifest(
-                "export", cfg, base_model=manifest["base_model"], backend=backend, dtype=cfg.dtype,
+                "export", cfg, base_model=cfg.base_model, backend=backend, dtype=cfg.dtype,
                 adapter={"path": cfg.adapter_dir, "sha256": sha256_file(Path(cfg.adapter_dir) / ADAPTER_WEIGHTS),
                          "trained": manifest.get("created"), "dataset": manifest.get("dataset")},
                 stop_tokens=stops, gguf=gguf, wall_time_s=round(time.time() - started, 2),

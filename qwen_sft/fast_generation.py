@@ -183,11 +183,11 @@ def set_static_cache(model, max_cache_len: int | None) -> None:
 
 
 def load_generation_model(adapter_dir: str, backend: str = "auto", fast_generation: str = "auto",
-                          load_in_4bit: bool | None = None, max_seq_length: int = 2048, keep_base: bool = False,
-                          max_cache_len: int | None = None):
+                          load_in_4bit: bool | None = None, max_seq_length: int | None = None,
+                          keep_base: bool = False, max_cache_len: int | None = None, base_model: str | None = None):
     """Load the adapter for chat, inference or evaluation on the fast path when chosen, else as before.
 
-    `max_cache_len` fixes the static cache's size (chat: its context budget, so every reply reuses the compiled
+    Settings left None are as the adapter was trained (load_adapter_model). `max_cache_len` fixes the static cache's size (chat: its context budget, so every reply reuses the compiled
     step); None sizes it by the first generate() call, and it grows when a later call needs more (recompiling).
     Returns (model, tokenizer, manifest); manifest["fast_generation"] says which path and why. The fast path
     loads through transformers + PEFT (Unsloth patches transformers' model classes in place, which the dense
@@ -195,16 +195,16 @@ def load_generation_model(adapter_dir: str, backend: str = "auto", fast_generati
     """
     import torch
 
-    from .modeling import adapter_base_path, compute_dtype, load_adapter_model, read_adapter_manifest
+    from .modeling import chosen_base_path, compute_dtype, load_adapter_model, read_adapter_manifest
 
     resolve_fast_generation(fast_generation)
-    manifest = read_adapter_manifest(adapter_dir)
-    fast, reason = choose_fast(fast_generation, adapter_base_path(adapter_dir, manifest), 2 if keep_base else 1)
+    base_path = chosen_base_path(adapter_dir, read_adapter_manifest(adapter_dir), base_model)
+    fast, reason = choose_fast(fast_generation, base_path, 2 if keep_base else 1)
     if not fast:
-        model, tokenizer, manifest = load_adapter_model(adapter_dir, backend, load_in_4bit, max_seq_length)
+        model, tokenizer, manifest = load_adapter_model(adapter_dir, backend, load_in_4bit, max_seq_length, base_model)
         manifest["fast_generation"] = {"used": False, "reason": reason}
         return model, tokenizer, manifest
-    peft_model, tokenizer, manifest = load_adapter_model(adapter_dir, "hf", load_in_4bit, max_seq_length)
+    peft_model, tokenizer, manifest = load_adapter_model(adapter_dir, "hf", load_in_4bit, max_seq_length, base_model)
     model = dense_model(peft_model, compute_dtype(), keep_base)
     del peft_model
     gc.collect()

@@ -67,11 +67,16 @@ def answer_row(row: dict, result: dict) -> dict:
     return {**answered, "output": result["text"], "tokens": result["tokens"], "stopped": result["stopped"]}
 
 
+def load_model(cfg):
+    return load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation, cfg.load_in_4bit,
+                                 cfg.max_seq_length, base_model=cfg.base_model)
+
+
 def answer_one(cfg) -> None:
     """Stream the answer to INSTRUCTION (+ INPUT) to stdout."""
     if not cfg.instruction.strip():
         raise UserError("--instruction is empty; give a question (or --instruction_file PATH, - for stdin)")
-    model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation)
+    model, tokenizer, manifest = load_model(cfg)
     print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}, adapter {cfg.adapter_dir}); "
           f"{generation_path(manifest)}")
     messages = build_messages({"instruction": cfg.instruction, "input": cfg.input}, cfg.system_prompt)
@@ -99,7 +104,7 @@ def answer_file(cfg) -> None:
     where = "<stdin>" if cfg.instruction_file == "-" else cfg.instruction_file
     numbered = read_prompt_rows(cfg.instruction_file)
     rows = [row for _, row in numbered]
-    model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation)
+    model, tokenizer, manifest = load_model(cfg)
     print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}); {len(rows)} prompts "
           f"from {cfg.instruction_file}, batches of {cfg.batch_size}; {generation_path(manifest)}")
     conversations = [build_messages(row, cfg.system_prompt) for row in rows]

@@ -168,7 +168,7 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     if not isinstance(adapter_config.get("base_model_name_or_path"), str):
         raise UserError(f"{folder / 'adapter_config.json'}: names no base_model_name_or_path; re-run "
                         "Qwen_finetuning.py")
-    return {"base_model": adapter_config["base_model_name_or_path"], "load_in_4bit": True}
+    return {"base_model": adapter_config["base_model_name_or_path"]}
 
 
 def _read_json_object(path: Path) -> dict:
@@ -194,6 +194,13 @@ def adapter_base_path(adapter_dir: str, manifest: dict) -> str:
         ) from None
 
 
+def chosen_base_path(adapter_dir: str, manifest: dict, base_model: str | None) -> str:
+    """The base model to load, resolved: `base_model`, or (None) the one the adapter was trained on."""
+    if base_model is None or base_model == manifest["base_model"]:
+        return adapter_base_path(adapter_dir, manifest)
+    return resolve_model_path(base_model)
+
+
 def load_adapter_tokenizer(adapter_dir: str):
     """The tokenizer saved with the adapter; it must carry the chat template training used."""
     from transformers import AutoTokenizer
@@ -206,18 +213,24 @@ def load_adapter_tokenizer(adapter_dir: str):
 
 
 def load_adapter_model(adapter_dir: str, backend: str = "auto", load_in_4bit: bool | None = None,
-                       max_seq_length: int = 2048):
-    """Load base + adapter for evaluation, inference or chat; the base is named by the adapter's manifest.
+                       max_seq_length: int | None = None, base_model: str | None = None):
+    """Load base + adapter for evaluation, inference or chat. A setting left None is as the adapter was trained
+    (its manifest names the base model).
 
-    Returns (model, tokenizer, manifest). The tokenizer, with its chat template, comes from the adapter folder.
+    Returns (model, tokenizer, manifest); manifest["base_model"] is the base loaded. The tokenizer, with its chat
+    template, comes from the adapter folder.
     """
+    from .inherit import trained_or_default
+
     manifest = read_adapter_manifest(adapter_dir)
-    adapter_base_path(adapter_dir, manifest)
+    chosen_base_path(adapter_dir, manifest, base_model)
+    manifest["base_model"] = base_model or manifest["base_model"]
     backend = choose_backend(backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)
     tokenizer = load_adapter_tokenizer(adapter_dir)  # checked before the slow base-model load
-    four_bit = manifest.get("load_in_4bit", True) if load_in_4bit is None else load_in_4bit
+    four_bit = trained_or_default(manifest, "LOAD_IN_4BIT") if load_in_4bit is None else load_in_4bit
+    max_seq_length = trained_or_default(manifest, "MAX_SEQ_LENGTH") if max_seq_length is None else max_seq_length
     model, _ = load_base_model(manifest["base_model"], backend, four_bit, max_seq_length)
     from peft import PeftModel
 

@@ -236,13 +236,14 @@ def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapte
     assert stdout.endswith("你> \n")  # end of input at the prompt leaves quietly
 
 
-def test_missing_adapter_and_bad_budget_are_one_line_exit_2(tmp_path):
+def test_missing_adapter_and_bad_budget_are_one_line_exit_2(adapter, tmp_path):
     result = run_script("chat.py", "--adapter_dir", tmp_path / "nowhere", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nowhere'}: no LoRA adapter there; run Qwen_finetuning.py first (or pass --adapter_dir)"
     ]
-    result = run_script("chat.py", "--max_new_tokens", "600", "--max_context_tokens", "512", cwd=tmp_path)
+    result = run_script("chat.py", "--adapter_dir", adapter, "--max_new_tokens", "600", "--max_context_tokens", "512",
+                        cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --max_new_tokens 600 leaves no room for the prompt in --max_context_tokens 512; raise "

@@ -254,8 +254,9 @@ def test_tuned_only_run_truncation_and_sample_cap(learned_adapter, tmp_path):
 def test_help_lists_every_flag():
     result = run_script("evaluate.py", "--help")
     assert result.returncode == 0
-    for flag in ("--adapter_dir", "--dataset_path", "--max_seq_length 2048", "--max_new_tokens 512", "--eval_ratio 0.1",
-                 "--seed 42", "--rouge false", "--gen_batch_size", "--max_gen_samples 0", "--compare_base true"):
+    for flag in ("--adapter_dir", "--dataset_path auto", "--max_seq_length auto", "--max_new_tokens 512",
+                 "--eval_ratio auto", "--split_seed auto", "--generation_seed 42", "--rouge false", "--gen_batch_size",
+                 "--max_gen_samples 0", "--compare_base true"):
         assert flag in result.stdout
 
 

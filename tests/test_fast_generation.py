@@ -170,6 +170,10 @@ def test_stages_take_the_fast_path_on_request(learned_adapter, tmp_path):
 
 
 def test_bad_flag_is_one_line_exit_2_and_help_lists_it(tmp_path):
+    adapter = tmp_path / "Qwen_finetuning_model"  # the flag is checked before the model loads
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "tiny"}', encoding="utf-8")
+    (adapter / "manifest.json").write_text('{"stage": "train", "base_model": "tiny"}', encoding="utf-8")
     result = run_script("inference.py", "--fast_generation", "maybe", cwd=tmp_path)
     assert result.returncode == 2 and "--fast_generation must be auto, true or false" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,123 @@
+"""Later stages inherit what training fixed. A setting left at `auto` in evaluate.py, inference.py, chat.py or
+export_model.py takes the value recorded in the adapter's manifest.json; an explicit value wins, with one line when
+it differs from training's.
+
+`inherit_from_adapter` is the hook those stages pass to `parse_config`, so the printed config says which values
+came from the adapter. The model loaders resolve a setting they are not given through `trained_or_default`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli import UserError, _parse_value, format_value
+from .template import DEFAULT_SYSTEM_PROMPT
+
+AUTO = "auto"
+# Qwen_finetuning.py's defaults: what a manifest written before training recorded a setting stands for.
+TRAINING_DEFAULTS = {
+    "BASE_MODEL": "Qwen/Qwen2.5-7B-Instruct",
+    "DATASET_PATH": "mixed_finetune_dataset.jsonl",
+    "SYSTEM_PROMPT": DEFAULT_SYSTEM_PROMPT,
+    "MAX_SEQ_LENGTH": 2048,
+    "LOAD_IN_4BIT": True,
+    "EVAL_RATIO": 0.1,
+    "SPLIT_SEED": 42,
+}
+# Training records these at the top of the manifest (an adapter without a manifest names its base in
+# adapter_config.json); the rest under "config".
+TOP_LEVEL = {"BASE_MODEL": "base_model", "LOAD_IN_4BIT": "load_in_4bit"}
+# A stage setting that inherits a training setting of another name.
+TRAINED_AS = {"MAX_CONTEXT_TOKENS": "MAX_SEQ_LENGTH"}
+FROM_ADAPTER = "from the adapter"
+FALLBACK = "today's default: the adapter's manifest does not record it"
+SHOWN_CHARACTERS = 40  # a long value (a system prompt) is shortened in the override line
+
+
+def trained_value(manifest: dict, name: str):
+    """The value training recorded for the training setting `name`, or None where the manifest predates it."""
+    if name in TOP_LEVEL:
+        return manifest.get(TOP_LEVEL[name])
+    config = manifest.get("config")
+    return config.get(name) if isinstance(config, dict) else None
+
+
+def trained_or_default(manifest: dict, name: str):
+    """trained_value, or today's default where the manifest does not record it."""
+    value = trained_value(manifest, name)
+    return TRAINING_DEFAULTS[name] if value is None else value
+
+
+def _checked(value, name: str, manifest_file: Path):
+    """A recorded value of the type training's default has (a manifest edited by hand may hold anything)."""
+    default = TRAINING_DEFAULTS[name]
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+        key = TOP_LEVEL.get(name, f"config {name}")
+        raise UserError(f"{manifest_file}: {key} is {value!r}, not {kind}; restore the file from training, or pass "
+                        f"--{name.lower()}")
+    return value
+
+
+def _shown(value) -> str:
+    if not isinstance(value, str):
+        return format_value(value)
+    return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "…")
+
+
+def inherited_settings(values: dict) -> dict[str, str]:
+    """The stage's settings that training fixed, each with the name training recorded it under."""
+    return {name: TRAINED_AS.get(name, name) for name in values if TRAINED_AS.get(name, name) in TRAINING_DEFAULTS}
+
+
+def overrides(manifest: dict, values: dict) -> list[str]:
+    """One line per setting whose value differs from the one the adapter was trained with."""
+    lines = []
+    for name, trained_name in inherited_settings(values).items():
+        recorded = trained_value(manifest, trained_name)
+        if recorded is not None and values[name] != recorded:
+            lines.append(f"--{name.lower()} {_shown(values[name])} differs from the {_shown(recorded)} the adapter "
+                         f"was trained with ({trained_name}); pass --{name.lower()} auto to inherit it")
+    return lines
+
+
+def inherit_from_adapter(values: dict, notes: dict) -> list[str]:
+    """parse_config's hook for the stages after training: resolve each `auto` setting training fixed from
+    values["ADAPTER_DIR"]'s manifest, parse explicit ones with the type training's default has, and note where each
+    came from in `notes`. Returns the lines to print under the config: overrides, and settings an older manifest
+    does not record (they take today's defaults)."""
+    from .modeling import ADAPTER_MANIFEST, read_adapter_manifest  # modeling's loaders use this module
+
+    adapter_dir = values["ADAPTER_DIR"]
+    manifest = read_adapter_manifest(adapter_dir)
+    manifest_file = Path(adapter_dir) / ADAPTER_MANIFEST
+    has_manifest = manifest_file.is_file()
+    unrecorded, missing = [], []
+    for name, trained_name in inherited_settings(values).items():
+        default = TRAINING_DEFAULTS[trained_name]
+        if values[name] != AUTO:
+            if isinstance(values[name], str) and not isinstance(default, str):
+                try:
+                    values[name] = _parse_value(values[name], default, f"--{name.lower()}")
+                except UserError as error:
+                    raise UserError(f"{error} (or auto: as the adapter was trained)") from None
+            continue
+        recorded = trained_value(manifest, trained_name)
+        if recorded is not None:
+            values[name], notes[name] = _checked(recorded, trained_name, manifest_file), FROM_ADAPTER
+        elif has_manifest:
+            values[name], notes[name] = default, FALLBACK
+            missing.append(trained_name)
+        else:
+            unrecorded.append(f"--{name.lower()}")
+    if unrecorded:
+        flags = ", ".join(unrecorded)
+        raise UserError(f"{manifest_file}: not found, so {flags} cannot be inherited from training (auto); put the "
+                        f"manifest back, or give {flags} the values the adapter was trained with")
+    lines = [f"warning: {line}" for line in overrides(manifest, values)]
+    if missing:
+        lines.append(f"note: {manifest_file} does not record {', '.join(missing)} (an older version wrote it); "
+                     "today's defaults are used, marked in the config above")
+    return lines
