@@ -9,11 +9,9 @@ manifest to ADAPTER_DIR (and the tokenizer again to TOKENIZER_DIR).
   python Qwen_finetuning.py --preset h200_fast                # fastest on a 48 GB+ GPU (gpu24 for 24 GB)
 """
 
-import sys
-
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.modeling import LORA_TARGET_MODULES
-from qwen_sft.presets import apply_preset
+from qwen_sft.presets import with_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # hub id, local model folder, or `tiny` (built offline)
@@ -56,7 +54,7 @@ OVERWRITE_OUTPUT = False  # write into output folders this toolkit did not creat
 
 
 def main():
-    cfg = apply_preset(parse_config(globals()), sys.argv[1:], "training")
+    cfg = parse_config(globals(), resolve=with_preset("training"))
     from qwen_sft.training import train
 
     train(cfg, script_name=__file__)

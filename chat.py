@@ -9,11 +9,9 @@ leave. Ctrl-C stops the reply being written and keeps the conversation; at the p
   printf '你好\\n/save chats.jsonl\\n' | python chat.py  # scripted, from a pipe
 """
 
-import sys
-
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.inherit import inherit_from_adapter
-from qwen_sft.presets import apply_preset
+from qwen_sft.presets import with_preset
 
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 SYSTEM_PROMPT = "auto"  # system message at the start of the conversation (/system changes it); auto = as trained
@@ -33,7 +31,7 @@ PRESET = "none"  # none, or greedy (temperature 0, no repetition penalties: repr
 
 
 def main():
-    cfg = apply_preset(parse_config(globals(), resolve=inherit_from_adapter), sys.argv[1:], "chat")
+    cfg = parse_config(globals(), resolve=with_preset("chat", then=inherit_from_adapter))
     from qwen_sft.chat import run_chat
 
     run_chat(cfg)

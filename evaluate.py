@@ -10,11 +10,9 @@ per-source breakdown, config and versions) and OUTPUT_DIR/predictions.jsonl, the
   python evaluate.py --compare_base false              # the adapter alone
 """
 
-import sys
-
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.inherit import inherit_from_adapter
-from qwen_sft.presets import apply_preset
+from qwen_sft.presets import with_preset
 
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 BASE_MODEL = "auto"  # base model the adapter is applied to: auto (as trained), a hub id, a local folder, or tiny
@@ -41,7 +39,7 @@ PRESET = "none"  # none, or tiny (short answers for 8 rows, for the tiny model);
 
 
 def main():
-    cfg = apply_preset(parse_config(globals(), resolve=inherit_from_adapter), sys.argv[1:], "evaluate")
+    cfg = parse_config(globals(), resolve=with_preset("evaluate", then=inherit_from_adapter))
     from qwen_sft.evaluation import evaluate
 
     evaluate(cfg)

@@ -12,11 +12,9 @@ a manifest beside it.
   cat questions.jsonl | python inference.py --instruction_file -
 """
 
-import sys
-
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.inherit import inherit_from_adapter
-from qwen_sft.presets import apply_preset
+from qwen_sft.presets import with_preset
 
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 INSTRUCTION = "请解释什么是LoRA微调，并说明它为什么能降低显存占用。"  # the question (ignored with INSTRUCTION_FILE)
@@ -40,7 +38,7 @@ PRESET = "none"  # none, or greedy (temperature 0, no repetition penalties: repr
 
 
 def main():
-    cfg = apply_preset(parse_config(globals(), resolve=inherit_from_adapter), sys.argv[1:], "inference")
+    cfg = parse_config(globals(), resolve=with_preset("inference", then=inherit_from_adapter))
     from qwen_sft.inference import run_inference
 
     run_inference(cfg)

@@ -98,9 +98,9 @@ def stage_config(stage_flags: list[str]):
     """Qwen_finetuning.py's config for these flags, resolved as its main() resolves it (presets included)."""
     import Qwen_finetuning as stage
     from qwen_sft.cli import parse_config
-    from qwen_sft.presets import apply_preset
+    from qwen_sft.presets import with_preset
 
-    return apply_preset(parse_config(vars(stage), stage_flags), stage_flags, "training")
+    return parse_config(vars(stage), stage_flags, resolve=with_preset("training"))
 
 
 def profile_stage(stage_flags: list[str], start: int, count: int):

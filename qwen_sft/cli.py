@@ -59,6 +59,7 @@ class Config(dict):
             raise AttributeError(name) from None
 
 
+FROM_COMMAND_LINE = "from the command line"  # how the printed config marks a flag's value
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 
@@ -237,7 +238,7 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
     if errors:
         raise UserError("; ".join(errors))
 
-    notes = dict.fromkeys(overridden, "from the command line")
+    notes = dict.fromkeys(overridden, FROM_COMMAND_LINE)
     lines = resolve(values, notes) if resolve is not None else []
     if not quiet:
         say("config:\n" + "\n".join(

@@ -1,12 +1,12 @@
 """Named presets: a flag set that a stage script takes as `--preset NAME`.
 
 A preset sets only the settings not given on the command line, so the constants at the top of each script stay
-the defaults and any flag given wins. It prints the flags it set.
+the defaults and any flag given wins. The printed config marks what it set.
 """
 
 from __future__ import annotations
 
-from .cli import UserError, format_value, say
+from .cli import FROM_COMMAND_LINE, UserError
 
 # The tiny model's pipeline check: 30 steps, evaluated and saved every 10, with the seed's NF4 and 8-bit AdamW
 TINY_RUN = {"BASE_MODEL": "tiny", "MAX_STEPS": 30, "EVAL_STEPS": 10, "SAVE_STEPS": 10, "LOGGING_STEPS": 10}
@@ -35,15 +35,24 @@ PRESETS = {
 }
 
 
-def apply_preset(cfg, argv: list[str], stage: str):
-    """Set `cfg.preset`'s values for `stage` in `cfg`, except those given as flags in `argv`; prints what it set."""
-    name, presets = cfg.preset, PRESETS[stage]
+def apply_preset(values: dict, notes: dict, stage: str) -> None:
+    """Set `values["PRESET"]`'s settings for `stage`, except those `notes` marks as given on the command line."""
+    name, presets = values["PRESET"], PRESETS[stage]
     if name == "none":
-        return cfg
+        return
     if name not in presets:
         raise UserError(f"--preset must be none or one of {', '.join(presets)}, got {name!r}")
-    given = {word[2:].split("=")[0].replace("-", "_").upper() for word in argv if word.startswith("--")}
-    changes = {key: value for key, value in presets[name].items() if key not in given}
-    cfg.update(changes)
-    say(f"preset {name}: " + " ".join(f"--{key.lower()} {format_value(value)}" for key, value in changes.items()))
-    return cfg
+    for key, value in presets[name].items():
+        if notes.get(key) != FROM_COMMAND_LINE:
+            values[key], notes[key] = value, f"preset {name}"
+
+
+def with_preset(stage: str, then=None):
+    """parse_config's `resolve` hook: the stage's preset first, so the printed config shows what it set, then `then`
+    (e.g. the later stages' inheritance from the adapter)."""
+
+    def resolve(values: dict, notes: dict) -> list[str]:
+        apply_preset(values, notes, stage)
+        return then(values, notes) if then is not None else []
+
+    return resolve

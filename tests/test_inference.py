@@ -10,7 +10,7 @@ from conftest import EXACT, FIXTURES, ROOT, run_script
 from qwen_sft.cli import parse_config
 from qwen_sft.inference import run_inference
 from qwen_sft.inherit import inherit_from_adapter
-from qwen_sft.presets import apply_preset
+from qwen_sft.presets import with_preset
 from qwen_sft.records import read_records
 
 ROWS = read_records(FIXTURES / "learning_20.jsonl")
@@ -38,7 +38,7 @@ def test_one_prompt_with_input_is_answered_exactly(adapter, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     script = runpy.run_path(str(ROOT / "inference.py"))  # its constants; main() does not run
     argv = ["--adapter_dir", str(adapter), "--instruction", row["instruction"], "--input", row["input"], *EXACT]
-    run_inference(apply_preset(parse_config(script, argv, quiet=True, resolve=inherit_from_adapter), argv, "inference"))
+    run_inference(parse_config(script, argv, quiet=True, resolve=with_preset("inference", then=inherit_from_adapter)))
     stdout = capsys.readouterr().out
     question, answer = stdout.split("[question]\n", 1)[1].split("\n\n[answer]\n", 1)
     assert question == f"{row['instruction']}\n\n补充信息：\n{row['input']}"
