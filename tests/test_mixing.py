@@ -14,10 +14,10 @@ from conftest import ROOT, run_script
 
 from qwen_sft.artifacts import sha256_file
 from qwen_sft.cli import UserError
-from qwen_sft.mixing import (
+from qwen_sft.planning import exact_quotas
+from qwen_sft.rows import (
     count_keyword_hits,
     duplicate_key,
-    exact_quotas,
     json_body,
     keyword_patterns,
     parse_json_line,
@@ -181,14 +181,14 @@ def test_jsonl_lines_with_blank_lines_crlf_and_no_final_newline(tmp_path, monkey
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_parallel_preparation_gives_the_same_bytes(tmp_path, monkeypatch, start_method):
-    from qwen_sft import mixing
+    from qwen_sft import mixing, preparation
 
     flags = ("--total_samples", 20, "--ratios", "reports=0.25,orca=0.45,pubmed=0.3")
     option_a(tmp_path, monkeypatch, *flags, output="serial.jsonl")
-    monkeypatch.setattr(mixing, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(preparation, "PARALLEL_MIN_ROWS", 1)
     monkeypatch.setattr(mixing, "worker_start_method", lambda: start_method)
-    monkeypatch.setattr(mixing, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(mixing.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(preparation, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(preparation.os, "sched_getaffinity", lambda pid: {0, 1})
     option_a(tmp_path, monkeypatch, *flags, output="parallel.jsonl")
     assert (tmp_path / "parallel.jsonl").read_bytes() == (tmp_path / "serial.jsonl").read_bytes()
 
@@ -528,3 +528,32 @@ def test_manifest_hash_matches_the_file_written(tmp_path, monkeypatch):
     assert hashlib.sha256(data).hexdigest() == manifest["output"]["sha256"]
     assert data.endswith(b"\n") and data.count(b"\n") == len(rows) == 12
     assert manifest["elapsed_s"] > 0 and manifest["versions"]["datasets"]
+
+
+def test_a_longer_system_prompt_lowers_the_byte_budget(tmp_path, monkeypatch):
+    """Rows are measured against the system prompt training will use (SYSTEM_PROMPT), not always the default."""
+    from qwen_sft.rows import BYTES_PER_TOKEN, content_byte_budget, utf8_length
+
+    assert content_byte_budget(2048, "x" * 300) == content_byte_budget(2048, "") - 300
+    flags = ("--total_samples", ORCA_UNIQUE_ROWS, "--ratios", "reports=0,orca=1,pubmed=0")
+    rows, manifest = option_a(tmp_path, monkeypatch, *flags, output="default.jsonl")
+    sizes = sorted(utf8_length(row["instruction"]) + utf8_length(row["input"]) + utf8_length(row["output"])
+                   for row in rows)
+    assert manifest["sources"]["orca"]["filtered"].get("too_long", 0) == 0
+    # A prompt that leaves room for all but the longest row, at the default MAX_SEQ_LENGTH.
+    room = manifest["length_budget"]["content_bytes"] - sizes[-1] + 1
+    long_prompt = "x" * (room + int(BYTES_PER_TOKEN) + utf8_length(manifest["config"]["SYSTEM_PROMPT"]))
+    rows, manifest = option_a(tmp_path, monkeypatch, *flags, "--system_prompt", long_prompt, output="long.jsonl")
+    budget = manifest["length_budget"]["content_bytes"]
+    assert sizes[-2] <= budget < sizes[-1]
+    assert manifest["sources"]["orca"]["filtered"]["too_long"] >= 1
+    assert all(utf8_length(row["instruction"]) + utf8_length(row["input"]) + utf8_length(row["output"]) <= budget
+               for row in rows)
+
+
+@pytest.mark.parametrize("script, key", [("data_integration.py", "OPTION_A_REPORT_KEY"),
+                                         ("data_set_generation.py", "OPTION_B_REPORT_KEY")])
+def test_each_stage_default_ratios_name_its_report_bucket(script, key):
+    from qwen_sft import planning
+
+    assert getattr(planning, key) in runpy.run_path(str(ROOT / script))["RATIOS"]
