@@ -1,5 +1,6 @@
-"""The mixer behind data_integration.py (Option A) and data_set_generation.py (Option B): it draws each source's rows
-into the buckets of the plan (planning.py), then writes the shuffled mix and its manifest.
+"""The mixer of both data stages: it draws each source's rows into the plan's buckets, then writes the mix.
+
+Behind data_integration.py (Option A) and data_set_generation.py (Option B).
 
 Every RATIOS key is a bucket with an exact quota of TOTAL_SAMPLES (rounded, the remainder to the largest share):
 - the report key (`reports` / `my_reports`) takes rows from MY_REPORT_DATA_PATH;
