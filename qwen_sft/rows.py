@@ -164,16 +164,16 @@ def convert_row(schema: Schema, row, text: bytes | None):
     return instruction, extra, raw_output
 
 
-def prepare_rows(rules: RowRules, rows: list[tuple[int, object, tuple[int, int] | None]]) -> list[tuple]:
-    """Read, parse, convert, clean, filter and key a chunk of (number, row, JSONL span); the bookkeeping stays with
-    the caller.
+def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | None]]) -> list[tuple]:
+    """Read, parse, convert, clean, filter and key a chunk of (row, JSONL span); the bookkeeping stays with the
+    caller.
 
     A keyword-split source has its questions matched in one RE2 pass per domain, and the answers of questions that
     match no domain are never cleaned.
     """
     schema = rules.schema
     with open(rules.path, "rb") if rules.path else contextlib.nullcontext() as handle:
-        converted = [convert_row(schema, row, read_span(handle, span) if span else None) for _, row, span in rows]
+        converted = [convert_row(schema, row, read_span(handle, span) if span else None) for row, span in rows]
     hits = None
     if rules.keyword_patterns:
         counts = count_keyword_hits(rules.keyword_patterns, [_question(item) for item in converted])
