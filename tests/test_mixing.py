@@ -557,3 +557,55 @@ def test_each_stage_default_ratios_name_its_report_bucket(script, key):
     from qwen_sft import planning
 
     assert getattr(planning, key) in runpy.run_path(str(ROOT / script))["RATIOS"]
+
+
+def test_parquet_rows_travel_to_the_workers_as_arrow_and_come_back_in_order():
+    """A chunk's Parquet rows are packed as Arrow IPC messages (one per batch they come from), its other rows as
+    they are; unpacked, every row is back in its place, as the Python objects the schema converts."""
+    import pyarrow as pa
+
+    from qwen_sft.preparation import pack_chunk, unpack_chunk
+    from qwen_sft.sources import ArrowRow
+
+    first = pa.RecordBatch.from_pylist([{"question": f"q{index}", "answers": [{"text": f"a{index}"}]}
+                                        for index in range(5)])
+    second = pa.RecordBatch.from_pylist([{"question": "other", "extra": 1.5}])  # another file's schema
+    chunk = [(1, ArrowRow(first, 3), None), (2, None, (0, 10)), (3, ArrowRow(second, 0), None),
+             (4, ArrowRow(first, 0), None), (5, {"question": "json"}, None), (6, ArrowRow(first, 3), None)]
+    packed = pack_chunk(chunk)
+    rows, pieces, _ = packed
+    assert rows == [(None, (0, 10)), ({"question": "json"}, None)]
+    assert [type(message) for _, message in pieces] == [bytes, bytes]  # no Python object per Parquet row
+    assert unpack_chunk(packed) == [
+        ({"question": "q3", "answers": [{"text": "a3"}]}, None), (None, (0, 10)),
+        ({"question": "other", "extra": 1.5}, None), ({"question": "q0", "answers": [{"text": "a0"}]}, None),
+        ({"question": "json"}, None), ({"question": "q3", "answers": [{"text": "a3"}]}, None),
+    ]
+    assert unpack_chunk(pack_chunk([(1, None, (5, 2))])) == [(None, (5, 2))]
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_parquet_stackexchange_source_prepared_by_workers_matches_jsonl(tmp_path, monkeypatch, start_method):
+    """Parquet rows read only the answer fields the schema uses, reach the worker processes as Arrow, and give the
+    bytes the same rows give from JSONL in this process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qwen_sft import mixing, preparation
+    from qwen_sft.sources import Source, open_rows
+
+    rows = [json.loads(line) for line in STACKEXCHANGE.read_text(encoding="utf-8").splitlines()]
+    parquet_file = tmp_path / "se.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet_file, row_group_size=5)
+    drawn = [row.batch.slice(row.index, 1).to_pylist()[0]
+             for _, row, _ in open_rows(Source("stackexchange", str(parquet_file), SCHEMAS["stackexchange"]), 1, 4)]
+    assert {key for row in drawn for answer in row["answers"] for key in answer} == {"pm_score", "selected", "text"}
+    flags = ("--total_samples", 9, "--ratios", "my_reports=0,orca=0.3,bio=0.3,ai=0.2,ic=0.2")
+    option_b(tmp_path, monkeypatch, *flags)
+    reference = (tmp_path / "mix.jsonl").read_bytes()
+    monkeypatch.setattr(preparation, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(mixing, "worker_start_method", lambda: start_method)
+    monkeypatch.setattr(preparation, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(preparation.os, "sched_getaffinity", lambda pid: {0, 1})
+    option_b(tmp_path, monkeypatch, *flags, "--sources", f"orca={ORCA},pubmed={PUBMED},stackexchange={parquet_file}")
+    assert (tmp_path / "mix.jsonl").read_bytes() == reference
