@@ -76,6 +76,8 @@ def pack_chunk(chunk) -> tuple:
     still in Arrow record batches (ArrowRow) are taken out of them into one small record batch per batch they
     come from. A worker then unpickles a few Arrow buffers instead of a Python object for every question, answer
     and field, and makes the objects itself (this process only draws the rows)."""
+    if not any(type(row) is ArrowRow for _, row, _ in chunk):
+        return [(row, span) for _, row, span in chunk], None, None
     rows, order, batches, picks, piece_of = [], [], [], [], {}
     for _, row, span in chunk:
         if type(row) is not ArrowRow:
@@ -89,8 +91,6 @@ def pack_chunk(chunk) -> tuple:
             picks.append([])
         picks[piece].append(row.index)
         order.append(piece)
-    if not batches:
-        return rows, None, None
     import pyarrow as pa
 
     # A Python list of indices costs take() 20 times as much; an IPC message pickles 4 times faster than a batch.

@@ -770,7 +770,8 @@ def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings
     what was resolved), so an unreachable one fails before any row is mixed. `state` continues a HubRows.
     """
     if not source.is_hub:
-        _prefer_jemalloc()
+        if any(path.suffix.lower() == ".parquet" for path in source.files):
+            _prefer_jemalloc()
         if source.path:
             rows = _numbered_local_rows(source.path, source.schema, as_arrow=True)
         else:
