@@ -118,7 +118,7 @@ class Schema(ABC):
 
     name = ""
     columns: tuple[str, ...] | None = None  # the only columns convert() reads (a Parquet stream reads only these)
-    # The only fields convert() reads of a column that holds a list of structs (a local Parquet file reads only those).
+    # The only fields convert() reads of a column holding a list of structs (a local Parquet file reads only those).
     subfields: dict[str, tuple[str, ...]] = {}
     config: str | None = None  # the config a snapshot folder that declares several is read with, unless named
 
@@ -387,8 +387,8 @@ def check_local_file(source: Source) -> None:
 
 def _numbered_local_rows(path: str, schema: Schema | None = None, as_arrow: bool = False):
     """Yield (number, row, None) for each row of a local file, or (number, None, (offset, length)) for a JSONL line,
-    whose text is read and parsed only once it is drawn. JSONL and Parquet (only what `schema` reads, if given) are read in
-    bounded memory; `as_arrow` leaves a Parquet row in its Arrow record batch (an ArrowRow)."""
+    whose text is read and parsed only once it is drawn. JSONL and Parquet (only what `schema` reads, if given) are
+    read in bounded memory; `as_arrow` leaves a Parquet row in its Arrow record batch (an ArrowRow)."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         yield from _numbered_parquet_rows(path, schema, as_arrow)
@@ -763,8 +763,8 @@ class HubRows:
 def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings | None = None,
               state: dict | None = None):
     """The source's rows through a seeded shuffle buffer, as (row number, parsed row (an ArrowRow for Parquet) or
-    None, (offset, length) of a JSONL line or None); the number is the file's line or row for local files (a FileRow for several files) and
-    the position in the stream for hub specs. Nothing is read yet.
+    None, (offset, length) of a JSONL line or None); the number is the file's line or row for local files (a FileRow
+    for several files) and the position in the stream for hub specs. Nothing is read yet.
 
     A local source must have passed check_local_file; a hub spec is resolved here (a HubRows, whose `hub` says
     what was resolved), so an unreachable one fails before any row is mixed. `state` continues a HubRows.
