@@ -11,6 +11,7 @@ TOTAL_SAMPLES, and the manifest next to the output accounts for every row read.
 """
 
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output or "messages"
 SOURCES = {
@@ -23,6 +24,7 @@ OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written
 OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
 SEED = 42  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
 MAX_SEQ_LENGTH = 2048  # training sequence length; rows estimated to exceed it are dropped
+SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # the system message training will use (rows are measured with it)
 MIN_OUTPUT_CHARS = 2  # drop rows whose answer is shorter than this many characters
 SHUFFLE_BUFFER = 10000  # rows each source's seeded shuffle buffer holds (bounds memory)
 SHORTFALL_IS_ERROR = False  # exit 2 when a source cannot supply its share, instead of reporting it
@@ -36,8 +38,9 @@ NETWORK_RETRY_SECONDS = 120  # a lost hub stream is retried this long, then the 
 def main():
     cfg = parse_config(globals())
     from qwen_sft.mixing import mix
+    from qwen_sft.planning import OPTION_A_REPORT_KEY
 
-    mix(cfg, report_key="reports", script=__file__)
+    mix(cfg, report_key=OPTION_A_REPORT_KEY, script=__file__)
 
 
 if __name__ == "__main__":

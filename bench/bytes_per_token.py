@@ -1,6 +1,6 @@
 """UTF-8 bytes per real Qwen2.5 token on the bundled sources, and the template's tokens around a row: the numbers
-behind the data stage's length estimate (qwen_sft/mixing.py: BYTES_PER_TOKEN, TEMPLATE_TOKENS), which drops rows
-by bytes before any tokenizer is loaded.
+behind the data stage's length estimate (qwen_sft/families/qwen2_5.py: BYTES_PER_TOKEN, TEMPLATE_TOKENS), which
+drops rows by bytes before any tokenizer is loaded.
 
   HF_HUB_OFFLINE=1 python bench/bytes_per_token.py
 """

@@ -13,6 +13,7 @@ plus two off-topic ones, Stackoverflow.com (half of all rows, as it is most of t
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -87,9 +88,12 @@ def main():
         env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(folder / f"hf_home_{time.time_ns()}"))
         if cfg.snapshot:
             env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        load = os.getloadavg()[0]  # other work on the machine slows the run: record it
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=code)
         elapsed = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage and its workers, once they have exited
         if result.returncode != 0:
             sys.exit(f"data_set_generation.py failed:\n{result.stderr[-3000:]}")
         requests, bytes_sent = len(hub.sent), hub.bytes_sent
@@ -114,6 +118,9 @@ def main():
         "shortfall": manifest["shortfall"],
         "output_sha256": manifest["output"]["sha256"],
         "reference_loop_cpu_s": round(reference_s, 3),
+        "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+        "peak_rss_gib": round(after.ru_maxrss / 2**20, 2),  # the largest process (KiB on Linux)
+        "load_average_before": round(load, 1),
     }
     print(json.dumps(record, indent=1))
     results_path = repo_root / cfg.results

@@ -1,4 +1,6 @@
-"""The one mixing engine behind data_integration.py (Option A) and data_set_generation.py (Option B).
+"""The mixer of both data stages: it draws each source's rows into the plan's buckets, then writes the mix.
+
+Behind data_integration.py (Option A) and data_set_generation.py (Option B).
 
 Every RATIOS key is a bucket with an exact quota of TOTAL_SAMPLES (rounded, the remainder to the largest share):
 - the report key (`reports` / `my_reports`) takes rows from MY_REPORT_DATA_PATH;
@@ -16,26 +18,20 @@ written atomically, with a manifest that accounts for every row read.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
-import math
 import multiprocessing
-import os
 import pickle
 import random
 import signal
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
-import orjson
-import xxhash
 from tqdm import tqdm
 
 from .artifacts import (
@@ -47,392 +43,41 @@ from .artifacts import (
     sha256_file,
 )
 from .cli import UserError
+from .planning import MixPlan, plan_mix
+from .preparation import (
+    cyclic_gc_paused,
+    prepared_chunks,
+    start_worker,
+    worker_count,
+    worker_start_method,
+    worth_workers,
+)
 from .records import read_records
+from .rows import (
+    FILTERED,
+    MALFORMED,
+    REJECTED,
+    WRONG_SCHEMA,
+    RowRules,
+    convert_row,
+    content_byte_budget,
+    keyword_patterns,
+)
 from .sources import (
-    REPORTS,
-    SCHEMAS,
     HubRows,
     HubSettings,
-    Rejected,
-    Schema,
     Source,
-    StackExchangeSchema,
     StreamLost,
-    WrongSchema,
     check_local_file,
     open_rows,
     read_span,
 )
-from .template import DEFAULT_SYSTEM_PROMPT
 
-RATIO_TOLERANCE = 1e-6
-# Qwen2.5's tokenizer averages about 4 UTF-8 bytes per token on English prose and on Chinese alike (code: ~3.5);
-# 3 over-counts tokens, so a row under the budget fits MAX_SEQ_LENGTH.
-BYTES_PER_TOKEN = 3.0
-TEMPLATE_TOKENS = 32  # ChatML markers, role names and the 补充信息 heading around the three fields
-EXCHANGE_TEMPLATE_TOKENS = 12  # ChatML markers and role names of each further exchange of a conversation
-CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain each; fewer calls, less overhead)
-# Mixes at least this large prepare rows in one worker process per CPU core, for each source that still has to
-# deliver at least this many rows; a smaller one (the report file, PubMedQA) is quicker to prepare in this process.
-PARALLEL_MIN_ROWS = 20_000
-CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkeeping (bounded, for early stops)
 # Rows read from a source before its hit rates are trusted to predict a shortfall: this many, or 5% of MAX_ROWS_READ.
 ESTIMATE_MIN_ROWS = 5000
 NETWORK_SETTINGS = ("HUB_TIMEOUT_SECONDS", "NETWORK_RETRY_SECONDS")  # a rerun may change these and still continue
 WRITE_BLOCK_ROWS = 64  # output rows joined per write: about 70 KB, under glibc's 128 KiB mmap threshold
 _json_string = json.encoder.encode_basestring  # the C encoder behind json.dumps(ensure_ascii=False)
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-
-_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
-_ASCII_LOWER_CASE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
-
-
-def duplicate_key(instruction: str, extra: str, output: str) -> bytes:
-    """Rows with equal keys are duplicates: equal once lower-cased and stripped of all whitespace.
-
-    xxHash rather than hashlib: 128 bits make a collision among millions of rows vanishingly unlikely, and it is
-    an order of magnitude faster than blake2b on this hot path. ASCII text (str.lower() changes only A-Z there)
-    is lower-cased in the same pass that drops the whitespace.
-    """
-    return _folded_digest(f"{instruction}\x00{extra}\x00{output}")
-
-
-def conversation_duplicate_key(messages: list[dict]) -> bytes:
-    """duplicate_key for a conversation: its roles and contents, equal once case and whitespace are ignored."""
-    return _folded_digest("\x00".join(f"{turn['role']}\x01{turn['content']}" for turn in messages))
-
-
-def _folded_digest(joined: str) -> bytes:
-    if joined.isascii():
-        folded = joined.encode().translate(_ASCII_LOWER_CASE, _ASCII_WHITESPACE)
-    else:
-        folded = joined.lower().encode().translate(None, _ASCII_WHITESPACE)
-    return xxhash.xxh3_128_digest(folded)
-
-
-def utf8_length(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode())
-
-
-def content_byte_budget(max_seq_length: int) -> int:
-    """UTF-8 bytes that instruction + input + output may take so that the rendered example fits."""
-    system_tokens = utf8_length(DEFAULT_SYSTEM_PROMPT) / BYTES_PER_TOKEN
-    return int((max_seq_length - TEMPLATE_TOKENS - system_tokens) * BYTES_PER_TOKEN)
-
-
-def json_body(instruction: str, extra: str, output: str) -> bytes:
-    """The record as json.dumps(..., ensure_ascii=False) writes it, in UTF-8, up to the "source" value that closes
-    it (encoded here, in the worker, so the main process only joins bytes).
-
-    orjson escapes a string byte for byte as json does without ensure_ascii (a test checks every code point), ten
-    times faster.
-    """
-    return b"".join((
-        b'{"instruction": ', orjson.dumps(instruction), b', "input": ', orjson.dumps(extra),
-        b', "output": ', orjson.dumps(output), b', "source": ',
-    ))
-
-
-def conversation_json_body(messages: list[dict]) -> bytes:
-    """json_body for a conversation row: {"messages": [{"role": ..., "content": ...}, ...], "source": """
-    turns = b", ".join(
-        b'{"role": ' + orjson.dumps(turn["role"]) + b', "content": ' + orjson.dumps(turn["content"]) + b"}"
-        for turn in messages
-    )
-    return b'{"messages": [' + turns + b'], "source": '
-
-
-def conversation_utf8_length(messages: list[dict]) -> int:
-    """What a conversation weighs against content_byte_budget: its contents, plus the template of each exchange
-    beyond the first in bytes."""
-    exchanges = sum(turn["role"] == "assistant" for turn in messages)
-    extra_template = (exchanges - 1) * EXCHANGE_TEMPLATE_TOKENS * BYTES_PER_TOKEN
-    return sum(utf8_length(turn["content"]) for turn in messages) + int(extra_template)
-
-
-def exact_quotas(total: int, ratios: dict[str, float]) -> dict[str, int]:
-    """Quotas that sum to `total` exactly, none negative (the largest remainder method): each share rounded down,
-    then one more row to each of the shares with the largest fractional parts (ties: the larger share, then RATIOS
-    order) until the total is reached."""
-    weight = sum(ratios.values())
-    exact = {key: total * ratio / weight for key, ratio in ratios.items()}
-    quotas = {key: math.floor(value) for key, value in exact.items()}
-    order = sorted(ratios, key=lambda key: (-(exact[key] - quotas[key]), -ratios[key], list(ratios).index(key)))
-    for key in order[: total - sum(quotas.values())]:
-        quotas[key] += 1
-    return quotas
-
-
-def _term_pattern(term: str) -> str:
-    """RE2 pattern for one keyword: its words joined by any whitespace, with a word boundary where the term starts
-    or ends with an ASCII letter or digit. RE2's \\b is ASCII-only, so "AI" matches in "用AI做" but not in "said"."""
-    words = ["".join(c if c.isalnum() or not c.isascii() else "\\" + c for c in word) for word in term.split()]
-    starts_word = term[0].isascii() and (term[0].isalnum() or term[0] == "_")
-    ends_word = term[-1].isascii() and (term[-1].isalnum() or term[-1] == "_")
-    return ("\\b" if starts_word else "") + "\\s+".join(words) + ("\\b" if ends_word else "")
-
-
-def keyword_patterns(keywords: dict[str, list[str]]) -> dict[str, str]:
-    """One RE2 alternation per domain, matched case-insensitively."""
-    return {domain: "|".join(_term_pattern(term.strip()) for term in terms) for domain, terms in keywords.items()}
-
-
-def count_keyword_hits(patterns: dict[str, str], texts: list[str]) -> dict[str, list[int]]:
-    """Keyword occurrences per domain for each text: one vectorised RE2 pass per domain over the whole list."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    array = pa.array(texts, type=pa.large_string())
-    return {
-        domain: pc.count_substring_regex(array, pattern, ignore_case=True).to_pylist()
-        for domain, pattern in patterns.items()
-    }
-
-
-# ---------------------------------------------------------------------------------------------------- preparing rows
-
-# What prepare_rows says about a row: (kind, detail, keyword hits per domain or None).
-USABLE, FILTERED, NO_KEYWORD_MATCH, REJECTED, WRONG_SCHEMA, MALFORMED = range(6)
-
-
-@dataclass(frozen=True)
-class RowRules:
-    """Everything needed to prepare one source's rows; picklable, so preparation can run in worker processes."""
-
-    schema: Schema
-    path: str | None  # the local file that JSONL spans point into
-    byte_budget: int
-    min_output_chars: int
-    keyword_patterns: dict[str, str] | None  # domain -> RE2 pattern, for a source split by KEYWORDS
-
-
-def parse_json_line(text: bytes):
-    """json.loads(text), three times faster. orjson gives the same value for every line json accepts, except that
-    it reads an integer beyond 64 bits as a float (only such a pm_score could rank differently); the lines it
-    refuses (NaN, Infinity, lone surrogates, a byte-order mark, bad JSON) go to json, which parses them or rejects
-    them with its own message."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-
-
-def _convert(schema: Schema, row, text: bytes | None):
-    if text is not None:
-        try:
-            row = parse_json_line(text)
-        except json.JSONDecodeError as error:
-            return MALFORMED, f"malformed JSON ({error.msg} at column {error.colno})", None
-        except UnicodeDecodeError as error:
-            return MALFORMED, f"not UTF-8 text ({error.reason} at byte {error.start})", None
-    try:
-        converted = schema.convert(row)
-    except WrongSchema as error:
-        return WRONG_SCHEMA, str(error), None
-    except Rejected as error:
-        return REJECTED, error.reason, None
-    if isinstance(converted, list):
-        return (converted,)  # a conversation
-    instruction, extra, raw_output = converted
-    if not instruction:
-        return REJECTED, "empty_instruction", None
-    if not raw_output:
-        return REJECTED, "empty_output", None
-    return instruction, extra, raw_output
-
-
-def prepare_rows(rules: RowRules, rows: list[tuple[int, object, tuple[int, int] | None]]) -> list[tuple]:
-    """Read, parse, convert, clean, filter and key a chunk of (number, row, JSONL span); the bookkeeping stays with
-    the caller.
-
-    A keyword-split source has its questions matched in one RE2 pass per domain, and the answers of questions that
-    match no domain are never cleaned.
-    """
-    schema = rules.schema
-    with open(rules.path, "rb") if rules.path else contextlib.nullcontext() as handle:
-        converted = [_convert(schema, row, read_span(handle, span) if span else None) for _, row, span in rows]
-    hits = None
-    if rules.keyword_patterns:
-        counts = count_keyword_hits(rules.keyword_patterns, [_question(item) for item in converted])
-        hits = list(zip(*counts.values()))
-    prepared = []
-    for position, item in enumerate(converted):
-        if not isinstance(item[0], (str, list)):
-            prepared.append(item)
-            continue
-        row_hits = hits[position] if hits else None
-        if hits and not any(row_hits):
-            prepared.append((NO_KEYWORD_MATCH, None, row_hits))
-            continue
-        if isinstance(item[0], list):
-            prepared.append((*_prepare_conversation(rules, item[0]), row_hits))
-            continue
-        instruction, extra, raw_output = item
-        output = schema.finish_output(raw_output)
-        if not output:
-            prepared.append((REJECTED, "empty_output", row_hits))
-        elif len(output) < rules.min_output_chars:
-            prepared.append((FILTERED, "too_short", row_hits))
-        elif utf8_length(instruction) + utf8_length(extra) + utf8_length(output) > rules.byte_budget:
-            prepared.append((FILTERED, "too_long", row_hits))
-        else:
-            detail = (duplicate_key(instruction, extra, output), json_body(instruction, extra, output))
-            prepared.append((USABLE, detail, row_hits))
-    return prepared
-
-
-def _question(item: tuple) -> str:
-    """The text a converted row's keywords are matched in: its instruction, or a conversation's first user turn."""
-    if isinstance(item[0], list):
-        return next(turn["content"] for turn in item[0] if turn["role"] == "user")
-    return item[0] if isinstance(item[0], str) else ""
-
-
-def _prepare_conversation(rules: RowRules, messages: list[dict]) -> tuple:
-    """(kind, detail) of a conversation, by the rules of a single-turn row; its last answer is its output."""
-    messages = [
-        {"role": "assistant", "content": rules.schema.finish_output(turn["content"])}
-        if turn["role"] == "assistant" else turn
-        for turn in messages
-    ]
-    if not all(turn["content"] for turn in messages):
-        return REJECTED, "empty_output" if not messages[-1]["content"] else "empty_turn"
-    if len(messages[-1]["content"]) < rules.min_output_chars:
-        return FILTERED, "too_short"
-    if conversation_utf8_length(messages) > rules.byte_budget:
-        return FILTERED, "too_long"
-    return USABLE, (conversation_duplicate_key(messages), conversation_json_body(messages))
-
-
-def _chunks(rows):
-    """Consecutive lists of CHUNK_ROWS rows. A hub stream lost mid-chunk (StreamLost) carries the rows drawn before
-    it in `partial`, so that every row drawn is accounted for before the run stops (and resumes after them)."""
-    rows = iter(rows)  # once: every iter() of a HubRows would resume from the same saved state
-    while True:
-        chunk = []
-        try:
-            chunk.extend(islice(rows, CHUNK_ROWS))
-        except StreamLost as lost:
-            lost.partial = chunk
-            raise
-        if not chunk:
-            return
-        yield chunk
-
-
-def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, workers: int):
-    """(chunk, prepare_rows result) for consecutive chunks of (number, row, span), in order.
-
-    With a pool, a few chunks per worker are prepared ahead, never the whole source, so a source whose buckets
-    fill early is not read to its end; order, and so the output, does not depend on the workers. A lost hub
-    stream first delivers every chunk drawn before it, then raises StreamLost.
-    """
-    chunks = _chunks(rows)
-    pending = deque()
-    try:
-        for chunk in chunks:
-            if pool is None:
-                yield chunk, prepare_rows(rules, chunk)
-                continue
-            pending.append((chunk, pool.submit(prepare_rows, rules, chunk)))
-            if len(pending) > CHUNKS_IN_FLIGHT_PER_WORKER * workers:
-                chunk, future = pending.popleft()
-                yield chunk, future.result()
-        while pending:
-            chunk, future = pending.popleft()
-            yield chunk, future.result()
-    except StreamLost as lost:
-        while pending:
-            chunk, future = pending.popleft()
-            yield chunk, future.result()
-        if lost.partial:
-            yield lost.partial, prepare_rows(rules, lost.partial)
-        raise
-    finally:
-        for _, future in pending:
-            future.cancel()
-
-
-def die_with_parent() -> None:
-    """Linux: the kernel sends this process SIGKILL when its parent dies (even by SIGKILL), so no worker is left
-    behind, orphaned, holding its memory."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def start_worker() -> None:
-    """Each worker's initializer. The worker dies with its parent, and leaves Ctrl-C (sent to the whole terminal
-    process group) to the parent, which stops the pool. Its imports happen up front, overlapping the main process's
-    work instead of delaying the first chunk. The cyclic garbage collector is turned off: prepared rows hold no
-    reference cycles, so reference counting frees them, and the collector's passes over the imported modules cost
-    about 5% of the preparation time."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    gc.disable()
-    import pyarrow.compute  # noqa: F401  (keyword matching)
-
-
-@contextlib.contextmanager
-def _timed(stats: SourceStats):
-    """Add the block's wall time to the source's drawing time (also when a lost stream ends it)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        stats.seconds += time.perf_counter() - started
-
-
-@contextlib.contextmanager
-def cyclic_gc_paused():
-    """Turn the cyclic garbage collector off for the block. Drawing rows makes no reference cycles (reference
-    counting frees everything), while the young-generation passes it triggers, mostly as the pool's thread unpickles
-    prepared chunks, cost about 0.5 CPU s in a 240,000-row mix."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def worker_start_method() -> str:
-    """"fork" while this process runs a single thread, else "spawn". A forked worker starts at once, with the
-    modules already imported (a spawned one starts an interpreter and imports them again: about 0.25 CPU s each);
-    but forking a process with other threads running (numpy's and pyarrow's pools, once imported) can leave the
-    child a lock that no thread will release."""
-    threads = Path("/proc/self/task")
-    return "fork" if threads.is_dir() and len(os.listdir(threads)) == 1 else "spawn"
-
-
-def worker_count(total_samples: int) -> int:
-    """Worker processes for row preparation: one per available CPU core for a large mix, none for a small one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if cores > 1 and total_samples >= PARALLEL_MIN_ROWS else 0
-
-
-# ---------------------------------------------------------------------------------------------------- the plan
-
-
-@dataclass
-class Bucket:
-    key: str
-    quota: int
-    sources: list[str]
-    kept: int = 0
-
-    @property
-    def open(self) -> bool:
-        return self.kept < self.quota
 
 
 @dataclass
@@ -466,102 +111,16 @@ class SourceStats:
         return summary
 
 
-@dataclass
-class MixPlan:
-    buckets: dict[str, Bucket]
-    sources: list[Source]  # in reading order, only those some bucket with a quota needs
-    feeds: dict[str, list[str]]  # source key -> the buckets it fills
-    keyword_split: set[str]  # source keys whose rows are routed by KEYWORDS
-    keywords: dict[str, list[str]]
 
+@contextlib.contextmanager
+def _timed(stats: SourceStats):
+    """Add the block's wall time to the source's drawing time (also when a lost stream ends it)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.seconds += time.perf_counter() - started
 
-def _check_ratios(ratios) -> list[str]:
-    if not isinstance(ratios, dict) or not ratios:
-        return ["RATIOS must name at least one source, e.g. --ratios reports=0.2,orca=0.8"]
-    errors = [
-        f"RATIOS[{key!r}] = {value!r} must be a number >= 0"
-        for key, value in ratios.items()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
-    ]
-    if not errors and abs(sum(ratios.values()) - 1) > RATIO_TOLERANCE:
-        shares = ", ".join(f"{key}={value:.12g}" for key, value in ratios.items())
-        errors.append(f"RATIOS must sum to 1, got {sum(ratios.values()):.12g} ({shares})")
-    return errors
-
-
-def _check_keywords(keywords) -> list[str]:
-    if not isinstance(keywords, dict):
-        return ['KEYWORDS must map each domain to a list of terms, e.g. {"ai": ["machine learning"]}']
-    return [
-        f"KEYWORDS[{domain!r}] must be a non-empty list of non-empty strings"
-        for domain, terms in keywords.items()
-        if not isinstance(terms, list) or not terms or not all(isinstance(t, str) and t.strip() for t in terms)
-    ]
-
-
-def plan_mix(cfg, report_key: str) -> MixPlan:
-    """Check the configuration (every problem in one message) and work out buckets, quotas and reading order."""
-    sources_config = cfg.SOURCES
-    ratios = cfg.RATIOS
-    keywords = cfg.get("KEYWORDS", {})
-    domain_sources = cfg.get("DOMAIN_SOURCES", {})
-    errors = []
-    if cfg.TOTAL_SAMPLES < 1:
-        errors.append(f"TOTAL_SAMPLES must be at least 1, got {cfg.TOTAL_SAMPLES}")
-    if cfg.SHUFFLE_BUFFER < 1:
-        errors.append(f"SHUFFLE_BUFFER must be at least 1, got {cfg.SHUFFLE_BUFFER}")
-    if content_byte_budget(cfg.MAX_SEQ_LENGTH) < 1:
-        errors.append(f"MAX_SEQ_LENGTH {cfg.MAX_SEQ_LENGTH} leaves no room for a row after the prompt template")
-    for key, spec in sources_config.items():
-        if key not in SCHEMAS:
-            errors.append(f"SOURCES key {key!r} is unknown; use {', '.join(SCHEMAS)} (the key picks the schema)")
-        elif not isinstance(spec, str) or not spec.strip():
-            errors.append(f"SOURCES[{key!r}] must be a hub spec or a local path")
-    errors += _check_ratios(ratios)
-    errors += _check_keywords(keywords)
-    for domain, names in domain_sources.items():
-        if domain not in keywords:
-            errors.append(f"DOMAIN_SOURCES key {domain!r} is not a KEYWORDS domain ({', '.join(keywords)})")
-        elif not isinstance(names, list) or not all(name in sources_config for name in names):
-            known_sources = ", ".join(sources_config)
-            errors.append(f"DOMAIN_SOURCES[{domain!r}] = {names!r} must list SOURCES keys ({known_sources})")
-
-    buckets: dict[str, Bucket] = {}
-    if isinstance(ratios, dict):
-        known = [report_key, *keywords, *(key for key in sources_config if key not in keywords)]
-        quotas = exact_quotas(cfg.TOTAL_SAMPLES, ratios) if not errors else dict.fromkeys(ratios, 0)
-        for key in ratios:
-            if key == report_key:
-                fed_by = [report_key]
-            elif key in keywords:
-                fed_by = [name for name in domain_sources.get(key, ["stackexchange"]) if name in sources_config]
-                if not fed_by:
-                    errors.append(f"RATIOS key {key!r} is a keyword domain but SOURCES has no stackexchange entry")
-            elif key in sources_config:
-                fed_by = [key]
-            else:
-                errors.append(f"RATIOS key {key!r} is unknown; use {', '.join(known)}")
-                continue
-            buckets[key] = Bucket(key, quotas[key], fed_by)
-    if errors:
-        raise UserError("; ".join(errors))
-
-    feeds: dict[str, list[str]] = {}
-    for bucket in buckets.values():
-        if bucket.quota > 0:
-            for name in bucket.sources:
-                feeds.setdefault(name, []).append(bucket.key)
-    keyword_split = {
-        name for name in feeds if name != report_key and isinstance(SCHEMAS[name], StackExchangeSchema)
-        and any(key in keywords for key in feeds[name])
-    }
-    for name in keyword_split:
-        plain = [key for key in feeds[name] if key not in keywords]
-        if plain:
-            raise UserError(f"RATIOS key {plain[0]!r} takes all of {name} while KEYWORDS split it; drop one of them")
-    reading_order = [Source(report_key, cfg.MY_REPORT_DATA_PATH, REPORTS)] if report_key in feeds else []
-    reading_order += [Source(name, sources_config[name], SCHEMAS[name]) for name in sources_config if name in feeds]
-    return MixPlan(buckets, reading_order, feeds, keyword_split, keywords)
 
 
 # ---------------------------------------------------------------------------------------------------- drawing rows
@@ -584,7 +143,7 @@ def first_bad_row(source: Source) -> None:
     for path in source.files:
         with open(path, "rb") as handle:
             for number, row, span in _numbered_local_rows(path):
-                kind, detail, _ = _convert(source.schema, row, read_span(handle, span) if span else None)
+                kind, detail, _ = convert_row(source.schema, row, read_span(handle, span) if span else None)
                 if kind not in (MALFORMED, WRONG_SCHEMA):
                     continue
                 if source.path:
@@ -599,7 +158,7 @@ class Mixer:
     def __init__(self, plan: MixPlan, cfg, pool: ProcessPoolExecutor | None = None, workers: int = 0):
         self.plan = plan
         self.pool, self.workers = pool, workers
-        self.byte_budget = content_byte_budget(cfg.MAX_SEQ_LENGTH)
+        self.byte_budget = content_byte_budget(cfg.MAX_SEQ_LENGTH, cfg.SYSTEM_PROMPT)
         self.min_output_chars = cfg.MIN_OUTPUT_CHARS
         self.fatal_bad_rows = cfg.FATAL_BAD_ROWS
         self.bad_row_report_limit = cfg.BAD_ROW_REPORT_LIMIT
@@ -712,7 +271,7 @@ class Mixer:
         patterns = keyword_patterns({domain: self.plan.keywords[domain] for domain in domains}) if domains else None
         rules = RowRules(source.schema, source.path, self.byte_budget, self.min_output_chars, patterns)
         route = self._router(source, domains)
-        pool = self.pool if remaining >= PARALLEL_MIN_ROWS else None
+        pool = self.pool if worth_workers(remaining) else None
         chunks = prepared_chunks(rules, rows, pool, self.workers)
         bar = tqdm(total=remaining, desc=source.key, unit=" kept", file=sys.stdout, mininterval=0.5)
         # A hub stream's HTTP machinery may make reference cycles, so it keeps the collector.
@@ -940,6 +499,28 @@ def _mix(cfg, report_key: str, script: str) -> Path:
     started = time.perf_counter()
     plan = plan_mix(cfg, report_key)
     output_file = check_mix_output(cfg, plan)
+    _check_inputs(cfg, plan, report_key)
+    mixer, hub_sources, file_hashes = _draw_in_parallel(cfg, plan)
+    shortfalls = _report_shortfalls(cfg, plan, mixer.stats)
+
+    def describe(output_sha256: str) -> dict:  # the manifest, once the file's sha256 is known
+        return _manifest(cfg, script, plan, mixer, output={
+            "path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256,
+        }, shortfalls=shortfalls, file_hashes=file_hashes, hub_sources=hub_sources, started=started)
+
+    _write_shuffled(mixer.lines, output_file, cfg.SEED, describe)
+    elapsed = time.perf_counter() - started
+    WorkFolder(output_file).remove()
+    _print_summary(plan, mixer.stats)
+    print(
+        f"wrote {len(mixer.lines):,} rows to {output_file} in {elapsed:.1f} s "
+        f"({len(mixer.lines) / max(elapsed, 1e-9):,.0f} rows/s); manifest {manifest_path_for(output_file)}"
+    )
+    return output_file
+
+
+def _check_inputs(cfg, plan: MixPlan, report_key: str) -> None:
+    """Stop before mixing on a bad report row, a missing local file or (with --fatal_bad_rows) any bad source row."""
     if report_key in plan.feeds:
         read_records(cfg.MY_REPORT_DATA_PATH)  # a bad row anywhere in the file stops the run, not only a drawn one
     for source in plan.sources:
@@ -949,6 +530,11 @@ def _mix(cfg, report_key: str, script: str) -> Path:
         for source in plan.sources:
             if not source.is_hub and source.key != report_key:
                 first_bad_row(source)
+
+
+def _draw_in_parallel(cfg, plan: MixPlan) -> tuple[Mixer, dict[str, dict], dict[str, dict[str, str]]]:
+    """Draw every source (preparing rows in worker processes for a large mix) while a thread hashes the local
+    files; returns the mixer, what each hub source resolved to and each local file's sha256 per source."""
     workers = worker_count(cfg.TOTAL_SAMPLES)
     context = multiprocessing.get_context(worker_start_method())
     # A Ctrl-C half-way through setting up the pool would leave it broken, and noisy: it waits until that is done.
@@ -969,12 +555,16 @@ def _mix(cfg, report_key: str, script: str) -> Path:
         file_hashes = {
             key: {str(path): future.result() for path, future in items} for key, items in file_hashes.items()
         }
+    return mixer, hub_sources, file_hashes
 
-    shortfalls = _shortfalls(plan, mixer.stats)
+
+def _report_shortfalls(cfg, plan: MixPlan, stats: dict[str, SourceStats]) -> dict[str, dict]:
+    """Print each bucket its sources could not fill; with SHORTFALL_IS_ERROR, stop the run instead of writing."""
+    shortfalls = _shortfalls(plan, stats)
     for key, item in shortfalls.items():
         print(
             f"shortfall: {key} requested {item['requested']:,}, delivered {item['delivered']:,} "
-            f"(its sources ran out: {', '.join(_stopped_after(mixer.stats, item['sources_read']))}); "
+            f"(its sources ran out: {', '.join(_stopped_after(stats, item['sources_read']))}); "
             f"rows are never repeated: add rows or lower RATIOS[{key!r}]"
         )
     if shortfalls and cfg.SHORTFALL_IS_ERROR:
@@ -982,7 +572,12 @@ def _mix(cfg, report_key: str, script: str) -> Path:
         raise UserError(
             f"shortfall (delivered/requested): {detail}; pass --shortfall_is_error false to write it anyway"
         )
+    return shortfalls
 
+
+def _manifest(cfg, script: str, plan: MixPlan, mixer: Mixer, *, output: dict, shortfalls: dict,
+              file_hashes: dict, hub_sources: dict, started: float) -> dict:
+    """The mix's manifest: its buckets, what each source was and what became of every row read."""
     sources = {
         source.key: {
             "spec": source.spec,
@@ -993,29 +588,18 @@ def _mix(cfg, report_key: str, script: str) -> Path:
         }
         for source in plan.sources
     }
-    def describe(output_sha256: str) -> dict:  # the manifest, once the file's sha256 is known
-        return build_manifest(
-            Path(script).stem,
-            cfg,
-            seed=cfg.SEED,
-            output={"path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256},
-            buckets={
-                key: {"requested": bucket.quota, "delivered": bucket.kept, "sources": bucket.sources}
-                for key, bucket in plan.buckets.items()
-            },
-            shortfall=shortfalls,
-            sources=sources,
-            length_budget={"max_seq_length": cfg.MAX_SEQ_LENGTH,
-                           "content_bytes": content_byte_budget(cfg.MAX_SEQ_LENGTH)},
-            elapsed_s=round(time.perf_counter() - started, 3),
-        )
-
-    _write_shuffled(mixer.lines, output_file, cfg.SEED, describe)
-    elapsed = time.perf_counter() - started
-    WorkFolder(output_file).remove()
-    _print_summary(plan, mixer.stats)
-    print(
-        f"wrote {len(mixer.lines):,} rows to {output_file} in {elapsed:.1f} s "
-        f"({len(mixer.lines) / max(elapsed, 1e-9):,.0f} rows/s); manifest {manifest_path_for(output_file)}"
+    return build_manifest(
+        Path(script).stem,
+        cfg,
+        seed=cfg.SEED,
+        output=output,
+        buckets={
+            key: {"requested": bucket.quota, "delivered": bucket.kept, "sources": bucket.sources}
+            for key, bucket in plan.buckets.items()
+        },
+        shortfall=shortfalls,
+        sources=sources,
+        length_budget={"max_seq_length": cfg.MAX_SEQ_LENGTH,
+                       "content_bytes": content_byte_budget(cfg.MAX_SEQ_LENGTH, cfg.SYSTEM_PROMPT)},
+        elapsed_s=round(time.perf_counter() - started, 3),
     )
-    return output_file

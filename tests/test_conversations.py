@@ -194,7 +194,7 @@ def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
 
 
 def test_conversation_rows_are_written_as_json_dumps_writes_them():
-    from qwen_sft.mixing import conversation_duplicate_key, conversation_json_body
+    from qwen_sft.rows import conversation_duplicate_key, conversation_json_body
 
     messages = [{"role": "user", "content": '"引号"\n\\ \u2028'}, {"role": "assistant", "content": "\x00 ok"}]
     expected = json.dumps({"messages": messages, "source": "orca"}, ensure_ascii=False).encode()

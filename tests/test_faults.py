@@ -23,7 +23,7 @@ from qwen_sft.cli import UserError
 
 HUB = FIXTURES / "hub"
 ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
-BIG_ROWS = 60_000  # enough for the mix to prepare rows in worker processes (mixing.PARALLEL_MIN_ROWS)
+BIG_ROWS = 60_000  # enough for the mix to prepare rows in worker processes (preparation.PARALLEL_MIN_ROWS)
 
 
 @pytest.fixture(scope="module")

@@ -240,7 +240,7 @@ def test_hub_rows_draw_in_the_local_shuffle_order_and_resume_exactly_after_a_los
     in, and a stream lost mid-way continues, in a new HubRows from the saved state, with the very next row."""
     from datasets import IterableDataset
 
-    from qwen_sft.mixing import _chunks
+    from qwen_sft.preparation import _chunks
     from qwen_sft.sources import SCHEMAS, HubRows, HubSettings, Source, StreamLost, shuffle_buffered
 
     drop = {"at": 1700}

@@ -14,10 +14,10 @@ from conftest import ROOT, run_script
 
 from qwen_sft.artifacts import sha256_file
 from qwen_sft.cli import UserError
-from qwen_sft.mixing import (
+from qwen_sft.planning import exact_quotas
+from qwen_sft.rows import (
     count_keyword_hits,
     duplicate_key,
-    exact_quotas,
     json_body,
     keyword_patterns,
     parse_json_line,
@@ -181,14 +181,14 @@ def test_jsonl_lines_with_blank_lines_crlf_and_no_final_newline(tmp_path, monkey
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_parallel_preparation_gives_the_same_bytes(tmp_path, monkeypatch, start_method):
-    from qwen_sft import mixing
+    from qwen_sft import mixing, preparation
 
     flags = ("--total_samples", 20, "--ratios", "reports=0.25,orca=0.45,pubmed=0.3")
     option_a(tmp_path, monkeypatch, *flags, output="serial.jsonl")
-    monkeypatch.setattr(mixing, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(preparation, "PARALLEL_MIN_ROWS", 1)
     monkeypatch.setattr(mixing, "worker_start_method", lambda: start_method)
-    monkeypatch.setattr(mixing, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(mixing.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(preparation, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(preparation.os, "sched_getaffinity", lambda pid: {0, 1})
     option_a(tmp_path, monkeypatch, *flags, output="parallel.jsonl")
     assert (tmp_path / "parallel.jsonl").read_bytes() == (tmp_path / "serial.jsonl").read_bytes()
 
@@ -528,3 +528,85 @@ def test_manifest_hash_matches_the_file_written(tmp_path, monkeypatch):
     assert hashlib.sha256(data).hexdigest() == manifest["output"]["sha256"]
     assert data.endswith(b"\n") and data.count(b"\n") == len(rows) == 12
     assert manifest["elapsed_s"] > 0 and manifest["versions"]["datasets"]
+
+
+def test_a_longer_system_prompt_lowers_the_byte_budget(tmp_path, monkeypatch):
+    """Rows are measured against the system prompt training will use (SYSTEM_PROMPT), not always the default."""
+    from qwen_sft.families import family
+    from qwen_sft.rows import content_byte_budget, utf8_length
+
+    assert content_byte_budget(2048, "x" * 300) == content_byte_budget(2048, "") - 300
+    flags = ("--total_samples", ORCA_UNIQUE_ROWS, "--ratios", "reports=0,orca=1,pubmed=0")
+    rows, manifest = option_a(tmp_path, monkeypatch, *flags, output="default.jsonl")
+    sizes = sorted(utf8_length(row["instruction"]) + utf8_length(row["input"]) + utf8_length(row["output"])
+                   for row in rows)
+    assert manifest["sources"]["orca"]["filtered"].get("too_long", 0) == 0
+    # A prompt that leaves room for all but the longest row, at the default MAX_SEQ_LENGTH.
+    room = manifest["length_budget"]["content_bytes"] - sizes[-1] + 1
+    long_prompt = "x" * (room + int(family.BYTES_PER_TOKEN) + utf8_length(manifest["config"]["SYSTEM_PROMPT"]))
+    rows, manifest = option_a(tmp_path, monkeypatch, *flags, "--system_prompt", long_prompt, output="long.jsonl")
+    budget = manifest["length_budget"]["content_bytes"]
+    assert sizes[-2] <= budget < sizes[-1]
+    assert manifest["sources"]["orca"]["filtered"]["too_long"] >= 1
+    assert all(utf8_length(row["instruction"]) + utf8_length(row["input"]) + utf8_length(row["output"]) <= budget
+               for row in rows)
+
+
+@pytest.mark.parametrize("script, key", [("data_integration.py", "OPTION_A_REPORT_KEY"),
+                                         ("data_set_generation.py", "OPTION_B_REPORT_KEY")])
+def test_each_stage_default_ratios_name_its_report_bucket(script, key):
+    from qwen_sft import planning
+
+    assert getattr(planning, key) in runpy.run_path(str(ROOT / script))["RATIOS"]
+
+
+def test_parquet_rows_travel_to_the_workers_as_arrow_and_come_back_in_order():
+    """A chunk's Parquet rows are packed as Arrow IPC messages (one per batch they come from), its other rows as
+    they are; unpacked, every row is back in its place, as the Python objects the schema converts."""
+    import pyarrow as pa
+
+    from qwen_sft.preparation import pack_chunk, unpack_chunk
+    from qwen_sft.sources import ArrowRow
+
+    first = pa.RecordBatch.from_pylist([{"question": f"q{index}", "answers": [{"text": f"a{index}"}]}
+                                        for index in range(5)])
+    second = pa.RecordBatch.from_pylist([{"question": "other", "extra": 1.5}])  # another file's schema
+    chunk = [(1, ArrowRow(first, 3), None), (2, None, (0, 10)), (3, ArrowRow(second, 0), None),
+             (4, ArrowRow(first, 0), None), (5, {"question": "json"}, None), (6, ArrowRow(first, 3), None)]
+    packed = pack_chunk(chunk)
+    rows, pieces, _ = packed
+    assert rows == [(None, (0, 10)), ({"question": "json"}, None)]
+    assert [type(message) for _, message in pieces] == [bytes, bytes]  # no Python object per Parquet row
+    assert unpack_chunk(packed) == [
+        ({"question": "q3", "answers": [{"text": "a3"}]}, None), (None, (0, 10)),
+        ({"question": "other", "extra": 1.5}, None), ({"question": "q0", "answers": [{"text": "a0"}]}, None),
+        ({"question": "json"}, None), ({"question": "q3", "answers": [{"text": "a3"}]}, None),
+    ]
+    assert unpack_chunk(pack_chunk([(1, None, (5, 2))])) == [(None, (5, 2))]
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_parquet_stackexchange_source_prepared_by_workers_matches_jsonl(tmp_path, monkeypatch, start_method):
+    """Parquet rows read only the answer fields the schema uses, reach the worker processes as Arrow, and give the
+    bytes the same rows give from JSONL in this process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qwen_sft import mixing, preparation
+    from qwen_sft.sources import Source, open_rows
+
+    rows = [json.loads(line) for line in STACKEXCHANGE.read_text(encoding="utf-8").splitlines()]
+    parquet_file = tmp_path / "se.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet_file, row_group_size=5)
+    drawn = [row.batch.slice(row.index, 1).to_pylist()[0]
+             for _, row, _ in open_rows(Source("stackexchange", str(parquet_file), SCHEMAS["stackexchange"]), 1, 4)]
+    assert {key for row in drawn for answer in row["answers"] for key in answer} == {"pm_score", "selected", "text"}
+    flags = ("--total_samples", 9, "--ratios", "my_reports=0,orca=0.3,bio=0.3,ai=0.2,ic=0.2")
+    option_b(tmp_path, monkeypatch, *flags)
+    reference = (tmp_path / "mix.jsonl").read_bytes()
+    monkeypatch.setattr(preparation, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(mixing, "worker_start_method", lambda: start_method)
+    monkeypatch.setattr(preparation, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(preparation.os, "sched_getaffinity", lambda pid: {0, 1})
+    option_b(tmp_path, monkeypatch, *flags, "--sources", f"orca={ORCA},pubmed={PUBMED},stackexchange={parquet_file}")
+    assert (tmp_path / "mix.jsonl").read_bytes() == reference
