@@ -194,12 +194,26 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
     source = Path(script_globals["__file__"]).read_text(encoding="utf-8")
     comments = _constant_comments(source)
     defaults = {name: script_globals[name] for name in comments}
-    flags = {f"--{name.lower()}": name for name in defaults}
-
     if "-h" in argv or "--help" in argv:
         print(_help_text(script_globals.get("__doc__") or "", defaults, comments))
         sys.exit(0)
 
+    values, overridden = _flag_values(argv, defaults)
+    notes = dict.fromkeys(overridden, FROM_COMMAND_LINE)
+    lines = resolve(values, notes) if resolve is not None else []
+    if not quiet:
+        say("config:\n" + "\n".join(
+            f"  {name} = {format_value(value)}" + (f"   ({notes[name]})" if name in notes else "")
+            for name, value in values.items()
+        ))
+        for line in lines:
+            say(line)
+    return Config(values)
+
+
+def _flag_values(argv: list[str], defaults: dict) -> tuple[dict, set]:
+    """`defaults` with the values of the flags in `argv`, and the names given; every bad flag in one UserError."""
+    flags = {f"--{name.lower()}": name for name in defaults}
     values = dict(defaults)
     overridden, errors = set(), []
     position = 0
@@ -237,14 +251,4 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
             errors.append(str(error))
     if errors:
         raise UserError("; ".join(errors))
-
-    notes = dict.fromkeys(overridden, FROM_COMMAND_LINE)
-    lines = resolve(values, notes) if resolve is not None else []
-    if not quiet:
-        say("config:\n" + "\n".join(
-            f"  {name} = {format_value(value)}" + (f"   ({notes[name]})" if name in notes else "")
-            for name, value in values.items()
-        ))
-        for line in lines:
-            say(line)
-    return Config(values)
+    return values, overridden
