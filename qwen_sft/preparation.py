@@ -16,6 +16,9 @@ from .rows import RowRules, prepare_rows
 from .sources import ArrowRow, StreamLost
 
 CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain each; fewer calls, less overhead)
+# Parquet rows still in their Arrow batches: a chunk takes its rows out of every batch it touches (a take and an IPC
+# message each), so a bigger chunk touches each batch fewer times (bench/hub_benchmark.py: 7% faster, +0.14 GiB).
+ARROW_CHUNK_ROWS = 4096
 # Mixes at least this large prepare rows in one worker process per CPU core, for each source that still has to
 # deliver at least this many rows; a smaller one (the report file, PubMedQA) is quicker to prepare in this process.
 PARALLEL_MIN_ROWS = 20_000
@@ -23,13 +26,16 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkee
 
 
 def _chunks(rows):
-    """Consecutive lists of CHUNK_ROWS rows. A hub stream lost mid-chunk (StreamLost) carries the rows drawn before
-    it in `partial`, so that every row drawn is accounted for before the run stops (and resumes after them)."""
+    """Consecutive lists of CHUNK_ROWS rows (ARROW_CHUNK_ROWS of Parquet rows). A hub stream lost mid-chunk
+    (StreamLost) carries the rows drawn before it in `partial`, so that every row drawn is accounted for before the
+    run stops (and resumes after them)."""
     rows = iter(rows)  # once: every iter() of a HubRows would resume from the same saved state
     while True:
         chunk = []
         try:
             chunk.extend(islice(rows, CHUNK_ROWS))
+            if chunk and type(chunk[0][1]) is ArrowRow:
+                chunk.extend(islice(rows, ARROW_CHUNK_ROWS - CHUNK_ROWS))
         except StreamLost as lost:
             lost.partial = chunk
             raise
