@@ -560,6 +560,19 @@ def test_each_stage_default_ratios_name_its_report_bucket(script, key):
     assert getattr(planning, key) in runpy.run_path(str(ROOT / script))["RATIOS"]
 
 
+def test_parquet_rows_are_prepared_in_bigger_chunks(monkeypatch):
+    from qwen_sft import preparation
+    from qwen_sft.sources import ArrowRow
+
+    monkeypatch.setattr(preparation, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(preparation, "ARROW_CHUNK_ROWS", 5)
+    arrow_rows = [(number, ArrowRow(None, number), None) for number in range(12)]
+    plain_rows = [(number, {"instruction": "q"}, None) for number in range(5)]
+    assert [len(chunk) for chunk in preparation._chunks(arrow_rows)] == [5, 5, 2]
+    assert [len(chunk) for chunk in preparation._chunks(plain_rows)] == [2, 2, 1]
+    assert [number for chunk in preparation._chunks(arrow_rows) for number, _, _ in chunk] == list(range(12))
+
+
 def test_parquet_rows_travel_to_the_workers_as_arrow_and_come_back_in_order():
     """A chunk's Parquet rows are packed as Arrow IPC messages (one per batch they come from), its other rows as
     they are; unpacked, every row is back in its place, as the Python objects the schema converts."""
