@@ -148,7 +148,6 @@ def start_worker() -> None:
     import pyarrow.compute  # noqa: F401  (keyword matching)
 
 
-
 @contextlib.contextmanager
 def cyclic_gc_paused():
     """Turn the cyclic garbage collector off for the block. Drawing rows makes no reference cycles (reference
