@@ -208,12 +208,12 @@ class Mixer:
         """Account for a chunk's rows in order and keep usable ones until `wanted` are kept; returns how many."""
         stats, seen, lines = self.stats[source.key], self.seen, self.lines
         taken = 0
-        for (number, _, _), (kind, detail, hits) in zip(chunk, prepared):
+        for index, (kind, detail, hits) in enumerate(prepared):
             if taken == wanted:
                 break
             stats.read += 1
             if kind in (MALFORMED, WRONG_SCHEMA):
-                self._bad_row(source, number, kind, detail, stats)
+                self._bad_row(source, chunk[index][0], kind, detail, stats)  # its number, found only when needed
                 continue
             if kind == REJECTED:
                 stats.rejected[detail] += 1

@@ -12,12 +12,13 @@ from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
 
+from .parquet_rows import ParquetChunk, ParquetRows, unpack_pieces
 from .rows import RowRules, prepare_rows
-from .sources import ArrowRow, StreamLost
+from .sources import StreamLost
 
 CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain each; fewer calls, less overhead)
-# Parquet rows still in their Arrow batches: a chunk takes its rows out of every batch it touches (a take and an IPC
-# message each), so a bigger chunk touches each batch fewer times (bench/hub_benchmark.py: 7% faster, +0.14 GiB).
+# Local Parquet rows: a chunk takes its rows out of every Arrow batch it touches (a take and an IPC message each), so
+# a bigger chunk touches each batch fewer times (bench/hub_benchmark.py: 7% faster, +0.14 GiB).
 ARROW_CHUNK_ROWS = 4096
 # Mixes at least this large prepare rows in one worker process per CPU core, for each source that still has to
 # deliver at least this many rows; a smaller one (the report file, PubMedQA) is quicker to prepare in this process.
@@ -26,16 +27,13 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 2  # how far preparation runs ahead of the bookkee
 
 
 def _chunks(rows):
-    """Consecutive lists of CHUNK_ROWS rows (ARROW_CHUNK_ROWS of Parquet rows). A hub stream lost mid-chunk
-    (StreamLost) carries the rows drawn before it in `partial`, so that every row drawn is accounted for before the
-    run stops (and resumes after them)."""
+    """Consecutive lists of CHUNK_ROWS rows. A hub stream lost mid-chunk (StreamLost) carries the rows drawn before
+    it in `partial`, so that every row drawn is accounted for before the run stops (and resumes after them)."""
     rows = iter(rows)  # once: every iter() of a HubRows would resume from the same saved state
     while True:
         chunk = []
         try:
             chunk.extend(islice(rows, CHUNK_ROWS))
-            if chunk and type(chunk[0][1]) is ArrowRow:
-                chunk.extend(islice(rows, ARROW_CHUNK_ROWS - CHUNK_ROWS))
         except StreamLost as lost:
             lost.partial = chunk
             raise
@@ -51,7 +49,7 @@ def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, wor
     fill early is not read to its end; order, and so the output, does not depend on the workers. A lost hub
     stream first delivers every chunk drawn before it, then raises StreamLost.
     """
-    chunks = _chunks(rows)
+    chunks = rows.chunks(ARROW_CHUNK_ROWS) if isinstance(rows, ParquetRows) else _chunks(rows)
     pending = deque()
     try:
         for chunk in chunks:
@@ -78,43 +76,17 @@ def prepared_chunks(rules: RowRules, rows, pool: ProcessPoolExecutor | None, wor
 
 
 def pack_chunk(chunk) -> tuple:
-    """What preparing a chunk of (number, row, span) needs, for a worker: each row's (row, span), except that rows
-    still in Arrow record batches (ArrowRow) are taken out of them into one small record batch per batch they
-    come from. A worker then unpickles a few Arrow buffers instead of a Python object for every question, answer
-    and field, and makes the objects itself (this process only draws the rows)."""
-    if not any(type(row) is ArrowRow for _, row, _ in chunk):
-        return [(row, span) for _, row, span in chunk], None, None
-    rows, order, batches, picks, piece_of = [], [], [], [], {}
-    for _, row, span in chunk:
-        if type(row) is not ArrowRow:
-            rows.append((row, span))
-            order.append(-1)
-            continue
-        piece = piece_of.get(id(row.batch))
-        if piece is None:
-            piece = piece_of[id(row.batch)] = len(batches)
-            batches.append(row.batch)
-            picks.append([])
-        picks[piece].append(row.index)
-        order.append(piece)
-    import pyarrow as pa
-
-    # A Python list of indices costs take() 20 times as much; an IPC message pickles 4 times faster than a batch.
-    pieces = [(batch.schema, batch.take(pa.array(indices, pa.int32())).serialize().to_pybytes())
-              for batch, indices in zip(batches, picks)]
-    return rows, pieces, order
+    """What preparing a chunk of (number, row, span) needs, for a worker: each row's (row, span), or for a
+    ParquetChunk its rows as Arrow IPC messages (the worker makes them Python objects; this process only draws)."""
+    if isinstance(chunk, ParquetChunk):
+        return None, *chunk.pack()
+    return [(row, span) for _, row, span in chunk], None, None
 
 
 def unpack_chunk(packed: tuple) -> list[tuple]:
     """The (row, span) of each row of a chunk that pack_chunk packed, in the chunk's order."""
-    rows, pieces, order = packed
-    if pieces is None:
-        return rows
-    import pyarrow as pa
-
-    batches = (pa.ipc.read_record_batch(pa.py_buffer(message), schema) for schema, message in pieces)
-    sources = [iter(rows), *(iter([(row, None) for row in batch.to_pylist()]) for batch in batches)]
-    return [next(sources[piece + 1]) for piece in order]
+    rows, pieces, place = packed
+    return rows if pieces is None else unpack_pieces(pieces, place)
 
 
 def prepare_packed(rules: RowRules, packed: tuple) -> list[tuple]:

@@ -129,6 +129,11 @@ class Schema(ABC):
     def finish_output(self, raw_output: str) -> str:
         return raw_output
 
+    def narrow_batch(self, batch):
+        """An Arrow record batch of this schema's rows without what convert() would never use (as convert gives
+        the same result for each row), vectorised, so that fewer Python objects are made; or the batch itself."""
+        return batch
+
 
 class ReportSchema(Schema):
     name = "instruction/input/output"
@@ -243,6 +248,82 @@ class StackExchangeSchema(Schema):
 
     def finish_output(self, raw_output):
         return html_to_text(raw_output)
+
+    def narrow_batch(self, batch):
+        """Each row's answers cut to the one convert() picks: the first non-blank one with the highest (pm_score,
+        selected), or none. Answers are most of a row's bytes. A batch in which convert() could meet a bad answer
+        (a null, a NaN score, a type other than those below) is left whole, for convert() to judge."""
+        answers = _reducible_answers(batch)
+        if answers is None:
+            return batch
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        flat = answers.flatten()
+        parents = pc.list_parent_indices(answers).to_numpy()
+        scores = pc.struct_field(flat, "pm_score").to_numpy()
+        selected = _selected_flags(flat)
+        blank = pc.match_substring_regex(pc.struct_field(flat, "text"), _BLANK_TEXT).to_numpy(zero_copy_only=False)
+        candidates = np.flatnonzero(~blank)
+        parents, scores, selected = parents[candidates], scores[candidates], selected[candidates]
+        # Ascending by row, score, selected, then position reversed: each row's last entry is the first best answer.
+        order = np.lexsort((-candidates, selected, scores, parents))
+        rows = parents[order]
+        last = order[np.append(rows[1:] != rows[:-1], True)] if len(order) else order
+        counts = np.bincount(parents[last], minlength=len(answers))
+        offsets = pa.array(np.concatenate(([0], np.cumsum(counts))), type=answers.offsets.type)
+        narrowed = type(answers).from_arrays(offsets, flat.take(pa.array(candidates[last])), type=answers.type)
+        return batch.set_column(batch.schema.get_field_index("answers"), batch.schema.field("answers"), narrowed)
+
+
+# What str.isspace() calls whitespace (a test checks every code point); a text of only these, or none, is blank.
+_BLANK_TEXT = r"^[\t-\r\x1c- \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]*$"
+
+
+def _reducible_answers(batch):
+    """The batch's "answers" column if convert() would accept every answer in it (a list of structs with a numeric
+    pm_score and a string text, no nulls, no NaN), else None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "answers" not in batch.schema.names:
+        return None
+    answers = batch.column("answers")
+    kind = answers.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_struct(kind.value_type):
+        return None
+    fields = {field.name: field.type for field in kind.value_type}
+    score, text, selected = fields.get("pm_score"), fields.get("text"), fields.get("selected", pa.bool_())
+    if score is None or not (pa.types.is_integer(score) or pa.types.is_floating(score)):
+        return None
+    if text is None or not (pa.types.is_string(text) or pa.types.is_large_string(text)):
+        return None
+    if not (pa.types.is_boolean(selected) or pa.types.is_string(selected) or pa.types.is_large_string(selected)):
+        return None
+    flat = answers.flatten()
+    if answers.null_count or flat.null_count:
+        return None
+    scores, texts = pc.struct_field(flat, "pm_score"), pc.struct_field(flat, "text")
+    if scores.null_count or texts.null_count:
+        return None
+    if pa.types.is_floating(score) and pc.any(pc.is_nan(scores)).as_py():
+        return None
+    return answers
+
+
+def _selected_flags(flat):
+    """Each answer's `selected in _SELECTED`, as a numpy bool array (a null is not selected)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "selected" not in [field.name for field in flat.type]:
+        return np.zeros(len(flat), dtype=bool)
+    selected = pc.struct_field(flat, "selected")
+    if not pa.types.is_boolean(selected.type):
+        selected = pc.is_in(selected, pa.array(["true", "True"]))
+    return pc.fill_null(selected, False).to_numpy(zero_copy_only=False)
 
 
 SCHEMAS: dict[str, Schema] = {
@@ -385,13 +466,13 @@ def check_local_file(source: Source) -> None:
     source.files  # noqa: B018  (resolving the files checks them)
 
 
-def _numbered_local_rows(path: str, schema: Schema | None = None, as_arrow: bool = False):
+def _numbered_local_rows(path: str, schema: Schema | None = None):
     """Yield (number, row, None) for each row of a local file, or (number, None, (offset, length)) for a JSONL line,
     whose text is read and parsed only once it is drawn. JSONL and Parquet (only what `schema` reads, if given) are
-    read in bounded memory; `as_arrow` leaves a Parquet row in its Arrow record batch (an ArrowRow)."""
+    read in bounded memory."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
-        yield from _numbered_parquet_rows(path, schema, as_arrow)
+        yield from _numbered_parquet_rows(path, schema)
         return
     with open(path, "rb") as handle:
         head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # after a byte-order mark, if any
@@ -441,11 +522,11 @@ def read_span(handle, span: tuple[int, int]) -> bytes:
     return os.pread(handle.fileno(), length, offset)
 
 
-def _numbered_files_rows(paths: list[Path], schema: Schema | None = None, as_arrow: bool = False):
+def _numbered_files_rows(paths: list[Path], schema: Schema | None = None):
     """(FileRow, row, None) for the rows of several local files, one after another."""
     for path in paths:
         with open(path, "rb") as handle:
-            for number, row, span in _numbered_local_rows(path, schema, as_arrow):
+            for number, row, span in _numbered_local_rows(path, schema):
                 if span is not None:
                     try:
                         row = json.loads(read_span(handle, span))
@@ -454,17 +535,7 @@ def _numbered_files_rows(paths: list[Path], schema: Schema | None = None, as_arr
                 yield FileRow(str(path), number), row, None
 
 
-class ArrowRow:
-    """A Parquet row left in its Arrow record batch: the worker process that prepares it makes it Python objects
-    (preparation.pack_chunk), so the process that draws rows neither converts nor pickles its text."""
-
-    __slots__ = ("batch", "index")
-
-    def __init__(self, batch, index: int):
-        self.batch, self.index = batch, index
-
-
-def _parquet_columns(parquet, schema: Schema | None) -> list[str] | None:
+def parquet_columns(parquet, schema: Schema | None) -> list[str] | None:
     """The Parquet columns to read: only those the schema reads (a missing one stays missing, so the row is
     reported as before), and of a list of structs only the fields it reads ("answers.list.element.text")."""
     if schema is None or not schema.columns:
@@ -480,16 +551,15 @@ def _parquet_columns(parquet, schema: Schema | None) -> list[str] | None:
     return selected
 
 
-def _numbered_parquet_rows(path: Path, schema: Schema | None = None, as_arrow: bool = False):
+def _numbered_parquet_rows(path: Path, schema: Schema | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
     try:
         parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=_parquet_columns(parquet, schema)):
-            rows = (ArrowRow(batch, index) for index in range(batch.num_rows)) if as_arrow else batch.to_pylist()
-            for row in rows:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=parquet_columns(parquet, schema)):
+            for row in batch.to_pylist():
                 number += 1
                 yield number, row, None
     except (pa.ArrowException, OSError) as error:
@@ -497,9 +567,9 @@ def _numbered_parquet_rows(path: Path, schema: Schema | None = None, as_arrow: b
 
 
 def _prefer_jemalloc() -> None:
-    """Arrow's jemalloc pool where pyarrow has one (unless ARROW_DEFAULT_MEMORY_POOL names a pool): the shuffle
-    buffer holds on to the Parquet batches its ArrowRows come from, and with the default pool (mimalloc) reading and
-    gathering them then costs half as much again, in fresh pages."""
+    """Arrow's jemalloc pool where pyarrow has one (unless ARROW_DEFAULT_MEMORY_POOL names a pool): a ParquetRows
+    holds on to the Parquet batches whose rows are not all drawn yet, and with the default pool (mimalloc) reading
+    and gathering them then costs half as much again, in fresh pages."""
     import pyarrow as pa
 
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
@@ -741,7 +811,8 @@ class HubRows:
             try:
                 for table in self.stream.iter(batch_size=min(HUB_BATCH_ROWS, self.buffer_size)):
                     deadline, attempt = None, 0
-                    yield table.to_pylist()
+                    narrow = self.source.schema.narrow_batch
+                    yield [row for batch in table.to_batches() for row in narrow(batch).to_pylist()]
                     self.state["stream"] = self.stream.state_dict()
                 return
             except Exception as error:
@@ -762,20 +833,24 @@ class HubRows:
 
 def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings | None = None,
               state: dict | None = None):
-    """The source's rows through a seeded shuffle buffer, as (row number, parsed row (an ArrowRow for Parquet) or
-    None, (offset, length) of a JSONL line or None); the number is the file's line or row for local files (a FileRow
-    for several files) and the position in the stream for hub specs. Nothing is read yet.
+    """The source's rows through a seeded shuffle buffer, as (row number, parsed row or None, (offset, length) of a
+    JSONL line or None); the number is the file's line or row for local files (a FileRow for several files) and the
+    position in the stream for hub specs. Local Parquet files give the same rows as a ParquetRows, drawn a chunk at
+    a time. Nothing is read yet.
 
     A local source must have passed check_local_file; a hub spec is resolved here (a HubRows, whose `hub` says
     what was resolved), so an unreachable one fails before any row is mixed. `state` continues a HubRows.
     """
     if not source.is_hub:
-        if any(path.suffix.lower() == ".parquet" for path in source.files):
+        if all(path.suffix.lower() == ".parquet" for path in source.files):
+            from .parquet_rows import ParquetRows
+
             _prefer_jemalloc()
+            return ParquetRows(source.files, source.schema, seed, buffer_size, single_file=bool(source.path))
         if source.path:
-            rows = _numbered_local_rows(source.path, source.schema, as_arrow=True)
+            rows = _numbered_local_rows(source.path, source.schema)
         else:
-            rows = _numbered_files_rows(source.files, source.schema, as_arrow=True)
+            rows = _numbered_files_rows(source.files, source.schema)
         return shuffle_buffered(rows, seed, buffer_size)
     from huggingface_hub import constants
 

@@ -344,6 +344,77 @@ def test_best_answer_is_highest_pm_score_then_selected():
         schema.convert(row)
 
 
+def convert_or_why(schema, row):
+    from qwen_sft.sources import Rejected
+
+    try:
+        return schema.convert(row)
+    except (Rejected, WrongSchema) as error:
+        return type(error).__name__, str(error)
+
+
+@pytest.mark.parametrize("score_type, selected_type", [("int64", "bool"), ("float64", "string"), ("int32", None)])
+def test_narrowed_answers_convert_as_the_whole_rows_do(score_type, selected_type):
+    """A Parquet batch's answers are cut to the one convert() picks; convert() gives every row the same result
+    (ties, blank and whitespace-only texts, no answers, a sliced batch)."""
+    import random
+
+    import pyarrow as pa
+
+    blanks = ["", " ", "\t\n", "\u3000", "\x1c", "\u200b", "\xa0x"]  # U+200B and "\xa0x" are not blank
+    generator = random.Random(5)
+    fields = [("pm_score", pa.type_for_alias(score_type)), ("text", pa.string())]
+    if selected_type:
+        fields.append(("selected", pa.type_for_alias(selected_type)))
+
+    def random_answer():
+        answer = {"pm_score": generator.choice([-1, 0, 2, 2, 7]), "text": generator.choice(blanks + ["a", "b", "c"])}
+        if selected_type:
+            flag = generator.choice([True, False, None])
+            answer["selected"] = flag if selected_type == "bool" else generator.choice(["true", "True", "no", None])
+        return answer
+
+    rows = [{"question": f"q{n}", "answers": [random_answer() for _ in range(generator.randrange(5))]}
+            for n in range(400)]
+    schema = pa.schema([("question", pa.string()), ("answers", pa.list_(pa.struct(fields)))])
+    batch = pa.RecordBatch.from_pylist(rows, schema=schema).slice(3)
+    narrowed = StackExchangeSchema().narrow_batch(batch)
+    assert narrowed is not batch and narrowed.num_rows == batch.num_rows
+    assert all(len(row["answers"]) <= 1 for row in narrowed.to_pylist())
+    for whole, narrow in zip(batch.to_pylist(), narrowed.to_pylist()):
+        assert convert_or_why(StackExchangeSchema(), narrow) == convert_or_why(StackExchangeSchema(), whole)
+
+
+@pytest.mark.parametrize("answers, kind", [
+    ([{"pm_score": 1, "text": None}], "struct<pm_score: int64, text: string>"),
+    ([{"pm_score": float("nan"), "text": "a"}], "struct<pm_score: double, text: string>"),
+    ([{"pm_score": True, "text": "a"}], "struct<pm_score: bool, text: string>"),
+    ([{"pm_score": 1, "text": "a", "selected": 1}], "struct<pm_score: int64, text: string, selected: int64>"),
+    ([{"text": "a"}], "struct<text: string>"),
+    (None, "struct<pm_score: int64, text: string>"),
+])
+def test_a_batch_convert_could_refuse_is_left_whole(answers, kind):
+    import pyarrow as pa
+
+    fields = [tuple(field.split(": ")) for field in kind[len("struct<"):-1].split(", ")]
+    struct = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in fields])
+    schema = pa.schema([("question", pa.string()), ("answers", pa.list_(struct))])
+    batch = pa.RecordBatch.from_pylist([{"question": "q", "answers": answers}], schema=schema)
+    assert StackExchangeSchema().narrow_batch(batch) is batch
+
+
+def test_the_blank_text_pattern_is_what_isspace_calls_blank():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from qwen_sft.sources import _BLANK_TEXT
+
+    characters = [chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000]
+    blank = pc.match_substring_regex(pa.array(characters), _BLANK_TEXT).to_pylist()
+    assert [character for character, is_blank in zip(characters, blank) if is_blank] == [
+        character for character in characters if character.isspace()]
+
+
 @pytest.mark.parametrize(
     "schema, row, problem",
     [
@@ -560,42 +631,60 @@ def test_each_stage_default_ratios_name_its_report_bucket(script, key):
     assert getattr(planning, key) in runpy.run_path(str(ROOT / script))["RATIOS"]
 
 
-def test_parquet_rows_are_prepared_in_bigger_chunks(monkeypatch):
-    from qwen_sft import preparation
-    from qwen_sft.sources import ArrowRow
-
-    monkeypatch.setattr(preparation, "CHUNK_ROWS", 2)
-    monkeypatch.setattr(preparation, "ARROW_CHUNK_ROWS", 5)
-    arrow_rows = [(number, ArrowRow(None, number), None) for number in range(12)]
-    plain_rows = [(number, {"instruction": "q"}, None) for number in range(5)]
-    assert [len(chunk) for chunk in preparation._chunks(arrow_rows)] == [5, 5, 2]
-    assert [len(chunk) for chunk in preparation._chunks(plain_rows)] == [2, 2, 1]
-    assert [number for chunk in preparation._chunks(arrow_rows) for number, _, _ in chunk] == list(range(12))
-
-
-def test_parquet_rows_travel_to_the_workers_as_arrow_and_come_back_in_order():
-    """A chunk's Parquet rows are packed as Arrow IPC messages (one per batch they come from), its other rows as
-    they are; unpacked, every row is back in its place, as the Python objects the schema converts."""
+def write_parquet_files(folder: Path, sizes: list[int]) -> list[Path]:
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    paths, number = [], 0
+    for index, size in enumerate(sizes):
+        rows = [{"question": f"q{number + row}", "answers": [{"pm_score": row, "text": f"a{number + row}"}]}
+                for row in range(size)]
+        table = pa.Table.from_pylist(rows, schema=pa.schema([
+            ("question", pa.string()),
+            ("answers", pa.list_(pa.struct([("pm_score", pa.int64()), ("text", pa.string())]))),
+        ]))
+        paths.append(folder / f"train-{index:05d}.parquet")
+        pq.write_table(table, paths[-1], row_group_size=5)
+        number += size
+    return paths
+
+
+def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_only_what_is_drawn(
+        tmp_path, monkeypatch):
+    """A ParquetRows gives the rows and numbers that shuffling the files' rows one by one gives, in chunks that
+    travel as Arrow, and decodes only the batches that the rows drawn so far reach."""
+    from qwen_sft import parquet_rows
     from qwen_sft.preparation import pack_chunk, unpack_chunk
-    from qwen_sft.sources import ArrowRow
+    from qwen_sft.sources import _numbered_files_rows, _numbered_local_rows
 
-    first = pa.RecordBatch.from_pylist([{"question": f"q{index}", "answers": [{"text": f"a{index}"}]}
-                                        for index in range(5)])
-    second = pa.RecordBatch.from_pylist([{"question": "other", "extra": 1.5}])  # another file's schema
-    chunk = [(1, ArrowRow(first, 3), None), (2, None, (0, 10)), (3, ArrowRow(second, 0), None),
-             (4, ArrowRow(first, 0), None), (5, {"question": "json"}, None), (6, ArrowRow(first, 3), None)]
-    packed = pack_chunk(chunk)
-    rows, pieces, _ = packed
-    assert rows == [(None, (0, 10)), ({"question": "json"}, None)]
-    assert [type(message) for _, message in pieces] == [bytes, bytes]  # no Python object per Parquet row
-    assert unpack_chunk(packed) == [
-        ({"question": "q3", "answers": [{"text": "a3"}]}, None), (None, (0, 10)),
-        ({"question": "other", "extra": 1.5}, None), ({"question": "q0", "answers": [{"text": "a0"}]}, None),
-        ({"question": "json"}, None), ({"question": "q3", "answers": [{"text": "a3"}]}, None),
-    ]
-    assert unpack_chunk(pack_chunk([(1, None, (5, 2))])) == [(None, (5, 2))]
+    monkeypatch.setattr(parquet_rows, "PARQUET_BATCH_ROWS", 4)
+    paths = write_parquet_files(tmp_path, [23, 0, 40])
+    expected = list(shuffle_buffered(_numbered_files_rows(paths), 3, 11))
+    rows = parquet_rows.ParquetRows(paths, None, 3, 11, single_file=False)
+    chunks = rows.chunks(10)
+    first = next(chunks)
+    assert rows.decoded_until < 63  # the first ten rows drawn need only the first batches
+    drawn = []
+    for chunk in [first, *chunks]:
+        numbers = [chunk[index][0] for index in range(len(chunk))]
+        drawn += [(number, row) for number, (row, _) in zip(numbers, unpack_chunk(pack_chunk(chunk)))]
+        assert [number for number, _, _ in (chunk[index] for index in range(len(chunk[:3])))] == numbers[:3]
+    assert drawn == [(number, row) for number, row, _ in expected]
+    assert not rows.batches  # every batch is dropped once its rows are drawn
+    single = parquet_rows.ParquetRows(paths[:1], None, 3, 11, single_file=True)
+    numbers = [chunk[index][0] for chunk in single.chunks(10) for index in range(len(chunk))]
+    assert numbers == [number for number, _, _ in shuffle_buffered(_numbered_local_rows(paths[0]), 3, 11)]
+
+
+def test_a_parquet_file_with_fewer_rows_than_its_footer_says_is_one_line(tmp_path, monkeypatch):
+    from qwen_sft.parquet_rows import ParquetRows
+    from qwen_sft.preparation import pack_chunk
+
+    paths = write_parquet_files(tmp_path, [23])
+    monkeypatch.setattr(ParquetRows, "_row_count", lambda self, path: 30)
+    with pytest.raises(UserError, match=r"train-00000.parquet: not a readable Parquet file \(fewer rows than"):
+        for chunk in ParquetRows(paths, None, 3, 11, single_file=True).chunks(10):
+            pack_chunk(chunk)
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
@@ -606,13 +695,14 @@ def test_a_parquet_stackexchange_source_prepared_by_workers_matches_jsonl(tmp_pa
     import pyarrow.parquet as pq
 
     from qwen_sft import mixing, preparation
+    from qwen_sft.preparation import pack_chunk, unpack_chunk
     from qwen_sft.sources import Source, open_rows
 
     rows = [json.loads(line) for line in STACKEXCHANGE.read_text(encoding="utf-8").splitlines()]
     parquet_file = tmp_path / "se.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet_file, row_group_size=5)
-    drawn = [row.batch.slice(row.index, 1).to_pylist()[0]
-             for _, row, _ in open_rows(Source("stackexchange", str(parquet_file), SCHEMAS["stackexchange"]), 1, 4)]
+    source_rows = open_rows(Source("stackexchange", str(parquet_file), SCHEMAS["stackexchange"]), 1, 4)
+    drawn = [row for chunk in source_rows.chunks(10) for row, _ in unpack_chunk(pack_chunk(chunk))]
     assert {key for row in drawn for answer in row["answers"] for key in answer} == {"pm_score", "selected", "text"}
     flags = ("--total_samples", 9, "--ratios", "my_reports=0,orca=0.3,bio=0.3,ai=0.2,ic=0.2")
     option_b(tmp_path, monkeypatch, *flags)

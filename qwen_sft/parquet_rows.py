@@ -1,0 +1,138 @@
+"""A local Parquet source drawn by row positions: the seeded shuffle orders plain integers, and a chunk of drawn
+rows reaches a worker process as a few Arrow IPC messages, so the process that draws rows never turns a row into
+Python objects (it decodes the Parquet pages once, in file order, and narrows them with the schema)."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+from .cli import UserError
+from .sources import PARQUET_BATCH_ROWS, FileRow, Schema, parquet_columns, shuffle_buffered
+
+
+class ParquetRows:
+    """The rows of one or more local Parquet files in the order `shuffle_buffered` gives them, as ParquetChunks.
+
+    Batches are decoded only as far as the rows drawn so far reach, and dropped once every row of theirs is drawn,
+    so memory stays bounded by the shuffle buffer as before.
+    """
+
+    def __init__(self, paths: list[Path], schema: Schema | None, seed: int, buffer_size: int, single_file: bool):
+        self.paths, self.schema, self.single_file = paths, schema, single_file
+        self.seed, self.buffer_size = seed, buffer_size
+
+    def chunks(self, rows_per_chunk: int):
+        """ParquetChunks of `rows_per_chunk` drawn rows; the files' footers are read now, their rows as drawn."""
+        import numpy as np
+
+        self.file_starts = np.cumsum([0] + [self._row_count(path) for path in self.paths])
+        self.batch_starts, self.batches, self.undrawn, self.decoded_until = [], {}, {}, 0
+        self.reader = self._read_batches()
+        positions = iter(shuffle_buffered(range(int(self.file_starts[-1])), self.seed, self.buffer_size))
+        while drawn := list(islice(positions, rows_per_chunk)):
+            yield ParquetChunk(self, np.array(drawn, dtype=np.int64))
+
+    def _row_count(self, path: Path) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as error:
+            raise _unreadable(path, error) from None
+
+    def _read_batches(self):
+        """(first position, batch) in file order: only the columns the schema reads."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for path, start in zip(self.paths, self.file_starts.tolist()):
+            try:
+                parquet = pq.ParquetFile(path)
+                columns = parquet_columns(parquet, self.schema)
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+                    yield start, self.schema.narrow_batch(batch) if self.schema else batch
+                    start += batch.num_rows
+            except (pa.ArrowException, OSError) as error:
+                raise _unreadable(path, error) from None
+
+    def _decode_through(self, position: int) -> None:
+        """Decode batches until the one holding `position`."""
+        while position >= self.decoded_until:
+            start, batch = next(self.reader, (None, None))
+            if batch is None:
+                raise _unreadable(self.paths[self._file_index(position)], "fewer rows than its metadata says")
+            index = len(self.batch_starts)
+            self.batch_starts.append(start)
+            self.batches[index], self.undrawn[index] = batch, batch.num_rows
+            self.decoded_until = start + batch.num_rows
+
+    def pack(self, positions) -> tuple:
+        """The rows at `positions` as (Arrow schema, IPC message) per batch they come from, and where each row of
+        the chunk is among the pieces' rows taken one after another."""
+        import numpy as np
+        import pyarrow as pa
+
+        self._decode_through(int(positions.max()))
+        starts = np.array(self.batch_starts)
+        batch_ids = np.searchsorted(starts, positions, side="right") - 1
+        by_batch = np.argsort(batch_ids, kind="stable")
+        groups = np.split(by_batch, np.flatnonzero(np.diff(batch_ids[by_batch])) + 1)
+        pieces = []
+        for group in groups:
+            index = int(batch_ids[group[0]])
+            batch = self.batches[index]
+            picks = pa.array((positions[group] - starts[index]).astype(np.int32))
+            pieces.append((batch.schema, batch.take(picks).serialize().to_pybytes()))
+            self.undrawn[index] -= len(group)
+            if not self.undrawn[index]:
+                del self.batches[index]  # every row of it is drawn (its start stays, for the lookup)
+        place = np.empty_like(by_batch)
+        place[by_batch] = np.arange(len(by_batch))
+        return pieces, place.tolist()
+
+    def number(self, position: int):
+        """The user-facing row number of a position: the row in its file (from 1), with the file if several."""
+        file_index = self._file_index(position)
+        number = position - int(self.file_starts[file_index]) + 1
+        return number if self.single_file else FileRow(str(self.paths[file_index]), number)
+
+    def _file_index(self, position: int) -> int:
+        import numpy as np
+
+        return int(np.searchsorted(self.file_starts, position, side="right")) - 1
+
+
+class ParquetChunk:
+    """Drawn positions of a ParquetRows: indexing gives (number, None, None), as a chunk of any other source."""
+
+    __slots__ = ("rows", "positions")
+
+    def __init__(self, rows: ParquetRows, positions):
+        self.rows, self.positions = rows, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return ParquetChunk(self.rows, self.positions[key])
+        return self.rows.number(int(self.positions[key])), None, None
+
+    def pack(self) -> tuple:
+        return self.rows.pack(self.positions)
+
+
+def unpack_pieces(pieces: list[tuple], place: list[int]) -> list[tuple]:
+    """The (row, None) of each row that ParquetRows.pack packed, in the chunk's order, as Python objects."""
+    import pyarrow as pa
+
+    rows = []
+    for schema, message in pieces:
+        rows += pa.ipc.read_record_batch(pa.py_buffer(message), schema).to_pylist()
+    return [(rows[index], None) for index in place]
+
+
+def _unreadable(path: Path, error) -> UserError:
+    return UserError(f"{path}: not a readable Parquet file ({error})")
