@@ -18,7 +18,7 @@ from .sources import StreamLost
 
 CHUNK_ROWS = 1024  # rows prepared at a time (one RE2 call per keyword domain each; fewer calls, less overhead)
 # Local Parquet rows: a chunk takes its rows out of every Arrow batch it touches (a take and an IPC message each), so
-# a bigger chunk touches each batch fewer times (bench/hub_benchmark.py: 7% faster, +0.14 GiB).
+# a bigger chunk touches each batch fewer times (bench/hub_benchmark.py: 2-3% faster than 1,024, +0.04 GiB).
 ARROW_CHUNK_ROWS = 4096
 # Mixes at least this large prepare rows in one worker process per CPU core, for each source that still has to
 # deliver at least this many rows; a smaller one (the report file, PubMedQA) is quicker to prepare in this process.
