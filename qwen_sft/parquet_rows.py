@@ -15,7 +15,7 @@ class ParquetRows:
     """The rows of one or more local Parquet files in the order `shuffle_buffered` gives them, as ParquetChunks.
 
     Batches are decoded only as far as the rows drawn so far reach, and dropped once every row of theirs is drawn,
-    so memory stays bounded by the shuffle buffer as before.
+    so memory stays bounded by the shuffle buffer.
     """
 
     def __init__(self, paths: list[Path], schema: Schema | None, seed: int, buffer_size: int, single_file: bool):

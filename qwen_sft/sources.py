@@ -252,7 +252,7 @@ class StackExchangeSchema(Schema):
     def narrow_batch(self, batch):
         """Each row's answers cut to the one convert() picks: the first non-blank one with the highest (pm_score,
         selected), or none. Answers are most of a row's bytes. A batch in which convert() could meet a bad answer
-        (a null, a NaN score, a type other than those below) is left whole, for convert() to judge."""
+        (see _reducible_answers) is left whole, for convert() to judge."""
         answers = _reducible_answers(batch)
         if answers is None:
             return batch
@@ -260,7 +260,7 @@ class StackExchangeSchema(Schema):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        flat = answers.flatten()
+        answers, flat = answers
         parents = pc.list_parent_indices(answers).to_numpy()
         scores = pc.struct_field(flat, "pm_score").to_numpy()
         selected = _selected_flags(flat)
@@ -282,8 +282,9 @@ _BLANK_TEXT = r"^[\t-\r\x1c- \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{202
 
 
 def _reducible_answers(batch):
-    """The batch's "answers" column if convert() would accept every answer in it (a list of structs with a numeric
-    pm_score and a string text, no nulls, no NaN), else None."""
+    """The batch's "answers" column and its flattened answers if convert() would accept every answer in it (a list
+    of structs with a numeric pm_score, a string text and a bool or string selected, if any; no nulls but in
+    selected, no NaN), else None."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -309,7 +310,7 @@ def _reducible_answers(batch):
         return None
     if pa.types.is_floating(score) and pc.any(pc.is_nan(scores)).as_py():
         return None
-    return answers
+    return answers, flat
 
 
 def _selected_flags(flat):
