@@ -14,8 +14,9 @@ from .sources import PARQUET_BATCH_ROWS, FileRow, Schema, parquet_columns, shuff
 class ParquetRows:
     """The rows of one or more local Parquet files in the order `shuffle_buffered` gives them, as ParquetChunks.
 
-    Batches are decoded only as far as the rows drawn so far reach, and dropped once every row of theirs is drawn,
-    so memory stays bounded by the shuffle buffer.
+    Batches are decoded only as far as the rows drawn so far reach, and dropped once every row of theirs has been
+    packed, so what is held is the batches that the shuffle buffer's rows come from (about 80 of 1,024 rows for a
+    buffer of 10,000, as rows stay in the buffer for long).
     """
 
     def __init__(self, paths: list[Path], schema: Schema | None, seed: int, buffer_size: int, single_file: bool):
@@ -30,8 +31,12 @@ class ParquetRows:
         self.batch_starts, self.batches, self.undrawn, self.decoded_until = [], {}, {}, 0
         self.reader = self._read_batches()
         positions = iter(shuffle_buffered(range(int(self.file_starts[-1])), self.seed, self.buffer_size))
-        while drawn := list(islice(positions, rows_per_chunk)):
-            yield ParquetChunk(self, np.array(drawn, dtype=np.int64))
+        try:
+            while drawn := list(islice(positions, rows_per_chunk)):
+                yield ParquetChunk(self, np.array(drawn, dtype=np.int64))
+        finally:  # also after an early stop: the batches go now, and the reader, which refers back to self
+            self.reader.close()
+            self.reader, self.batches = None, {}
 
     def _row_count(self, path: Path) -> int:
         import pyarrow as pa
@@ -47,22 +52,26 @@ class ParquetRows:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for path, start in zip(self.paths, self.file_starts.tolist()):
+        bounds = self.file_starts.tolist()
+        for path, first, end in zip(self.paths, bounds, bounds[1:]):
+            start = first
             try:
                 parquet = pq.ParquetFile(path)
                 columns = parquet_columns(parquet, self.schema)
                 for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-                    yield start, self.schema.narrow_batch(batch) if self.schema else batch
                     start += batch.num_rows
+                    if start > end:
+                        break
+                    yield start - batch.num_rows, self.schema.narrow_batch(batch) if self.schema else batch
             except (pa.ArrowException, OSError) as error:
                 raise _unreadable(path, error) from None
+            if start != end:  # the footers' counts place every later row: a file that differs would shift them
+                raise _unreadable(path, f"more or fewer rows than the {end - first:,} its footer counts")
 
     def _decode_through(self, position: int) -> None:
         """Decode batches until the one holding `position`."""
         while position >= self.decoded_until:
-            start, batch = next(self.reader, (None, None))
-            if batch is None:
-                raise _unreadable(self.paths[self._file_index(position)], "fewer rows than its metadata says")
+            start, batch = next(self.reader)  # the footers' counts cover every position: it cannot run out
             index = len(self.batch_starts)
             self.batch_starts.append(start)
             self.batches[index], self.undrawn[index] = batch, batch.num_rows

@@ -284,7 +284,7 @@ _BLANK_TEXT = r"^[\t-\r\x1c- \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{202
 def _reducible_answers(batch):
     """The batch's "answers" column and its flattened answers if convert() would accept every answer in it (a list
     of structs with a numeric pm_score, a string text and a bool or string selected, if any; no nulls but in
-    selected, no NaN), else None."""
+    selected), and no score is NaN (convert() accepts one, but ranks it as no sort does), else None."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -836,8 +836,9 @@ def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings
               state: dict | None = None):
     """The source's rows through a seeded shuffle buffer, as (row number, parsed row or None, (offset, length) of a
     JSONL line or None); the number is the file's line or row for local files (a FileRow for several files) and the
-    position in the stream for hub specs. Local Parquet files give the same rows as a ParquetRows, drawn a chunk at
-    a time. Nothing is read yet.
+    position in the stream for hub specs. A source made only of local Parquet files is a ParquetRows instead: the
+    same rows in the same order, their answers narrowed by the schema, drawn a chunk at a time. Nothing is read
+    yet.
 
     A local source must have passed check_local_file; a hub spec is resolved here (a HubRows, whose `hub` says
     what was resolved), so an unreachable one fails before any row is mixed. `state` continues a HubRows.

@@ -393,7 +393,7 @@ def test_narrowed_answers_convert_as_the_whole_rows_do(score_type, selected_type
     ([{"text": "a"}], "struct<text: string>"),
     (None, "struct<pm_score: int64, text: string>"),
 ])
-def test_a_batch_convert_could_refuse_is_left_whole(answers, kind):
+def test_a_batch_convert_could_refuse_or_rank_otherwise_is_left_whole(answers, kind):
     import pyarrow as pa
 
     fields = [tuple(field.split(": ")) for field in kind[len("struct<"):-1].split(", ")]
@@ -675,14 +675,16 @@ def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_
     assert numbers == [number for number, _, _ in shuffle_buffered(_numbered_local_rows(paths[0]), 3, 11)]
 
 
-def test_a_parquet_file_with_fewer_rows_than_its_footer_says_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("footer_counts", [[30], [30, 10], [20, 10], [20, 11]])
+def test_a_parquet_file_whose_rows_differ_from_its_footer_is_one_line(tmp_path, monkeypatch, footer_counts):
+    """The footers' counts place every row: a file with fewer or more rows (the first of two too) is an error."""
     from qwen_sft.parquet_rows import ParquetRows
     from qwen_sft.preparation import pack_chunk
 
-    paths = write_parquet_files(tmp_path, [23])
-    monkeypatch.setattr(ParquetRows, "_row_count", lambda self, path: 30)
-    with pytest.raises(UserError, match=r"train-00000.parquet: not a readable Parquet file \(fewer rows than"):
-        for chunk in ParquetRows(paths, None, 3, 11, single_file=True).chunks(10):
+    paths = write_parquet_files(tmp_path, [23, 10][:len(footer_counts)])
+    monkeypatch.setattr(ParquetRows, "_row_count", lambda self, path: footer_counts[paths.index(path)])
+    with pytest.raises(UserError, match=r"train-00000.parquet: not a readable Parquet file \(more or fewer rows"):
+        for chunk in ParquetRows(paths, None, 3, 11, single_file=len(paths) == 1).chunks(10):
             pack_chunk(chunk)
 
 
