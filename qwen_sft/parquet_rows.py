@@ -28,7 +28,7 @@ class ParquetRows:
         import numpy as np
 
         self.file_starts = np.cumsum([0] + [self._row_count(path) for path in self.paths])
-        self.batch_starts, self.batches, self.undrawn, self.decoded_until = [], {}, {}, 0
+        self.batches, self.undrawn, self.decoded_until = {}, {}, 0  # by each batch's first position, in order
         self.reader = self._read_batches()
         positions = iter(shuffle_buffered(range(int(self.file_starts[-1])), self.seed, self.buffer_size))
         try:
@@ -72,9 +72,7 @@ class ParquetRows:
         """Decode batches until the one holding `position`."""
         while position >= self.decoded_until:
             start, batch = next(self.reader)  # the footers' counts cover every position: it cannot run out
-            index = len(self.batch_starts)
-            self.batch_starts.append(start)
-            self.batches[index], self.undrawn[index] = batch, batch.num_rows
+            self.batches[start], self.undrawn[start] = batch, batch.num_rows
             self.decoded_until = start + batch.num_rows
 
     def pack(self, positions) -> tuple:
@@ -84,19 +82,19 @@ class ParquetRows:
         import pyarrow as pa
 
         self._decode_through(int(positions.max()))
-        starts = np.array(self.batch_starts)
-        batch_ids = np.searchsorted(starts, positions, side="right") - 1
-        by_batch = np.argsort(batch_ids, kind="stable")
-        groups = np.split(by_batch, np.flatnonzero(np.diff(batch_ids[by_batch])) + 1)
+        live = np.fromiter(self.batches, dtype=np.int64, count=len(self.batches))  # a drawn row's batch is live
+        starts = live[np.searchsorted(live, positions, side="right") - 1]
+        by_batch = np.argsort(starts, kind="stable")
+        groups = np.split(by_batch, np.flatnonzero(np.diff(starts[by_batch])) + 1)
         pieces = []
         for group in groups:
-            index = int(batch_ids[group[0]])
-            batch = self.batches[index]
-            picks = pa.array((positions[group] - starts[index]).astype(np.int32))
+            start = int(starts[group[0]])
+            batch = self.batches[start]
+            picks = pa.array((positions[group] - start).astype(np.int32))
             pieces.append((batch.schema, batch.take(picks).serialize().to_pybytes()))
-            self.undrawn[index] -= len(group)
-            if not self.undrawn[index]:
-                del self.batches[index]  # every row of it is drawn (its start stays, for the lookup)
+            self.undrawn[start] -= len(group)
+            if not self.undrawn[start]:  # every row of it is packed
+                del self.batches[start], self.undrawn[start]
         place = np.empty_like(by_batch)
         place[by_batch] = np.arange(len(by_batch))
         return pieces, place.tolist()
