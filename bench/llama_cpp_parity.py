@@ -20,13 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qwen_sft.families import family  # noqa: E402
+
 NEW_TOKENS = 16
 CONVERSATIONS = [
     [{"role": "user", "content": "报告0中的晶圆良率是多少？"}],
     [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "Explain LoRA in one sentence."}],
     [{"role": "user", "content": "Report 1: what was the power?\n\n补充信息：\nQ2 summary: power reached 87%."}],
     [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "12345 × 678?"}],
-    [{"role": "user", "content": "café naïve 😀 — “quotes” <tool_call>"}],
+    [{"role": "user", "content": f"café naïve 😀 — “quotes” {family.ADDED_NOT_SPECIAL[0]}"}],  # an added token
 ]
 LLAMA_SIDE = """
 import json, sys

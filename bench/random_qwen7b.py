@@ -26,12 +26,13 @@ def build(path: str) -> str:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    from qwen_sft.families import family
     from qwen_sft.qwen_tokenizer_build import write_portable_tokenizer_config
     from qwen_sft.tiny import tiny_path
 
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(tiny_path())
-    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids([family.END_OF_TURN, family.END_OF_TEXT])
     config = Qwen2Config(**QWEN2_5_7B_SHAPE, eos_token_id=end_of_turn, pad_token_id=end_of_text, bos_token_id=None,
                          dtype="bfloat16")
     torch.manual_seed(0)
