@@ -187,8 +187,9 @@ def load_generation_model(adapter_dir: str, backend: str = "auto", fast_generati
                           keep_base: bool = False, max_cache_len: int | None = None, base_model: str | None = None):
     """Load the adapter for chat, inference or evaluation on the fast path when chosen, else as before.
 
-    Settings left None are as the adapter was trained (load_adapter_model). `max_cache_len` fixes the static cache's size (chat: its context budget, so every reply reuses the compiled
-    step); None sizes it by the first generate() call, and it grows when a later call needs more (recompiling).
+    Settings left None are as the adapter was trained (load_adapter_model). `max_cache_len` fixes the static
+    cache's size (chat: its context budget, so every reply reuses the compiled step); None sizes it by the first
+    generate() call, and it grows when a later call needs more (recompiling).
     Returns (model, tokenizer, manifest); manifest["fast_generation"] says which path and why. The fast path
     loads through transformers + PEFT (Unsloth patches transformers' model classes in place, which the dense
     model must not inherit), merges, and frees the 4-bit model.
