@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -15,6 +16,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("QWEN_SFT_CACHE", str(ROOT / ".pytest_cache" / "qwen_sft"))
 sys.path.insert(0, str(ROOT))
+
+# Generated cases are derandomized: the same cases on every run, so a generated test can never flake in CI.
+settings.register_profile(
+    "suite", derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("suite")
 
 # The settings that make the tiny model learn 20 rows exactly (see DESIGN: the learning proof).
 LEARNING_FLAGS = [
