@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING
 
 from .accumulation import TokenWeightedAccumulation
 from .artifacts import (
+    FOLDER,
     FOLDER_MANIFEST,
+    WORKDIR,
+    Output,
     atomic_directory,
     build_manifest,
-    check_output_folder,
-    check_outputs_apart,
-    read_our_manifest,
+    claim_outputs,
+    mark_workdir,
     sha256_file,
     write_json_atomic,
 )
@@ -28,7 +30,6 @@ from .batching import report_packing, report_padding
 from .cli import UserError, is_main_process, say
 from .data import TokenizedRecords, split_records, tokenize_records
 from .families import family
-from .locking import folder_lock
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .neftune import per_example_neftune
 from .records import read_records
@@ -183,23 +184,22 @@ def check_training_flags(cfg) -> None:
         raise UserError("; ".join(errors))
 
 
-def check_output_folders(cfg) -> None:
-    """The output policy (qwen_sft/artifacts.py) for the three folders training writes, before anything slow."""
-    outputs = {"--output_dir": cfg.output_dir, "--adapter_dir": cfg.adapter_dir, "--tokenizer_dir": cfg.tokenizer_dir}
+def claim_training_outputs(cfg):
+    """The output rule (qwen_sft/artifacts.py) for the three folders training writes, checked before anything slow
+    and locked for the run. OUTPUT_DIR is written in place and may hold the checkpoint a run resumes from."""
+    outputs = [Output("--output_dir", cfg.output_dir, WORKDIR), Output("--adapter_dir", cfg.adapter_dir, FOLDER),
+               Output("--tokenizer_dir", cfg.tokenizer_dir, FOLDER)]
     resume = cfg.resume_from_checkpoint
     inputs = {"--dataset_path": cfg.dataset_path,
               "--base_model": cfg.base_model if Path(cfg.base_model).expanduser().exists() else "",
               "--resume_from_checkpoint": "" if resume.lower() in ("auto", *RESUME_OFF) else resume}
-    check_outputs_apart(outputs, inputs, folders={"--adapter_dir", "--tokenizer_dir"})
-    for flag, folder in outputs.items():
-        check_output_folder(folder, flag, cfg.overwrite_output)
+    return claim_outputs(inputs, outputs, "train", cfg.overwrite_output, lock=is_main_process())
 
 
 def mark_work_folder(cfg) -> None:
     """A manifest in OUTPUT_DIR marks it as ours, so that later runs may write (and resume) there."""
-    work = Path(cfg.output_dir)
-    if is_main_process() and read_our_manifest(work) is None:
-        write_json_atomic(work / FOLDER_MANIFEST, build_manifest("train", cfg, contents="checkpoints and logs"))
+    if is_main_process():
+        mark_workdir(cfg.output_dir, build_manifest("train", cfg, contents="checkpoints and logs"))
 
 
 def sft_trainer_class():
@@ -344,11 +344,8 @@ def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callab
     once the backend is loaded, because Unsloth must patch TRL before TRL is imported.
     """
     with contextlib.ExitStack() as locks:  # released however the stage ends
-        backend = check_stage(cfg)
+        backend = check_stage(cfg, locks)
         records, train_records, eval_records = read_and_split(cfg)  # before the (slow) model load
-        if is_main_process():
-            for flag, folder in (("--output_dir", cfg.output_dir), ("--adapter_dir", cfg.adapter_dir)):
-                locks.enter_context(folder_lock(folder, flag))
         model, tokenizer = load_model(cfg, backend)
         rows = prepare_rows(cfg, tokenizer, len(records), train_records, eval_records)
         model = add_adapter(cfg, model, backend)
@@ -364,8 +361,9 @@ def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callab
         return run.trainer
 
 
-def check_stage(cfg) -> str:
-    """The flags and output folders, checked before anything slow; returns the backend to load."""
+def check_stage(cfg, locks: contextlib.ExitStack) -> str:
+    """The flags and output folders (claimed for as long as `locks` holds), checked before anything slow; returns
+    the backend to load."""
     check_step_limit(cfg)
     backend = choose_backend(cfg.backend)
     if cfg.packing and backend != "unsloth":
@@ -374,7 +372,7 @@ def check_stage(cfg) -> str:
             "sdpa attention, packed examples would attend across their boundaries; use --packing false"
         )
     check_training_flags(cfg)
-    check_output_folders(cfg)
+    locks.enter_context(claim_training_outputs(cfg))
     return backend
 
 
