@@ -103,7 +103,7 @@ def _acquire(path: Path, flag: str, folder: Path, shared: bool) -> int:
         if not exclusive:
             return fd  # shared with other readers: the first of them wrote the file
         if not created:  # held by nobody: left by a run that is gone
-            owner = _owner(fd)
+            owner = _owner(fd) if os.fstat(fd).st_nlink == 1 else None  # ours are made by O_EXCL: one name
             if owner is None:
                 os.close(fd)
                 raise UserError(f"{path}: the lock path of {flag} holds a file that is not a lock of this toolkit; "

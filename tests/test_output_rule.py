@@ -207,14 +207,15 @@ def test_a_folder_or_a_users_file_at_the_lock_path_is_one_line(tmp_path):
     assert hard.read_text() == "not a lock" and lock_path(tmp_path / "adapter").read_text() == "not a lock"
 
 
-def test_a_stale_lock_hard_linked_elsewhere_is_replaced_not_written_into(tmp_path):
+def test_a_lock_file_hard_linked_elsewhere_is_never_written_into_nor_removed(tmp_path):
     stale = json.dumps({"pid": 999999999, "host": "gone", "started": "x"})
     other = tmp_path / "other_name"
     other.write_text(stale)
     os.link(other, lock_path(tmp_path / "outputs"))
-    with folder_lock(tmp_path / "outputs", "--output_dir") as path:
-        assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert other.read_text() == stale and not lock_path(tmp_path / "outputs").exists()
+    with pytest.raises(UserError, match="holds a file that is not a lock of this toolkit"):
+        with folder_lock(tmp_path / "outputs", "--output_dir"):
+            pass
+    assert other.read_text() == stale and lock_path(tmp_path / "outputs").stat().st_nlink == 2
 
 
 def test_shared_readers_keep_writers_out_and_the_last_one_removes_the_lock(tmp_path):

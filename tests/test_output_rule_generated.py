@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -285,6 +286,46 @@ def nothing_in_the_way(tree: Tree, before: dict, layout, stage, lock_squatters, 
     return True
 
 
+def must_refuse(tree: Tree, before: dict, stage: str, inputs: dict, overwrite: bool) -> str | None:
+    """Why the rule must refuse this tree, or None: the spec, written apart from the code under test."""
+    manifest_stage, outputs, _ = STAGES[stage]
+    sources = [relative_target(tree.root, path) for path in inputs.values()]  # None: a loop, or /dev/null
+    targets = [relative_target(tree.root, slot) for _, slot, _, _ in outputs]
+    if None in targets:
+        return "a loop of links or a device"
+    if len(targets) == 2 and (targets[0] == targets[1] or targets[0].startswith(targets[1] + "/")
+                              or targets[1].startswith(targets[0] + "/")):
+        return "nested outputs"
+    for (_, slot, kind, manifest_name), target in zip(outputs, targets):
+        entry = before.get(target)
+        if entry and (entry[0] == "other" or (entry[0] == "dir") != (kind in (FOLDER, WORKDIR))):
+            return "a FIFO, or a file where a folder goes (or the reverse)"
+        written = [target, target + ".manifest.json"] if kind == FILE else [target]
+        for source in filter(None, sources):
+            held = before.get(source)
+            same_inode = entry and held and entry[0] == held[0] == "file" and entry[3] == held[3]
+            if source in written or same_inode or (held and held[0] == "dir" and any(
+                    path.startswith(source + "/") for path in written)) or (kind == FOLDER and source.startswith(
+                    target + "/")):
+                return "an output over an input"
+        manifest = before.get(target + ".manifest.json") if kind == FILE else None
+        if manifest and manifest[0] != "file":
+            return "a manifest path that is not a file"
+        lock = before.get(str(Path(target).with_name(f".{Path(target).name}.lock")))
+        if kind in (FOLDER, WORKDIR) and lock and not (lock[0] == "file" and lock[1] == STALE_LOCK):
+            return "a lock path taken"
+        if overwrite:
+            continue
+        if kind == FILE and ((entry and not file_is_ours(before, target, manifest_stage))
+                             or (manifest and not names_stage(manifest, manifest_stage))):
+            return "the user's file or manifest"
+        children = [key for key in before if key.startswith(target + "/") and "/" not in key[len(target) + 1:]]
+        if kind in (FOLDER, WORKDIR) and any(not Path(key).name.startswith(".") for key in children) and \
+                not names_stage(before.get(f"{target}/{manifest_name}"), manifest_stage):
+            return "the user's folder or another stage's"
+    return None
+
+
 def entry_tree(entries: dict, name: str) -> dict:
     """An entry and everything under it, keyed relative to it."""
     return {key[len(name):]: value for key, value in entries.items() if key == name or key.startswith(name + "/")}
@@ -328,6 +369,8 @@ def check_folder(tree, before, after, slot, target, kind, manifest_name, manifes
             assert new_entries[name][:2] == ("file", value)
     stage_written, pristine = tree.ours_entries.get(target, (None, set()))
     ours = pristine if same(stage_written, manifest_stage) else set()
+    if names_stage(before.get(f"{target}/{manifest_name}"), manifest_stage):
+        ours = ours | {manifest_name}  # a manifest naming this stage is ours (an older version's or a forger's)
     for name in {key.split("/")[0] for key in old_entries}:
         if kind == FOLDER and name in ours:
             continue  # ours: replaced
@@ -356,6 +399,8 @@ def run_case(tmp_path: Path, stage: str, layout, manifest_squatter, lock_squatte
         refused, error = False, ""
     after = snapshot(root)
     assert not (refused and must_succeed), f"refused a tree with nothing in the way: {error}"
+    reason = must_refuse(tree, before, stage, inputs, overwrite)
+    assert refused or not reason, f"not refused: {reason}"
     changed = set() if refused else check_written(tree, before, after, stage, overwrite)
     for key, value in before.items():
         if key in changed or Path(key).name in tree.stale_locks:
@@ -366,10 +411,11 @@ def run_case(tmp_path: Path, stage: str, layout, manifest_squatter, lock_squatte
     assert not leftovers
 
 
-@settings(max_examples=120)
-@given(stage=st.sampled_from(sorted(STAGES)), layout=layouts,
-       manifest_squatter=squatters, lock_squatters=st.fixed_dictionaries({"out": squatters, "out2": squatters}),
-       moved=inputs_moved, overwrite=st.booleans())
+@pytest.mark.parametrize("stage", sorted(STAGES))
+@settings(max_examples=250)
+@given(layout=layouts, manifest_squatter=squatters,
+       lock_squatters=st.fixed_dictionaries({"out": squatters, "out2": squatters}), moved=inputs_moved,
+       overwrite=st.booleans())
 def test_the_output_rule_against_random_trees(tmp_path, stage, layout, manifest_squatter, lock_squatters, moved,
                                               overwrite):
     run_case(tmp_path, stage, layout, manifest_squatter, lock_squatters, moved, overwrite)
