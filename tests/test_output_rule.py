@@ -13,7 +13,6 @@ from conftest import FIXTURES, run_script
 
 from qwen_sft import export
 from qwen_sft.artifacts import (
-    APPEND,
     FOLDER,
     Output,
     append_to_file,

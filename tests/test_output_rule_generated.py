@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, run_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +37,8 @@ from qwen_sft.artifacts import (
 )
 from qwen_sft.cli import UserError
 
+HUB = FIXTURES / "hub"
+ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
 # stage -> (manifest stage, outputs as (flag, slot, kind, manifest name), inputs as flag -> slot)
 STAGES = {
     "mix": ("data_integration", [("--output_file", "out", FILE, None)], {"--my_report_data_path": "in"}),
@@ -111,7 +114,7 @@ def build_folder(tree: Tree, slot: str, spec: dict) -> None:
             (temporary / "manifest.json").write_text(json.dumps({"stage": spec["ours"]}))
         pristine = {entry.name for entry in path.iterdir()}
         if spec["tamper"] and len(pristine) > 1:
-            changed = sorted(pristine - {"manifest.json"})[0]
+            changed = min(pristine - {"manifest.json"})
             if (path / changed).is_file():
                 (path / changed).write_bytes(b"changed by the user")
                 pristine.discard(changed)
@@ -412,10 +415,39 @@ def run_case(tmp_path: Path, stage: str, layout, manifest_squatter, lock_squatte
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-@settings(max_examples=250)
+@settings(max_examples=300)
 @given(layout=layouts, manifest_squatter=squatters,
        lock_squatters=st.fixed_dictionaries({"out": squatters, "out2": squatters}), moved=inputs_moved,
        overwrite=st.booleans())
 def test_the_output_rule_against_random_trees(tmp_path, stage, layout, manifest_squatter, lock_squatters, moved,
                                               overwrite):
     run_case(tmp_path, stage, layout, manifest_squatter, lock_squatters, moved, overwrite)
+
+
+@settings(max_examples=12)
+@given(layout=st.fixed_dictionaries({"out": slots, "out2": missing, "in": missing, "indir": missing, "other": slots}),
+       manifest_squatter=squatters, overwrite=st.booleans())
+def test_the_mix_script_against_random_trees(tmp_path, layout, manifest_squatter, overwrite):
+    """End to end: data_integration.py into a random tree exits 0 or gives one line with exit 2, and changes only
+    its output and manifest (the user's manifest kept as NAME.user)."""
+    root = Path(tempfile.mkdtemp(dir=tmp_path))
+    tree = build(root, layout, manifest_squatter, {})
+    before = snapshot(root)
+    reason = must_refuse(tree, before, "mix", {}, overwrite)
+    result = run_script("data_integration.py", "--my_report_data_path", REPORTS, "--sources",
+                        f"orca={ORCA},pubmed={PUBMED}", "--ratios", "reports=0,orca=1,pubmed=0", "--total_samples", 3,
+                        "--output_file", root / "out", "--overwrite_output", str(overwrite).lower(), cwd=tmp_path)
+    after = snapshot(root)
+    if result.returncode == 2:
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+        assert after == before
+        return
+    assert result.returncode == 0 and not reason, (reason, result.stderr[-2000:])
+    target = relative_target(root, "out")
+    manifest = json.loads(after[target + ".manifest.json"][1])
+    assert manifest["output"]["sha256"] == hashlib.sha256(after[target][1]).hexdigest()
+    if before.get(target + ".manifest.json") and not names_stage(before[target + ".manifest.json"], "data_integration"):
+        assert content(after[target + ".manifest.json.user"]) == content(before[target + ".manifest.json"])
+    for key, value in before.items():
+        if key not in (target, target + ".manifest.json"):
+            assert content(after.get(key, ("gone",))) == content(value), key
