@@ -50,7 +50,7 @@ RESUME_FROM_CHECKPOINT = "false"  # false, a checkpoint folder, or auto (latest 
 OUTPUT_DIR = "outputs"  # checkpoints and TensorBoard logs
 ADAPTER_DIR = "Qwen_finetuning_model"  # final adapter + tokenizer + manifest + loss curve
 TOKENIZER_DIR = "Qwen_finetuning_tokenizer"  # tokenizer copy, as the seed project had it
-OVERWRITE_OUTPUT = False  # write into output folders this toolkit did not create (files of the same name replaced)
+OVERWRITE_OUTPUT = False  # write into folders this toolkit did not create (your files kept; OUTPUT_DIR in place)
 
 
 def main():
