@@ -6,6 +6,7 @@ the defaults and any flag given wins. The printed config marks what it set.
 
 from __future__ import annotations
 
+from .batching import parse_batch_flags
 from .cli import FROM_COMMAND_LINE, UserError
 
 # The tiny model's pipeline check: 30 steps, evaluated and saved every 10, with the seed's NF4 and 8-bit AdamW
@@ -53,6 +54,8 @@ def with_preset(stage: str, then=None):
 
     def resolve(values: dict, notes: dict) -> list[str]:
         apply_preset(values, notes, stage)
+        if stage == "training":
+            parse_batch_flags(values)
         return then(values, notes) if then is not None else []
 
     return resolve
