@@ -169,6 +169,7 @@ class BatchChoice:
     auto: frozenset  # the settings `auto` decided
     need_gib: float | None = None
     free_gib: float | None = None
+    loaded_gib: float | None = None  # GPU memory the loaded model held when the choice was made
 
     def line(self) -> str:
         if not self.auto:
@@ -178,7 +179,7 @@ class BatchChoice:
     def record(self) -> dict:
         return {"micro_batch": self.shape.micro_batch, "accumulation": self.shape.accumulation,
                 "recompute": self.shape.recompute, "auto": sorted(self.auto), "reason": self.reason,
-                "need_gib": self.need_gib, "free_gib": self.free_gib}
+                "need_gib": self.need_gib, "free_gib": self.free_gib, "loaded_gib": self.loaded_gib}
 
 
 def choose_batch(settings: dict, world_size: int, train_rows: int, rows_seen: Rows,
@@ -230,6 +231,12 @@ def step_down(choice: BatchChoice) -> BatchChoice | None:
     else:
         return None
     return BatchChoice(smaller, f"stepped down from {shape} after running out of memory", auto)
+
+
+def allocated_gpu_gib() -> float | None:
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def free_gpu_gib() -> float | None:

@@ -9,7 +9,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +24,8 @@ from .artifacts import (
     sha256_file,
     write_json_atomic,
 )
-from .batching import (AUTO, BATCH_FLAGS, BatchChoice, BatchShape, Rows, choose_batch, free_gpu_gib, model_size,
-                       report_packing, report_padding, step_down)
+from .batching import (AUTO, BATCH_FLAGS, BatchChoice, BatchShape, Rows, allocated_gpu_gib, choose_batch, free_gpu_gib,
+                       model_size, report_packing, report_padding, step_down)
 from .cli import UserError, is_main_process, say
 from .data import TokenizedRecords, split_records, tokenize_records
 from .families import family
@@ -430,6 +430,7 @@ def settle_batch(cfg, model, rows: StageRows) -> BatchChoice:
     size = model_size(model.config, cfg.lora_r, cfg.lora_target_modules) if cuda_available() else None
     settings = {name: cfg[name] for name in BATCH_FLAGS}
     choice = choose_batch(settings, launched_processes(), len(lengths), seen, size, free_gpu_gib())
+    choice = replace(choice, loaded_gib=allocated_gpu_gib())
     use_shape(cfg, choice.shape)
     say(choice.line())
     if not cfg.packing:
