@@ -167,23 +167,61 @@ SEED_FLAGS = ["--per_device_train_batch_size", "2", "--gradient_accumulation_ste
 UNSLOTH_WARNING = "could not be counted"
 
 
+def stage_launcher(cap_gib: float | None, padding_free: bool) -> list[str]:
+    """The command before the stage's flags: its entry point, under a memory cap set before the stage starts, or
+    (padding_free) this script's in-process run of the stage with TRL's padding-free batches."""
+    stage = str(ROOT / "Qwen_finetuning.py")
+    if padding_free:
+        return [sys.executable, __file__, "--padding_free_stage"]
+    if cap_gib is None:
+        return [sys.executable, stage]
+    capped = ("import runpy, sys, torch; total = torch.cuda.get_device_properties(0).total_memory; "
+              f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / total); "
+              "sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", capped, stage]
+
+
+def padding_free_stage(stage_flags: list[str]) -> None:
+    """Qwen_finetuning.py as its main() runs it, but with TRL's padding-free batches and no packing: a micro-batch's
+    rows concatenated into one sequence, each attending within itself through the varlen path packing uses. It
+    goes through train()'s trainer_class hook; the rows are already cut to --max_seq_length, so TRL need not."""
+    import Qwen_finetuning as stage
+    from qwen_sft.cli import parse_config, run_stage, say
+    from qwen_sft.presets import with_preset
+
+    def padding_free_trainer_class():
+        from qwen_sft.packed_attention import enable_varlen_packed_attention
+        from qwen_sft.training import sft_trainer_class
+
+        say(f"padding-free batches, unpacked; attention: {enable_varlen_packed_attention()}")
+
+        class PaddingFree(sft_trainer_class()):
+            def __init__(self, *args, **kwargs):
+                kwargs["args"].padding_free, kwargs["args"].max_length = True, None
+                super().__init__(*args, **kwargs)
+
+        return PaddingFree
+
+    def main():
+        from qwen_sft.training import train
+
+        train(parse_config(vars(stage), stage_flags, resolve=with_preset("training")), stage.__file__,
+              trainer_class=padding_free_trainer_class)
+
+    run_stage(main)
+
+
 def default_stage(name: str, model_path: str, mix: str, steps: int, extra: list[str], cap_gib: float | None,
-                  workdir: Path) -> dict:
-    """One run of the stage's default (unpacked) path through its entry point, on GPU 0, optionally under a memory
-    cap set before the stage starts; its output is streamed and kept for the lines auto and Unsloth print."""
+                  workdir: Path, padding_free: bool = False) -> dict:
+    """One run of the stage's default (unpacked) path on GPU 0 (see stage_launcher); its output is streamed and
+    kept for the lines auto and Unsloth print."""
     workdir.mkdir(parents=True, exist_ok=True)
     flags = ["--base_model", model_path, "--dataset_path", mix, "--max_steps", str(steps), "--save_steps", "100000",
              "--logging_steps", "5", "--backend", "unsloth", *extra]
-    stage = str(ROOT / "Qwen_finetuning.py")
-    if cap_gib is None:
-        command = [sys.executable, stage, *flags]
-    else:
-        capped = ("import runpy, sys, torch; total = torch.cuda.get_device_properties(0).total_memory; "
-                  f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / total); "
-                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-        command = [sys.executable, "-c", capped, stage, *flags]
-    print(f"$ ({name}) " + " ".join(command[-len(flags) - 1:]) + (f"   [cap {cap_gib} GiB]" if cap_gib else ""),
-          flush=True)
+    command = [*stage_launcher(cap_gib, padding_free), *flags]
+    print(f"$ ({name}) " + " ".join(command[-len(flags) - 1:]) + (f"   [cap {cap_gib} GiB]" if cap_gib else "")
+          + ("   [padding-free]" if padding_free else ""), flush=True)
     lines = []
     with subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", TORCH_LOGS="recompiles")) as process:
@@ -230,6 +268,11 @@ def default_path(args, mix: str, write) -> dict:
                                       Path(f"/tmp/bench_default_{name}"))
         record = default_summary(results, args.default_tolerance)
         write(record)
+    if args.padding_free:  # for the record: auto's split with padding-free batches instead of grouped padding
+        results["auto_padding_free"] = default_stage("auto_padding_free", args.model, mix, args.stage_steps, [], None,
+                                                     Path("/tmp/bench_default_padding_free"), padding_free=True)
+        record = default_summary(results, args.default_tolerance)
+        write(record)
     print_default(record)
     return record
 
@@ -244,7 +287,8 @@ def default_summary(results: dict, tolerance: float) -> dict:
             continue
         record[f"ratio_{name}_over_seed"] = round(run["real_tokens_per_s"] / seed["real_tokens_per_s"], 3)
         record[f"loss_parity_{name}_vs_seed"] = loss_parity(seed, run, tolerance)
-    record["no_out_of_memory"] = not any(run["out_of_memory"] or run["exit_code"] for run in results.values())
+    required = [run for name, run in results.items() if name != "auto_padding_free"]
+    record["no_out_of_memory"] = not any(run["out_of_memory"] or run["exit_code"] for run in required)
     record["unsloth_warning_seen"] = any(run["unsloth_could_not_count_warning"] for run in results.values())
     return record
 
@@ -259,7 +303,7 @@ def print_default(record: dict) -> None:
               f"({run['peak_gpu_memory_reserved_gib']} reserved)  cap {run['cap_gib']}  estimate "
               f"{choice.get('need_gib')} GiB of {choice.get('free_gib')} free  {run['batch_line']}"
               f"{'  STEPPED DOWN' if run['stepped_down'] else ''}")
-    for name in ("auto", "auto_24gb", "auto_16gb"):
+    for name in ("auto", "auto_24gb", "auto_16gb", "auto_padding_free"):
         if f"ratio_{name}_over_seed" in record:
             parity = record[f"loss_parity_{name}_vs_seed"]
             print(f"{name}/seed = {record[f'ratio_{name}_over_seed']}   loss: max relative difference "
@@ -374,6 +418,9 @@ def two_gpus(args, mix: str, write) -> dict:
 
 
 def main():
+    if sys.argv[1:2] == ["--padding_free_stage"]:  # internal: one padding-free run of the stage, in this process
+        padding_free_stage(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/qwen7b-random", help="model folder; built (random 7B) if missing")
     parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"), help="the data stage's output")
@@ -394,6 +441,8 @@ def main():
     parser.add_argument("--two_gpus", action="store_true", help="measure 1 vs 2 GPUs (data parallel) instead")
     parser.add_argument("--default_path", action="store_true",
                         help="measure the default path instead: the seed's 2 x 4 against auto, whole card and capped")
+    parser.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
+                        help="--default_path: also auto with padding-free batches (TRL's padding_free, unpacked)")
     parser.add_argument("--default_tolerance", type=float, default=0.01,
                         help="largest relative per-step loss difference of auto vs the seed's split (--default_path)")
     parser.add_argument("--only", choices=["a", "b"], help="internal: run one bare loop and print its JSON")

@@ -126,10 +126,12 @@ class MemoryModel:
         return self.fixed_gib + (size.lora_parameters * self.bytes_per_lora_parameter + activations) / 2**30
 
 
-# Unsloth, NF4, bf16. Packed rows run Unsloth's eager decoder, which keeps more per token than its compiled one.
-UNSLOTH_QLORA = MemoryModel(fixed_gib=1.0, bytes_per_lora_parameter=16.0,
-                            activation_bytes={(False, False): 3.5, (False, True): 0.3,
-                                              (True, False): 6.5, (True, True): 0.35})
+# Unsloth, NF4, bf16, fitted on the 7B shape's peaks (H100, 2026-12-06) with about 5% to spare: above the loaded
+# model, 2 x 4 rows of up to 1,087 tokens took 1.0 GiB with recomputation, 8 x 1 2.8 GiB; without it 4 x 2 took
+# 15.6 GiB and 8 x 1 30.9 GiB; packed 4 x 2,048 tokens 29.6 GiB (bench/README.md, the `default` part).
+UNSLOTH_QLORA = MemoryModel(fixed_gib=0.5, bytes_per_lora_parameter=8.0,
+                            activation_bytes={(False, False): 6.3, (False, True): 0.5,
+                                              (True, False): 6.3, (True, True): 0.5})
 
 
 def model_size(config, lora_r: int, target_modules: list[str]) -> ModelSize | None:

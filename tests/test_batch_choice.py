@@ -16,7 +16,7 @@ AUTO_ALL = dict.fromkeys(BATCH_FLAGS, AUTO)
 QWEN_7B = model_size(type("Config", (), {"hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944,
                                          "num_attention_heads": 28, "num_key_value_heads": 4}),
                      16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-MIX = Rows(longest=2048, mean=545, packed=False)  # the data stage's mix: two rows reach --max_seq_length
+MIX = Rows(longest=1087, mean=545, packed=False)  # the data stage's 1,500-row mix
 PACKED = Rows(longest=2048, mean=2048, packed=True)
 # Fake numbers: 1 GiB per micro-batch row without recomputation, 0.1 GiB with it, nothing fixed.
 FAKE = MemoryModel(fixed_gib=0.0, bytes_per_lora_parameter=0.0,
@@ -50,15 +50,15 @@ def test_the_largest_micro_batch_that_fits_then_recomputation_only_where_needed(
 
 def test_the_line_says_what_auto_chose_and_why():
     choice = choose_batch(AUTO_ALL, 1, 1350, MIX, QWEN_7B, 74.2)
-    assert choice.line() == ("batch: auto chose 8 × 1, no recomputation: 35 GiB needed of 74 free "
-                             "(rows up to 2048 tokens)")
-    assert choice.record()["auto"] == sorted(BATCH_FLAGS) and choice.record()["need_gib"] == pytest.approx(35, abs=1)
+    assert choice.line() == ("batch: auto chose 8 × 1, no recomputation: 33 GiB needed of 74 free "
+                             "(rows up to 1087 tokens)")
+    assert choice.record()["auto"] == sorted(BATCH_FLAGS) and choice.record()["need_gib"] == pytest.approx(33, abs=1)
 
 
 @pytest.mark.parametrize(("free_gib", "unpacked", "packed"), [
-    (74, (8, 1, False), (4, 2, False)),  # an 80 GB card after the 7B's 5 GiB: packed as --preset h200_fast
-    (18.5, (8, 1, True), (4, 2, True)),  # a 24 GB card: packed as --preset gpu24
-    (10.5, (8, 1, True), (4, 2, True)),  # 16 GB
+    (72.6, (8, 1, False), (4, 2, False)),  # an 80 GB card after the 7B's 5.2 GiB: packed as --preset h200_fast
+    (18.3, (8, 1, True), (4, 2, True)),  # a 24 GB card: packed as --preset gpu24
+    (10.3, (8, 1, True), (4, 2, True)),  # 16 GB
 ])
 def test_the_7b_on_each_card_and_the_presets_are_what_auto_chooses_packed(free_gib, unpacked, packed):
     assert shape(choose_batch(AUTO_ALL, 1, 1350, MIX, QWEN_7B, free_gib)) == unpacked
