@@ -429,7 +429,7 @@ def settle_batch(cfg, model, rows: StageRows) -> BatchChoice:
             else Rows(max(lengths, default=1), sum(lengths) / max(len(lengths), 1), False))
     size = model_size(model.config, cfg.lora_r, cfg.lora_target_modules) if cuda_available() else None
     settings = {name: cfg[name] for name in BATCH_FLAGS}
-    choice = choose_batch(settings, launched_processes(), len(lengths), seen, size, free_gpu_gib())
+    choice = choose_batch(settings, launched_processes(), len(lengths), seen, size, least_free_gpu_gib())
     choice = replace(choice, loaded_gib=allocated_gpu_gib())
     use_shape(cfg, choice.shape)
     say(choice.line())
@@ -441,6 +441,19 @@ def settle_batch(cfg, model, rows: StageRows) -> BatchChoice:
     )
     require_one_batch(cfg, len(lengths), launched_processes())
     return choice
+
+
+def least_free_gpu_gib() -> float | None:
+    """The free GPU memory of the process with the least: every process must train with the same shape."""
+    free = free_gpu_gib()
+    if free is None or launched_processes() == 1:
+        return free
+    import torch
+    from accelerate import PartialState  # sets up the process group, as the trainer's arguments would next
+
+    value = torch.tensor([free], device=PartialState().device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return float(value)
 
 
 def use_shape(cfg, shape: BatchShape) -> None:
@@ -594,14 +607,16 @@ def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, scri
 
 def train_stepping_down(cfg, run: TrainingRun, resume: str | None, choice: BatchChoice, backend: str) -> BatchChoice:
     """trainer.train(); where `auto` chose the batch shape and the first step runs out of memory (the first
-    batch holds the longest row), once more one step down (batching.step_down). Returns the shape trained with."""
+    batch holds the longest row), once more one step down (batching.step_down). Returns the shape trained with.
+    A single process only: the other processes of a data-parallel run would wait for the failed one."""
     import torch
 
     try:
         run.trainer.train(resume_from_checkpoint=resume)
         return choice
     except torch.cuda.OutOfMemoryError:
-        smaller = step_down(choice) if run.progress.first_step_s is None else None
+        first_step = run.progress.first_step_s is None
+        smaller = step_down(choice) if first_step and launched_processes() == 1 else None
         if smaller is None:
             raise
     # Outside the except block, so that the failed step's tensors, held by the traceback, are freed.
