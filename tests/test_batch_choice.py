@@ -168,3 +168,13 @@ def test_out_of_memory_with_explicit_values_or_twice_is_one_line(tmp_path):
             train(_tiny_config(tmp_path / name, MAX_STEPS=2, **overrides), "Qwen_finetuning.py",
                   trainer_class=lambda: _out_of_memory_once(failures))
         assert len(failures["micro_batches"]) == left
+
+
+def test_the_seeds_split_is_one_flag_away():
+    from qwen_sft.cli import FROM_COMMAND_LINE
+    from qwen_sft.presets import with_preset
+
+    values = {"PRESET": "seed", **AUTO_ALL}
+    with_preset("training")(values, {"PRESET": FROM_COMMAND_LINE})
+    assert tuple(values[name] for name in BATCH_FLAGS) == (2, 4, True)
+    assert shape(choose_batch(values, 1, 1000, ONE_TOKEN, ONE_UNIT, 1000, FAKE)) == (2, 4, True)
