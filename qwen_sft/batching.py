@@ -155,10 +155,11 @@ def rows_per_process(world_size: int) -> int:
     return max(1, SEED_ROWS_PER_STEP // world_size)
 
 
-def fill_split(micro_batch, accumulation, rows: int) -> tuple[int, int]:
-    """The explicit half of the split kept, the `auto` half derived so that a step takes about `rows` rows."""
+def fill_split(micro_batch, accumulation, rows: int, most: int) -> tuple[int, int]:
+    """The explicit half of the split kept, the `auto` half derived so that a step takes about `rows` rows (a
+    micro-batch of at most `most`)."""
     if micro_batch == AUTO and accumulation == AUTO:
-        micro_batch = min(SEED_MICRO_BATCH, rows)
+        micro_batch = min(SEED_MICRO_BATCH, most)
     if micro_batch == AUTO:
         return max(1, rows // accumulation), accumulation
     return micro_batch, accumulation if accumulation != AUTO else max(1, rows // micro_batch)
@@ -193,19 +194,19 @@ def choose_batch(settings: dict, world_size: int, train_rows: int, rows_seen: Ro
     micro, accumulation, recompute = (settings[name] for name in BATCH_FLAGS)
     auto = frozenset(name for name in BATCH_FLAGS if settings[name] == AUTO)
     rows = rows_per_process(world_size)
+    most = max(1, min(rows, train_rows // world_size))  # every process needs one whole micro-batch
     if not auto:
         return BatchChoice(BatchShape(micro, accumulation, recompute), "as given", auto)
     if size is None or free_gib is None:
-        micro, accumulation = fill_split(micro, accumulation, rows)
+        micro, accumulation = fill_split(micro, accumulation, rows, most)
         why = "no CUDA GPU" if free_gib is None else "the model's shape is unknown"
         return BatchChoice(BatchShape(micro, accumulation, True if recompute == AUTO else recompute),
                            f"the seed's split ({why})", auto)
     if micro == AUTO and accumulation == AUTO:
-        most = max(1, min(rows, train_rows // world_size,  # every process needs one whole micro-batch
-                          int(BUSY_TOKENS // max(rows_seen.mean, 1))))
-        micro_batches = [count for count in range(most, 0, -1) if rows % count == 0]
+        busy = max(1, int(BUSY_TOKENS // max(rows_seen.mean, 1)))
+        micro_batches = [count for count in range(min(most, busy), 0, -1) if rows % count == 0]
     else:
-        micro_batches = [fill_split(micro, accumulation, rows)[0]]
+        micro_batches = [fill_split(micro, accumulation, rows, most)[0]]
     candidates = [(candidate, flag) for candidate in micro_batches
                   for flag in ((False, True) if recompute == AUTO else (recompute,))]
     budget = free_gib * HEADROOM
@@ -213,7 +214,7 @@ def choose_batch(settings: dict, world_size: int, train_rows: int, rows_seen: Ro
         need = memory.need_gib(size, candidate, rows_seen, flag)
         if need <= budget:
             break
-    shape = BatchShape(candidate, fill_split(candidate, accumulation, rows)[1] if accumulation == AUTO
+    shape = BatchShape(candidate, fill_split(candidate, accumulation, rows, most)[1] if accumulation == AUTO
                        else accumulation, flag)
     verdict = "needed of" if need <= budget else "needed, more than the estimate allows of"
     return BatchChoice(shape, f"{need:.0f} GiB {verdict} {free_gib:.0f} free (rows up to {rows_seen.longest} tokens)",

@@ -178,3 +178,8 @@ def test_the_seeds_split_is_one_flag_away():
     with_preset("training")(values, {"PRESET": FROM_COMMAND_LINE})
     assert tuple(values[name] for name in BATCH_FLAGS) == (2, 4, True)
     assert shape(choose_batch(values, 1, 1000, ONE_TOKEN, ONE_UNIT, 1000, FAKE)) == (2, 4, True)
+
+
+def test_auto_trains_a_dataset_smaller_than_the_seeds_micro_batch():
+    assert shape(choose_batch(AUTO_ALL, 1, 1, ONE_TOKEN, ONE_UNIT, None, FAKE)) == (1, 8, True)
+    assert shape(choose_batch(AUTO_ALL, 2, 3, ONE_TOKEN, ONE_UNIT, None, FAKE)) == (1, 4, True)
