@@ -8,6 +8,7 @@
 #                                             # (c_current), --preset h200_fast (c): c/a, loss parity, peak memory
 #   bash bench/run_h200.sh default LOG_DIR    # the default (unpacked) path: the seed's 2 x 4 against auto, with
 #                                             # the whole card and under 24 GB and 16 GB caps: ratios, loss parity
+#                                             # (add --padding_free: also auto with padding-free batches)
 #   bash bench/run_h200.sh two_gpus LOG_DIR   # (2 GPUs) the fast stage on 1 vs 2 GPUs: scaling efficiency
 #   bash bench/run_h200.sh grad LOG_DIR       # token-weighted accumulation on the GPU: LoRA gradients of (B, 1)
 #                                             # vs (B/k, k), unpacked and packed (bench/accumulation_check.py)
@@ -70,8 +71,8 @@ speed)
   ;;
 default)
   prepare
-  run train_default_path 560 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
-    --default_path --out "$logs/train_default_path.json"
+  run train_default_path 540 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
+    --default_path --out "$logs/train_default_path.json" "${@:3}"   # e.g. --padding_free
   ;;
 two_gpus)
   prepare

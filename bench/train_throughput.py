@@ -441,7 +441,7 @@ def main():
     parser.add_argument("--two_gpus", action="store_true", help="measure 1 vs 2 GPUs (data parallel) instead")
     parser.add_argument("--default_path", action="store_true",
                         help="measure the default path instead: the seed's 2 x 4 against auto, whole card and capped")
-    parser.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--padding_free", action="store_true",
                         help="--default_path: also auto with padding-free batches (TRL's padding_free, unpacked)")
     parser.add_argument("--default_tolerance", type=float, default=0.01,
                         help="largest relative per-step loss difference of auto vs the seed's split (--default_path)")
