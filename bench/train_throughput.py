@@ -165,6 +165,9 @@ CAPS_GIB = {"auto_24gb": 22.5, "auto_16gb": 14.5}
 SEED_FLAGS = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4", "--gradient_checkpointing",
               "true"]
 UNSLOTH_WARNING = "could not be counted"
+# torch's error and the stage's own line; not "out of memory" alone, which Unsloth's advice for runs without
+# gradient checkpointing contains ("If you run out of memory, use ...": the recorded run of 2026-12-06 flagged it)
+OUT_OF_MEMORY_ERRORS = ("CUDA out of memory", "OutOfMemoryError")
 
 
 def stage_launcher(cap_gib: float | None, padding_free: bool) -> list[str]:
@@ -230,7 +233,7 @@ def default_stage(name: str, model_path: str, mix: str, steps: int, extra: list[
             lines.append(line)
     output = "".join(lines).replace("\r", "\n")
     result = {"what": " ".join(flags[2:]), "cap_gib": cap_gib, "exit_code": process.returncode,
-              "out_of_memory": "out of memory" in output.lower(),
+              "out_of_memory": any(error in output for error in OUT_OF_MEMORY_ERRORS),
               "stepped_down": "stepping down" in output,
               "unsloth_could_not_count_warning": UNSLOTH_WARNING in output,
               "recompilations": output.count("Recompiling function"),
