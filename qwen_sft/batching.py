@@ -128,7 +128,7 @@ class MemoryModel:
 
 # Unsloth, NF4, bf16, fitted on the 7B shape's peaks with about 5% to spare: above the loaded model (5.2 GiB), rows
 # of up to 1,087 tokens took 1.0 GiB at 2 x 4 and 2.8 GiB at 8 x 1 with recomputation, 15.6 GiB at 4 x 2 and 30.9 GiB
-# at 8 x 1 without (H100, bench/results/train_default_path.json and the DESIGN table); packed 4 x 2,048 tokens
+# at 8 x 1 without (H100: bench/results/train_default_path.json; 4 x 2 from issue #25's table); packed 4 x 2,048 tokens
 # without recomputation 29.6 GiB (bench/results/train_throughput.json).
 UNSLOTH_QLORA = MemoryModel(fixed_gib=0.5, bytes_per_lora_parameter=8.0,
                             activation_bytes={(False, False): 6.3, (False, True): 0.5,
