@@ -427,7 +427,7 @@ def settle_batch(cfg, model, rows: StageRows) -> BatchChoice:
     # Packed rows are filled up to --max_seq_length (about 3.4 examples each on the data stage's mix).
     seen = (Rows(cfg.max_seq_length, cfg.max_seq_length, True) if cfg.packing
             else Rows(max(lengths, default=1), sum(lengths) / max(len(lengths), 1), False))
-    size = model_size(model.config, cfg.lora_r, cfg.lora_target_modules) if cuda_available() else None
+    size = model_size(model.config, cfg.lora_r, cfg.lora_target_modules)
     settings = {name: cfg[name] for name in BATCH_FLAGS}
     choice = choose_batch(settings, launched_processes(), len(lengths), seen, size, least_free_gpu_gib())
     choice = replace(choice, loaded_gib=allocated_gpu_gib())

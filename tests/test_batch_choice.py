@@ -183,3 +183,21 @@ def test_the_seeds_split_is_one_flag_away():
 def test_auto_trains_a_dataset_smaller_than_the_seeds_micro_batch():
     assert shape(choose_batch(AUTO_ALL, 1, 1, ONE_TOKEN, ONE_UNIT, None, FAKE)) == (1, 8, True)
     assert shape(choose_batch(AUTO_ALL, 2, 3, ONE_TOKEN, ONE_UNIT, None, FAKE)) == (1, 4, True)
+
+
+def test_at_one_row_the_step_down_turns_recomputation_on(tmp_path, capsys, monkeypatch):
+    """As on a GPU (free memory faked): `auto` drops recomputation for one row per micro-batch, the first step runs
+    out of memory, and the stage trains again with recomputation switched on."""
+    from test_training import _tiny_config
+
+    from qwen_sft import training
+
+    monkeypatch.setattr(training, "least_free_gpu_gib", lambda: 1000.0)
+    failures = {"left": 1, "micro_batches": []}
+    trainer = training.train(_tiny_config(tmp_path, MAX_STEPS=1, PER_DEVICE_TRAIN_BATCH_SIZE=1,
+                                          GRADIENT_CHECKPOINTING=AUTO), "Qwen_finetuning.py",
+                             trainer_class=lambda: _out_of_memory_once(failures))
+    out = capsys.readouterr().out
+    assert "batch: auto chose 1 × 8, no recomputation: " in out
+    assert "stepping down to 1 × 8, recomputation" in out and trainer.state.global_step == 1
+    assert trainer.model.is_gradient_checkpointing and len(failures["micro_batches"]) == 1 + 8
