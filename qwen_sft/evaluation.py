@@ -19,7 +19,6 @@ Metric definitions (README, "evaluate.py"):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import re
@@ -39,7 +38,7 @@ from .artifacts import (
 from .cli import UserError
 from .data import split_records, tokenize_records
 from .inherit import overrides
-from .records import read_records
+from .records import json_line, read_records
 
 NO_SOURCE = "unspecified"
 METRICS_FILE = "metrics.json"  # also the manifest of OUTPUT_DIR
@@ -349,7 +348,7 @@ def write_predictions(path: Path, rows: EvalRows, runs: dict) -> None:
                     "prediction": runs["tuned"]["answers"][position]["text"], "source": rows.sources[row]}
             if "base" in runs:
                 line["base_prediction"] = runs["base"]["answers"][position]["text"]
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            handle.write(json_line(line))
 
 
 def run_models(model, tokenizer, cfg, rows: EvalRows) -> dict:

@@ -9,7 +9,6 @@ turns before it, and that turn is its "reference".
 
 from __future__ import annotations
 
-import json
 import time
 
 from .artifacts import atomic_file, build_manifest, check_output_file, check_outputs_apart, sha256_file
@@ -17,7 +16,7 @@ from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
 from .generation import decoding_settings, generate_batch, stream_reply
 from .modeling import read_adapter_manifest
-from .records import PROMPT_HELP, iter_json_rows, validate_record
+from .records import PROMPT_HELP, iter_json_rows, json_line, validate_record
 from .template import build_messages, is_conversation, prompt_ids, reference_answer
 
 
@@ -132,7 +131,7 @@ def answer_file(cfg) -> None:
 
     with atomic_file(cfg.output_file, manifest=describe) as handle:
         for row, result in zip(rows, results):
-            handle.write(json.dumps(answer_row(row, result), ensure_ascii=False) + "\n")
+            handle.write(json_line(answer_row(row, result)))
     print(f"{len(rows)} answers written to {cfg.output_file} ({cut} cut at max_new_tokens "
           f"{decoding['max_new_tokens']})")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -107,9 +108,57 @@ def _validate_conversation(row: dict, where: str, with_output: bool) -> dict:
     return record
 
 
+class BadJSON(ValueError):
+    """A row that no reader can take as JSON text: its message names what is wrong (the caller adds the place)."""
+
+
+def parse_json(text: str | bytes):
+    """json.loads(text), with every way a row can fail as BadJSON: malformed JSON, text that is not UTF-8, nesting
+    deeper than the parser's recursion, an integer longer than Python converts, and a lone surrogate (an escape
+    such as "\\ud800" that no UTF-8 writer, the tokenizer included, can encode)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadJSON(f"malformed JSON ({error.msg} at column {error.colno})") from None
+    except UnicodeDecodeError as error:
+        raise BadJSON(f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except RecursionError:
+        raise BadJSON("JSON nested too deeply to read") from None
+    except ValueError:  # int(): more digits than sys.get_int_max_str_digits()
+        raise BadJSON(f"a number with more than {sys.get_int_max_str_digits():,} digits") from None
+    _refuse_lone_surrogates(text, value)
+    return value
+
+
+def _refuse_lone_surrogates(text: str | bytes, value) -> None:
+    """BadJSON if a string of `value` holds a lone surrogate. Only an escape can put one there (a UTF-8 file holds
+    none raw), so rows without a "\\ud8".."\\udf" escape are not walked."""
+    escapes = _SURROGATE_ESCAPE_BYTES if isinstance(text, bytes) else _SURROGATE_ESCAPE
+    if not escapes.search(text):
+        return
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str) and _LONE_SURROGATE.search(item):
+            raise BadJSON("a lone surrogate escape (such as \"\\ud800\") in a string: not Unicode text")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def iter_json_rows(path: str | os.PathLike):
-    """Yield (line_number, parsed_row) from a JSON array or JSONL file (`-` = standard input); malformed JSON
-    raises UserError."""
+    """Yield (line_number, parsed_row) from a JSON array or JSONL file (`-` = standard input); a row that cannot
+    be read (parse_json) raises UserError naming the file and line.
+
+    JSONL lines end at "\\n" (or "\\r\\n") only: U+2028, U+2029 and U+0085, which str.splitlines() also splits on,
+    are legal raw inside a JSON string, and the toolkit's own writers leave them raw."""
     from_stdin = str(path) == "-"
     path = Path("<stdin>" if from_stdin else path)
     if not from_stdin and path.is_dir():
@@ -125,13 +174,18 @@ def iter_json_rows(path: str | os.PathLike):
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            yield line_number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})") from None
+            yield line_number, parse_json(line)
+        except BadJSON as error:
+            raise UserError(f"{path}:{line_number}: {error}") from None
+
+
+def json_line(row) -> str:
+    """One JSONL line as every stage writes it: UTF-8 text left raw (U+2028 included), ended by "\\n"."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def line_starts(text: str) -> list[int]:
@@ -165,8 +219,16 @@ def _iter_json_array(path: Path, text: str):
     while True:
         try:
             row, end = decoder.raw_decode(text, position)
+            _refuse_lone_surrogates(text[position:end], row)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{line_at(position)}: JSON nested too deeply to read") from None
+        except BadJSON as error:
+            raise UserError(f"{path}:{line_at(position)}: {error}") from None
+        except ValueError:  # int(): more digits than sys.get_int_max_str_digits()
+            limit = sys.get_int_max_str_digits()
+            raise UserError(f"{path}:{line_at(position)}: a number with more than {limit:,} digits") from None
         yield line_at(position), row
         position = skip_space(end)
         if position < len(text) and text[position] == ",":

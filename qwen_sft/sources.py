@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import html
-import json
 import os
 import re
 import sys
@@ -45,7 +44,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cli import UserError
-from .records import iter_json_rows, validate_record
+from .records import BadJSON, iter_json_rows, parse_json, validate_record
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 # Names that are plainly files (so a typo gives "file not found", not a failed hub lookup).
@@ -530,9 +529,9 @@ def _numbered_files_rows(paths: list[Path], schema: Schema | None = None):
             for number, row, span in _numbered_local_rows(path, schema):
                 if span is not None:
                     try:
-                        row = json.loads(read_span(handle, span))
-                    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                        raise UserError(f"{path}:{number}: malformed JSON ({error})") from None
+                        row = parse_json(read_span(handle, span))
+                    except BadJSON as error:
+                        raise UserError(f"{path}:{number}: {error}") from None
                 yield FileRow(str(path), number), row, None
 
 
