@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from qwen_sft.cli import UserError
@@ -370,3 +372,50 @@ def test_training_manifest_counts_shortened_and_dropped_conversations(tokenizer,
         "dropped_last_exchange_too_long": 1,
     }
     assert "1 conversations lost their 1 oldest exchanges; 1 conversations dropped" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- fitting in linear time
+
+def quadratic_fit(tokenizer, record, system_prompt, max_seq_length):
+    """The fitting as it was before it took linear time (every start offset, every prefix rendered): the
+    reference the linear one must equal."""
+    from qwen_sft.template import conversation_messages
+
+    system, *turns = conversation_messages(record, system_prompt)
+    for start in range(0, len(turns), 2):
+        example = conversation_example(tokenizer, [system, *turns[start:]])
+        if len(example["input_ids"]) <= max_seq_length:
+            return example, start // 2
+    return None, 0
+
+
+words = st.text(st.sampled_from("ab 数字\n<>{}|_"), min_size=1, max_size=12).filter(str.strip)
+
+
+@given(contents=st.lists(words, min_size=2, max_size=12).map(lambda items: items[: len(items) // 2 * 2]),
+       system=st.sampled_from([None, "S", "长系统提示"]), max_seq_length=st.integers(20, 160))
+@settings(max_examples=150)
+def test_linear_fitting_gives_the_tokens_and_masks_of_the_old_algorithm(tokenizer, contents, system, max_seq_length):
+    turns = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(contents)]
+    record = {"messages": ([{"role": "system", "content": system}] if system else []) + turns}
+    expected = quadratic_fit(tokenizer, record, DEFAULT_SYSTEM_PROMPT[:12], max_seq_length)
+    assert tokenize_example(tokenizer, record, DEFAULT_SYSTEM_PROMPT[:12], max_seq_length) == expected
+
+
+def test_fitting_renders_only_the_exchanges_that_fit(tokenizer, monkeypatch):
+    """The template renders per conversation grow with the exchanges kept, not with the conversation's length
+    (it was cubic in the length: 200 exchanges took 26 s)."""
+    renders = []
+    original = type(tokenizer).apply_chat_template
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template",
+                        lambda self, *args, **kwargs: renders.append(1) or original(self, *args, **kwargs))
+
+    def count(exchanges: int) -> tuple[int, int]:
+        turns = [turn for i in range(exchanges) for turn in ({"role": "user", "content": f"Question {i % 10}?"},
+                                                            {"role": "assistant", "content": f"Answer {i % 10}."})]
+        renders.clear()
+        example, dropped = tokenize_example(tokenizer, {"messages": turns}, "S", 256)
+        return len(renders), exchanges - dropped
+
+    (short_renders, short_kept), (long_renders, long_kept) = count(100), count(10_000)
+    assert short_kept == long_kept < 20 and short_renders == long_renders <= 10 * short_kept
