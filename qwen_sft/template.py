@@ -37,9 +37,30 @@ def conversation_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROM
     return [{"role": "system", "content": system_prompt}, *turns]
 
 
-def reference_answer(record: dict) -> str:
-    """The answer a record teaches last: `output`, or a conversation's final assistant turn."""
-    return record["messages"][-1]["content"] if is_conversation(record) else record["output"]
+def is_text(record: dict) -> bool:
+    """A plain text row: language modelling, every token learned, no prompt and no answer."""
+    return "text" in record
+
+
+def reference_answer(record: dict) -> str | None:
+    """The answer a record teaches last: `output`, or a conversation's final assistant turn as the template writes
+    it (its content, then its tool calls); None for a text row."""
+    if is_text(record):
+        return None
+    if not is_conversation(record):
+        return record["output"]
+    last = record["messages"][-1]
+    calls = [_rendered_call(call) for call in last.get("tool_calls", [])]
+    return "\n".join(([last["content"]] if last["content"] else []) + calls)
+
+
+def _rendered_call(call: dict) -> str:
+    """One tool call as the official template writes it (its tojson: json.dumps with ensure_ascii=False)."""
+    import json
+
+    function = call["function"]
+    arguments = json.dumps(function["arguments"], ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
 
 
 def build_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT, with_answer: bool = False) -> list[dict]:
@@ -199,6 +220,8 @@ def tokenize_example(tokenizer, record: dict, system_prompt: str, max_seq_length
     """
     if is_conversation(record):
         return tokenize_conversation(tokenizer, record, system_prompt, max_seq_length)
+    if is_text(record):
+        return tokenize_text(tokenizer, record["text"], max_seq_length)
     prompt = prompt_ids(tokenizer, build_messages(record, system_prompt))
     answer = answer_ids(tokenizer, record["output"])
     if len(answer) >= max_seq_length:
@@ -208,3 +231,11 @@ def tokenize_example(tokenizer, record: dict, system_prompt: str, max_seq_length
     prompt = prompt[-room:]
     example = {"input_ids": prompt + answer, "completion_mask": [0] * len(prompt) + [1] * len(answer)}
     return example, truncated
+
+
+def tokenize_text(tokenizer, text: str, max_seq_length: int):
+    """A text row for language modelling: its tokens and the end-of-text token, every one learned (TRL's `text`
+    rows). A text longer than `max_seq_length` keeps its first tokens. Returns (example, was_truncated)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(family.END_OF_TEXT)]
+    return {"input_ids": ids[:max_seq_length], "completion_mask": [1] * min(len(ids), max_seq_length)}, (
+        len(ids) > max_seq_length)

@@ -9,7 +9,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ from .families import family
 from .locking import folder_lock
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
 from .neftune import per_example_neftune
-from .records import read_records
+from .records import IgnoredFields, read_records
 
 if TYPE_CHECKING:  # progress imports transformers, which Unsloth must patch first; TRL likewise
     from trl import SFTTrainer
@@ -323,6 +323,7 @@ class StageRows:
     dataset_rows: int
     train: TokenizedRecords
     eval: TokenizedRecords
+    dataset_formats: dict = field(default_factory=dict)  # rows per format and per ignored field (IgnoredFields)
 
 
 @dataclass
@@ -345,12 +346,13 @@ def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callab
     """
     with contextlib.ExitStack() as locks:  # released however the stage ends
         backend = check_stage(cfg)
-        records, train_records, eval_records = read_and_split(cfg)  # before the (slow) model load
+        records, train_records, eval_records, formats = read_and_split(cfg)  # before the (slow) model load
         if is_main_process():
             for flag, folder in (("--output_dir", cfg.output_dir), ("--adapter_dir", cfg.adapter_dir)):
                 locks.enter_context(folder_lock(folder, flag))
         model, tokenizer = load_model(cfg, backend)
         rows = prepare_rows(cfg, tokenizer, len(records), train_records, eval_records)
+        rows.dataset_formats = formats.report()
         model = add_adapter(cfg, model, backend)
         run = build_trainer(cfg, model, tokenizer, rows, callbacks, trainer_class)
         resume, finished, adapter_written = resume_point(cfg, run.trainer)
@@ -378,12 +380,14 @@ def check_stage(cfg) -> str:
     return backend
 
 
-def read_and_split(cfg) -> tuple[list[dict], list[dict], list[dict]]:
-    """Every row of the dataset, then its train and eval split; a train split smaller than one batch is refused."""
-    records = read_records(cfg.dataset_path)
+def read_and_split(cfg) -> tuple[list[dict], list[dict], list[dict], IgnoredFields]:
+    """Every row of the dataset, then its train and eval split, and the formats and ignored fields of its rows; a
+    train split smaller than one batch is refused."""
+    formats = IgnoredFields()
+    records = read_records(cfg.dataset_path, cfg.dataset_format, formats)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
     require_one_batch(cfg, len(train_records), launched_processes())
-    return records, train_records, eval_records
+    return records, train_records, eval_records, formats
 
 
 def load_model(cfg, backend: str):
@@ -591,7 +595,8 @@ def training_manifest(cfg, backend: str, rows: StageRows, trainer, resume: str |
         base_model=cfg.base_model,
         backend=backend,
         load_in_4bit=cfg.load_in_4bit,
-        dataset={"path": str(cfg.dataset_path), "sha256": sha256_file(cfg.dataset_path), "rows": rows.dataset_rows},
+        dataset={"path": str(cfg.dataset_path), "sha256": sha256_file(cfg.dataset_path), "rows": rows.dataset_rows,
+                 **rows.dataset_formats},
         rows={"train": len(rows.train.rows), "eval": len(rows.eval.rows), "train_stats": rows.train.stats,
               "eval_stats": rows.eval.stats},
         world_size=launched_processes(),

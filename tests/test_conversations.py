@@ -54,7 +54,7 @@ def test_one_file_mixes_single_turn_and_conversation_rows(tmp_path):
     "messages, message",
     [
         ([{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}],
-         "rows.jsonl:2: message 1: role must be system, user or assistant, got 'human'"),
+         "rows.jsonl:2: message 1: role must be system, user, assistant or tool, got 'human'"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}],
          'rows.jsonl:2: message 2: "content" must be a non-empty string'),
         ([{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}],
@@ -62,8 +62,8 @@ def test_one_file_mixes_single_turn_and_conversation_rows(tmp_path):
         ([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}],
          "rows.jsonl:2: no assistant turn"),
         ([*THREE_TURNS[:3]], "rows.jsonl:2: ends with a user turn"),
-        ([{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}],
-         "rows.jsonl:2: message 1: unknown key(s) 'name'"),
+        ([{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}],
+         "rows.jsonl:2: message 1: unknown key(s) 'weight'"),
         ([{"role": "assistant", "content": "a"}], "rows.jsonl:2: message 1: an assistant turn must follow a user turn"),
         ([*THREE_TURNS[:2], {"role": "system", "content": "S"}], "rows.jsonl:2: message 3: a system turn may only"),
         ([], 'rows.jsonl:2: "messages" must be a non-empty list'),
@@ -156,7 +156,7 @@ def test_long_conversation_drops_its_oldest_whole_exchanges(tokenizer):
     rows, stats, kept = tokenize_records(tokenizer, mixed, "", len(last["input_ids"]))
     assert rows == [last, last] + rows[2:] and len(rows) == 3 and kept == [0, 1, 2]
     assert stats == {"prompt_truncated": 0, "dropped_answer_too_long": 0, "conversations_shortened": 2,
-                     "exchanges_dropped": 4, "dropped_last_exchange_too_long": 0}
+                     "exchanges_dropped": 4, "dropped_last_exchange_too_long": 0, "text_truncated": 0}
     _, stats, kept = tokenize_records(tokenizer, mixed, "", len(last["input_ids"]) - 1)
     assert stats["dropped_last_exchange_too_long"] == 2 and kept == [2]  # the row each example came from
 
