@@ -1,0 +1,205 @@
+"""The ecosystem's row formats: LLaMA-Factory's demo files and TRL's documented rows, read, rendered and masked as the
+official Qwen2.5 template renders them, with nothing dropped without a word."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from qwen_sft.cli import UserError
+from qwen_sft.families import family
+from qwen_sft.formats import IgnoredFields
+from qwen_sft.records import read_records, validate_record
+from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, build_messages, reference_answer, tokenize_example
+from qwen_sft.tiny import tiny_path
+
+from conftest import FIXTURES
+
+LLAMA_FACTORY = FIXTURES / "llamafactory"
+DEMO_FILES = ["alpaca_zh_demo.json", "glaive_toolcall_zh_demo.json", "glaive_toolcall_en_demo.json", "identity.json"]
+ALL_FILES = [LLAMA_FACTORY / name for name in DEMO_FILES] + [FIXTURES / "trl_formats.jsonl"]
+
+# The official template with TRL's {% generation %} markers around what an assistant turn says (its content, its
+# tool calls and its <|im_end|>), so that transformers' return_assistant_tokens_mask gives an independent mask.
+MARKED = [
+    ("""{%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}""",
+     """{%- if message.role == "assistant" and not message.tool_calls %}{{- '<|im_start|>assistant\\n' }}"""
+     """{% generation %}{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"""
+     """{%- elif (message.role == "user") or (message.role == "system" and not loop.first) %}"""),
+    ("""        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}""",
+     """        {{- '<|im_start|>assistant\\n' }}{% generation %}
+        {%- if message.content %}
+            {{- message.content + '\\n' }}
+        {%- endif %}"""),
+    ("""            {{- '\\n<tool_call>\\n{"name": "' }}""",
+     """            {%- if not loop.first %}{{- '\\n' }}{%- endif %}{{- '<tool_call>\\n{"name": "' }}"""),
+    ("""        {%- endfor %}
+        {{- '<|im_end|>\\n' }}""",
+     """        {%- endfor %}
+        {{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"""),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(tiny_path())
+
+
+@pytest.fixture(scope="module")
+def marked(tokenizer):
+    template = family.CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
+    for official, with_markers in MARKED:
+        assert template.count(official) == 1
+        template = template.replace(official, with_markers)
+    copy = AutoTokenizer.from_pretrained(tiny_path())
+    copy.chat_template = template
+    return copy
+
+
+def test_demo_files_are_read_with_their_counts(capsys):
+    """Every row of each file becomes a record; glaive's function calls and tools are kept."""
+    counts = {}
+    for path in ALL_FILES:
+        report = IgnoredFields()
+        records = read_records(path, report=report)
+        counts[path.name] = (len(records), report.report())
+    assert counts["alpaca_zh_demo.json"] == (30, {"formats": {"alpaca": 30}, "ignored_fields": {}})
+    assert counts["identity.json"] == (30, {"formats": {"alpaca": 30}, "ignored_fields": {}})
+    for name in ("glaive_toolcall_zh_demo.json", "glaive_toolcall_en_demo.json"):
+        assert counts[name] == (30, {"formats": {"sharegpt": 30}, "ignored_fields": {}})
+    assert counts["trl_formats.jsonl"] == (7, {
+        "formats": {"messages": 4, "prompt_completion": 2, "text": 1},
+        "ignored_fields": {"messages[].name": 1, "messages[].tool_call_id": 1},
+    })
+    out = capsys.readouterr().out
+    assert f'{FIXTURES / "trl_formats.jsonl"}: 1 rows: field "messages[].name" ignored (not used by the toolkit)' in out
+
+    glaive = read_records(LLAMA_FACTORY / "glaive_toolcall_en_demo.json")
+    with_calls = [record for record in glaive if any("tool_calls" in turn for turn in record["messages"])]
+    raw = json.loads((LLAMA_FACTORY / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    assert len(with_calls) == sum(any(t["from"] == "function_call" for t in row["conversations"]) for row in raw) == 15
+    assert sum("tools" in record for record in glaive) == sum(bool(json.loads(row["tools"])) for row in raw)
+
+
+def _official(marked, messages, tools):
+    return marked.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda path: path.name)
+def test_tokens_and_masks_are_the_official_templates(tokenizer, marked, path):
+    """Each record's tokens are the official template's render (tools in the system turn, <tool_call> in the
+    assistant turn, <tool_response> in a user turn); the loss falls exactly on what the assistant says, tool calls
+    included, never on a tool result."""
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    for record in read_records(path):
+        example, cut = tokenize_example(tokenizer, record, DEFAULT_SYSTEM_PROMPT, 100_000)
+        assert not cut
+        if "text" in record:
+            end_of_text = tokenizer.convert_tokens_to_ids(family.END_OF_TEXT)
+            assert example["input_ids"] == tokenizer(record["text"])["input_ids"] + [end_of_text]
+            assert set(example["completion_mask"]) == {1}
+            continue
+        messages = build_messages(record, DEFAULT_SYSTEM_PROMPT, with_answer=True)
+        official = _official(marked, messages, record.get("tools"))
+        assert marked.apply_chat_template(messages, tools=record.get("tools"), tokenize=False) == (
+            tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False))  # markers only
+        assert official["input_ids"] == example["input_ids"] + newline
+        assert official["assistant_masks"][:-1] == example["completion_mask"]
+        answer = tokenizer.decode([t for t, m in zip(example["input_ids"], example["completion_mask"]) if m])
+        assert "<tool_response>" not in answer and answer.endswith(reference_answer(record) + family.END_OF_TURN)
+
+
+def test_a_glaive_tool_row_renders_its_call_and_result_as_the_template_writes_them(tokenizer):
+    record = read_records(LLAMA_FACTORY / "glaive_toolcall_zh_demo.json")[0]
+    text = tokenizer.decode(tokenize_example(tokenizer, record, "S", 100_000)[0]["input_ids"])
+    assert '# Tools\n\nYou may call one or more functions' in text and '"name": "generate_invoice"' in text
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "generate_invoice", "arguments": {"customer_name": '
+            '"约翰·多伊"') in text
+    assert '<|im_start|>user\n<tool_response>\n{"invoice_id": "INV12345"' in text
+
+
+ROWS = [
+    ({"instruction": "q", "input": "", "output": "a", "system": "S", "history": [["q0", "a0"]]},
+     {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q0"},
+                   {"role": "assistant", "content": "a0"}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}]}),
+    ({"instruction": "q", "input": "x", "output": "a", "system": "", "history": []},
+     {"instruction": "q", "input": "x", "output": "a"}),
+    ({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "q"},
+                        {"from": "function_call", "value": '{"name": "f", "arguments": {"x": 1}}'},
+                        {"from": "observation", "value": "2"}, {"from": "gpt", "value": "a"}],
+      "tools": '[{"name": "f", "description": "d", "parameters": {"type": "object"}}]'},
+     {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+                   {"role": "tool", "content": "2"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]}),
+    ({"prompt": "The sky is", "completion": " blue."}, {"instruction": "The sky is", "input": "", "output": " blue."}),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+     {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+    ({"text": "The sky is blue.", "source": "docs"}, {"text": "The sky is blue.", "source": "docs"}),
+]
+
+
+@pytest.mark.parametrize("row, record", ROWS)
+def test_each_format_becomes_its_record(row, record):
+    assert validate_record(row, "rows.jsonl:1") == record
+
+
+def test_ignored_fields_are_named_once_per_file_and_counted(tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>What?"}]},
+                          {"role": "assistant", "content": "A cat."}], "images": ["cat.jpg"], "id": n}
+            for n in range(6)]
+    path = tmp_path / "mllm.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    report = IgnoredFields()
+    records = read_records(path, report=report)
+    assert records[0]["messages"][0] == {"role": "user", "content": "<image>What?"}
+    assert capsys.readouterr().out.splitlines() == [
+        f'{path}: 6 rows: field "content part "image"" ignored (text-only model)',
+        f'{path}: 6 rows: field "id" ignored (not used by the toolkit)',
+        f'{path}: 6 rows: field "images" ignored (text-only model)',
+    ]
+    assert report.report()["ignored_fields"] == {'content part "image"': 6, "id": 6, "images": 6}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q", "answer": "a"},
+     "rows.jsonl:1: a row of unknown shape (keys 'answer', 'question'); the formats read are alpaca (instruction, "
+     'output), sharegpt (conversations), messages, prompt/completion and text; see README.md, "Data format"'),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "shot"},
+                 {"role": "user", "content": "q2"}], "completion": [{"role": "assistant", "content": "a"}]},
+     'rows.jsonl:1: an assistant turn in "prompt" would be learned here'),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]},
+     "rows.jsonl:1: message 2: a tool result must follow an assistant turn with tool_calls"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f(1)"}]},
+     'rows.jsonl:1: turn 2: a function_call value must be JSON {"name", "arguments"}'),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1"}}]}]},
+     'rows.jsonl:1: message 2: each tool call needs a "name" and "arguments"'),
+])
+def test_bad_rows_are_one_line(tmp_path, row, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        read_records(path)
+    assert str(caught.value).startswith(f"{tmp_path}/{message}")
+
+
+def test_dataset_format_forces_one_format(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(UserError, match='rows.jsonl:1: a row holds either "messages" or "instruction", not both'):
+        read_records(path, "alpaca")
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "The sky is blue."}\n')
+    with pytest.raises(UserError, match='text.jsonl:1: field "instruction" is missing'):
+        read_records(text, "alpaca")
+    with pytest.raises(UserError, match="--dataset_format must be auto, alpaca, sharegpt, messages, "
+                                        "prompt_completion, text; got 'chatml'"):
+        read_records(path, "chatml")
+    assert read_records(path, "messages") == read_records(path)
