@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 
 import orjson
@@ -147,8 +148,8 @@ def convert_row(schema: Schema, row, text: bytes | None):
         return WRONG_SCHEMA, str(error), None
     except Rejected as error:
         return REJECTED, error.reason, None
-    if isinstance(converted, list):
-        return (converted,)  # a conversation
+    if isinstance(converted, (list, dict)):
+        return (converted,)  # a conversation, or a record written as it is
     instruction, extra, raw_output = converted
     if not instruction:
         return REJECTED, "empty_instruction", None
@@ -173,7 +174,7 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
         hits = list(zip(*counts.values()))
     prepared = []
     for position, item in enumerate(converted):
-        if not isinstance(item[0], (str, list)):
+        if not isinstance(item[0], (str, list, dict)):
             prepared.append(item)
             continue
         row_hits = hits[position] if hits else None
@@ -182,6 +183,9 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
             continue
         if isinstance(item[0], list):
             prepared.append((*_prepare_conversation(rules, item[0]), row_hits))
+            continue
+        if isinstance(item[0], dict):
+            prepared.append((*_prepare_record(rules, item[0]), row_hits))
             continue
         instruction, extra, raw_output = item
         output = schema.finish_output(raw_output)
@@ -198,7 +202,10 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
 
 
 def _question(item: tuple) -> str:
-    """The text a converted row's keywords are matched in: its instruction, or a conversation's first user turn."""
+    """The text a converted row's keywords are matched in: its instruction, a conversation's first user turn, or a
+    text row's text."""
+    if isinstance(item[0], dict):
+        item = (item[0].get("messages"),) if "messages" in item[0] else (item[0]["text"],)
     if isinstance(item[0], list):
         return next(turn["content"] for turn in item[0] if turn["role"] == "user")
     return item[0] if isinstance(item[0], str) else ""
@@ -219,3 +226,17 @@ def _prepare_conversation(rules: RowRules, messages: list[dict]) -> tuple:
         return FILTERED, "too_long"
     return USABLE, (conversation_duplicate_key(messages), conversation_json_body(messages))
 
+
+
+def _prepare_record(rules: RowRules, record: dict) -> tuple:
+    """(kind, detail) of a record written as it is (a conversation with tools or tool calls, a text row): its
+    JSON, the tool specs included, is what it weighs against the byte budget."""
+    from .template import reference_answer
+
+    text = json.dumps(record, ensure_ascii=False)
+    learned = record["text"] if "text" in record else reference_answer(record)
+    if len(learned) < rules.min_output_chars:
+        return FILTERED, "too_short"
+    if utf8_length(text) > rules.byte_budget:
+        return FILTERED, "too_long"
+    return USABLE, (_folded_digest(text), text[:-1].encode() + b', "source": ')

@@ -112,8 +112,9 @@ def _text_field(row, key: str) -> str:
 
 class Schema(ABC):
     """Turns one raw row into (instruction, input, raw_output), or a conversation into its list of messages
-    ({"role", "content"}, raw answers); `finish_output`, where a schema's costly part lives, runs only for rows
-    that can still be kept (on each answer of a conversation)."""
+    ({"role", "content"}, raw answers), or into a record written as it is (a dict: a conversation with tools or
+    tool calls, a text row); `finish_output`, where a schema's costly part lives, runs only for rows that can still
+    be kept (on each answer of a conversation)."""
 
     name = ""
     columns: tuple[str, ...] | None = None  # the only columns convert() reads (a Parquet stream reads only these)
@@ -122,7 +123,7 @@ class Schema(ABC):
     config: str | None = None  # the config a snapshot folder that declares several is read with, unless named
 
     @abstractmethod
-    def convert(self, row) -> tuple[str, str, str] | list[dict]:
+    def convert(self, row) -> tuple[str, str, str] | list[dict] | dict:
         """Raise WrongSchema for a row of another shape, Rejected for a row with nothing usable."""
 
     def finish_output(self, raw_output: str) -> str:
@@ -139,6 +140,9 @@ class ReportSchema(Schema):
 
     def convert(self, row):
         record = validate_record(row, "report")  # the file was validated whole before mixing starts
+        if "text" in record or "tools" in record or any(
+                turn["role"] == "tool" or "tool_calls" in turn for turn in record.get("messages", ())):
+            return {key: value for key, value in record.items() if key != "source"}  # written as it is
         if "messages" in record:
             return [{"role": turn["role"], "content": turn["content"].strip()} for turn in record["messages"]]
         return record["instruction"].strip(), record["input"].strip(), record["output"].strip()

@@ -203,3 +203,52 @@ def test_dataset_format_forces_one_format(tmp_path):
                                         "prompt_completion, text; got 'chatml'"):
         read_records(path, "chatml")
     assert read_records(path, "messages") == read_records(path)
+
+
+# ---------------------------------------------------------------------------------------------------- data stages
+
+def test_data_stage_writes_every_format_in_the_canonical_form(tmp_path, monkeypatch, capsys):
+    """my_dataset.json rows in every format reach the mix as records training reads back equal: alpaca single-turn
+    rows byte for byte as before, the others as "messages" (with "tools") or "text"; the manifest counts them."""
+    import runpy
+    import sys
+
+    from conftest import ROOT
+
+    from qwen_sft.records import iter_json_rows
+
+    rows = [row for path in ALL_FILES for _, row in iter_json_rows(path)]
+    rows.append({"instruction": "q", "output": "a", "images": ["x.png"]})
+    reports = tmp_path / "my_dataset.jsonl"
+    reports.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    namespace = runpy.run_path(str(ROOT / "data_integration.py"))
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "data_integration.py", "--my_report_data_path", reports, "--sources", f"orca={reports},pubmed={reports}",
+        "--total_samples", len(rows), "--ratios", "reports=1,orca=0,pubmed=0", "--min_output_chars", 1,
+        "--max_seq_length", 16384, "--output_file", tmp_path / "mix.jsonl",
+    ])))
+    namespace["main"]()
+    assert f'{reports}: 1 rows: field "images" ignored (text-only model)' in capsys.readouterr().out
+    written = (tmp_path / "mix.jsonl").read_text(encoding="utf-8").splitlines()
+    mixed = read_records(tmp_path / "mix.jsonl")
+    expected = [{**_cleaned(record), "source": "reports"} for record in read_records(reports)]
+    key = lambda record: json.dumps(record, sort_keys=True, ensure_ascii=False)  # noqa: E731
+    assert sorted(map(key, mixed)) == sorted(set(map(key, expected)))  # TRL's two sky rows are one row twice
+    single = next(line for line in written if '"instruction": "hi"' in line)
+    assert single == json.dumps({"instruction": "hi", "input": "", "output": rows[90]["output"],
+                                 "source": "reports"}, ensure_ascii=False)
+    assert sum('"tools": [{"type": "function"' in line for line in written) == sum("tools" in r for r in expected)
+    manifest = json.loads((tmp_path / "mix.manifest.json").read_text(encoding="utf-8"))["sources"]["reports"]
+    assert manifest["rows_read"] == len(rows) and manifest["duplicates"] == len(expected) - len(mixed) == 2
+    assert manifest["formats"] == {"alpaca": 61, "messages": 4, "prompt_completion": 2, "sharegpt": 60, "text": 1}
+    assert manifest["ignored_fields"] == {"images": 1, "messages[].name": 1, "messages[].tool_call_id": 1}
+
+
+def _cleaned(record: dict) -> dict:
+    """A record as the data stage cleans it: the fields of a single-turn row and the turns of a plain conversation
+    stripped; a conversation with tools or tool calls and a text row kept as they are."""
+    if "instruction" in record:
+        return {key: value.strip() for key, value in record.items()}
+    if "text" in record or "tools" in record or any(turn["role"] == "tool" for turn in record["messages"]):
+        return record
+    return {"messages": [{**turn, "content": turn["content"].strip()} for turn in record["messages"]]}
