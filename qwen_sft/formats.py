@@ -179,7 +179,7 @@ def _sharegpt(row: dict, where: str, with_output: bool, ignored: IgnoredFields) 
         else:
             messages.append({"role": role, "content": turn["value"]})
     record = {"messages": validate_messages(messages, where, with_output)}
-    tools = _tools(row.get("tools"), where)
+    tools = tool_specs(row.get("tools"), where)
     if tools:
         record["tools"] = tools
     return record
@@ -201,7 +201,7 @@ def _messages(row: dict, where: str, with_output: bool, ignored: IgnoredFields) 
     if both:
         raise UserError(f'{where}: a row holds either "messages" or "{both[0]}", not both')
     record = {"messages": validate_messages(row.get("messages"), where, with_output, ignored)}
-    tools = _tools(row.get("tools"), where)
+    tools = tool_specs(row.get("tools"), where)
     if tools:
         record["tools"] = tools
     return record
@@ -307,7 +307,7 @@ def _tool_calls(calls, where: str) -> list[dict]:
     return clean
 
 
-def _tools(tools, where: str) -> list[dict]:
+def tool_specs(tools, where: str) -> list[dict]:
     """The tools a row offers, as OpenAI function specs ({"type": "function", "function": {...}}, the form Qwen2.5
     was trained on); LLaMA-Factory's JSON string of bare {"name", "description", "parameters"} is accepted."""
     if isinstance(tools, str):
@@ -348,7 +348,7 @@ def _prompt_completion(row: dict, where: str, with_output: bool, ignored: Ignore
                         "(every assistant turn is learned) or keep the prompt to system and user turns")
     messages = validate_messages(prompt + (completion if with_output else []), where, with_output, ignored)
     record = {"messages": messages}
-    tools = _tools(row.get("tools"), where)
+    tools = tool_specs(row.get("tools"), where)
     if tools:
         record["tools"] = tools
     return record
