@@ -90,6 +90,7 @@ class SourceStats:
     unrouted: Counter = field(default_factory=Counter)  # keyword-split rows: no_keyword_match, domain_full
     keyword_hits: Counter = field(default_factory=Counter)
     kept: Counter = field(default_factory=Counter)
+    cut: Counter = field(default_factory=Counter)  # kept chats that lost turns, by why (Cut.reason)
     bad_rows_shown: int = 0
     reached_max_rows_read: bool = False
     seconds: float = 0.0  # wall time spent drawing its rows
@@ -102,6 +103,7 @@ class SourceStats:
             "duplicates": self.duplicates,
             "filtered": dict(self.filtered),
             "kept": dict(self.kept),
+            **({"kept_chats_cut": dict(self.cut)} if self.cut else {}),
             "reached_max_rows_read": self.reached_max_rows_read,
             "draw_s": round(self.seconds, 3),
         }
@@ -229,6 +231,8 @@ class Mixer:
             else:
                 seen.add(detail[0])
                 lines.append((detail[1], self.closings[bucket.key]))  # joined when written: one copy, not two
+                if len(detail) > 2:
+                    stats.cut[detail[2]] += 1
                 bucket.kept += 1
                 stats.kept[bucket.key] += 1
                 taken += 1

@@ -11,7 +11,7 @@ import xxhash
 
 from .families import family
 from .records import BadJSON, parse_json
-from .sources import Rejected, Schema, WrongSchema, read_span
+from .sources import Cut, Rejected, Schema, WrongSchema, read_span
 
 
 _ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
@@ -136,26 +136,31 @@ def parse_json_line(text: bytes):
         return parse_json(text)
 
 
-def convert_row(schema: Schema, row, text: bytes | None):
+def convert_row(schema: Schema, row, text: bytes | None) -> tuple[tuple, str | None]:
+    """(what prepare_rows works on, the turns cut from the row's chat if any): (kind, detail, None) for a row that
+    cannot be used, (instruction, input, raw_output), or (a conversation or a record written as it is,)."""
     if text is not None:
         try:
             row = parse_json_line(text)
         except BadJSON as error:
-            return MALFORMED, str(error), None
+            return (MALFORMED, str(error), None), None
     try:
         converted = schema.convert(row)
     except WrongSchema as error:
-        return WRONG_SCHEMA, str(error), None
+        return (WRONG_SCHEMA, str(error), None), None
     except Rejected as error:
-        return REJECTED, error.reason, None
+        return (REJECTED, error.reason, None), None
+    cut = None
+    if isinstance(converted, Cut):
+        converted, cut = converted.kept, converted.reason
     if isinstance(converted, (list, dict)):
-        return (converted,)  # a conversation, or a record written as it is
+        return (converted,), cut  # a conversation, or a record written as it is
     instruction, extra, raw_output = converted
     if not instruction:
-        return REJECTED, "empty_instruction", None
+        return (REJECTED, "empty_instruction", None), None
     if not raw_output:
-        return REJECTED, "empty_output", None
-    return instruction, extra, raw_output
+        return (REJECTED, "empty_output", None), None
+    return (instruction, extra, raw_output), cut
 
 
 def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | None]]) -> list[tuple]:
@@ -167,7 +172,8 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
     """
     schema = rules.schema
     with open(rules.path, "rb") if rules.path else contextlib.nullcontext() as handle:
-        converted = [convert_row(schema, row, read_span(handle, span) if span else None) for row, span in rows]
+        converted, cuts = zip(*[convert_row(schema, row, read_span(handle, span) if span else None)
+                                for row, span in rows]) if rows else ((), ())
     hits = None
     if rules.keyword_patterns:
         counts = count_keyword_hits(rules.keyword_patterns, [_question(item) for item in converted])
@@ -198,7 +204,9 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
         else:
             detail = (duplicate_key(instruction, extra, output), json_body(instruction, extra, output))
             prepared.append((USABLE, detail, row_hits))
-    return prepared
+    # A kept row whose chat was cut carries why, so that the manifest counts it.
+    return [(kind, detail + (cut,), hits) if cut and kind == USABLE else (kind, detail, hits)
+            for (kind, detail, hits), cut in zip(prepared, cuts)]
 
 
 def _question(item: tuple) -> str:

@@ -44,7 +44,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cli import UserError
-from .records import BadJSON, iter_json_rows, parse_json, validate_record
+from .records import BadJSON, IgnoredFields, iter_json_rows, parse_json, validate_record
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 # Names that are plainly files (so a typo gives "file not found", not a failed hub lookup).
@@ -110,6 +110,15 @@ def _text_field(row, key: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class Cut:
+    """What Schema.convert returns for a chat it kept only in part: what it kept, and why the rest went (the
+    manifest counts each reason)."""
+
+    kept: tuple | list
+    reason: str
+
+
 class Schema(ABC):
     """Turns one raw row into (instruction, input, raw_output), or a conversation into its list of messages
     ({"role", "content"}, raw answers), or into a record written as it is (a dict: a conversation with tools or
@@ -149,17 +158,24 @@ class ReportSchema(Schema):
 
 
 class SlimOrcaSchema(Schema):
+    """SlimOrca's sharegpt chats. A chat with tool calls or tools (LLaMA-Factory's function_call and observation
+    turns) is read whole by formats.py's sharegpt reader and written as it is; any other chat keeps its system text
+    in the first question, and a chat that breaks off after its first exchange is kept up to there, as Cut."""
+
     name = "SlimOrca"
 
     def convert(self, row):
         turns = row.get("conversations") if isinstance(row, dict) else None
         if not isinstance(turns, list):
             raise WrongSchema('"conversations" must be a list of {"from", "value"} turns')
-        system, exchanges = None, []
+        if row.get("tools") or any(isinstance(turn, dict) and turn.get("from") in TOOL_TURNS for turn in turns):
+            return _tool_chat(row)
+        system, exchanges, cut = None, [], None
         for turn in turns:
             well_formed = isinstance(turn, dict) and isinstance(turn.get("value"), str)
             role = turn.get("from") if well_formed else None
             if exchanges and exchanges[0][1] is not None and role not in ("system", "human", "gpt"):
+                cut = "broken_turn"
                 break  # after a first whole exchange, a broken turn ends the chat (as it always did)
             if not well_formed:
                 raise WrongSchema('each turn in "conversations" needs "from" and a string "value"')
@@ -172,24 +188,44 @@ class SlimOrcaSchema(Schema):
             elif role == "gpt" and exchanges and exchanges[-1][1] is None:
                 exchanges[-1][1] = turn["value"]
             elif exchanges and exchanges[0][1] is not None:
+                cut = "stops_alternating"
                 break  # the chat stops alternating: it keeps its exchanges so far
+        unanswered = bool(exchanges) and exchanges[-1][1] is None and len(exchanges) > 1
         exchanges = [(human.strip(), answer.strip()) for human, answer in exchanges if answer is not None]
         if not exchanges:
             raise WrongSchema('"conversations" needs a "human" turn followed by a "gpt" turn')
         # A later exchange with an empty side ends the chat (the first one is judged as a single-turn row is).
         empty = next((index for index, pair in enumerate(exchanges) if index and not all(pair)), len(exchanges))
-        del exchanges[empty:]
+        if empty < len(exchanges):
+            cut = cut or "empty_turn"
+            del exchanges[empty:]
+        cut = cut or ("unanswered_question" if unanswered else None)
         # The system turn often carries the task ("explain like I'm five"); the answer only fits with it.
         system = (system or "").strip()
         first = exchanges[0][0]
         exchanges[0] = ((f"{system}\n\n{first}" if system and first else first), exchanges[0][1])
         if len(exchanges) == 1:
-            return exchanges[0][0], "", exchanges[0][1]
-        return [
-            {"role": role, "content": content}
-            for human, answer in exchanges
-            for role, content in (("user", human), ("assistant", answer))
-        ]
+            kept = (exchanges[0][0], "", exchanges[0][1])
+        else:
+            kept = [
+                {"role": role, "content": content}
+                for human, answer in exchanges
+                for role, content in (("user", human), ("assistant", answer))
+            ]
+        return Cut(kept, cut) if cut else kept
+
+
+TOOL_TURNS = ("function_call", "observation")
+
+
+def _tool_chat(row: dict) -> dict:
+    """A sharegpt chat with tool calls or tools, as formats.py reads it ({"messages", "tools"}), stripped of the
+    answers' surrounding whitespace as the other chats are."""
+    try:
+        record = validate_record(row, "row", dataset_format="sharegpt", ignored=IgnoredFields())
+    except UserError as error:
+        raise WrongSchema(str(error).removeprefix("row: ")) from None
+    return {key: value for key, value in record.items() if key != "source"}
 
 
 class PubMedQASchema(Schema):

@@ -252,3 +252,39 @@ def _cleaned(record: dict) -> dict:
     if "text" in record or "tools" in record or any(turn["role"] == "tool" for turn in record["messages"]):
         return record
     return {"messages": [{**turn, "content": turn["content"].strip()} for turn in record["messages"]]}
+
+
+def test_slimorca_route_keeps_tool_calls_and_tools_and_counts_every_cut(tmp_path, monkeypatch):
+    """Through the SlimOrca route (a hub-schema source, not my_dataset.json), LLaMA-Factory's glaive chats keep their
+    function_call and observation turns and their tools; a chat cut short is counted in the manifest."""
+    import runpy
+    import sys
+
+    from conftest import ROOT
+
+    glaive = json.loads((LLAMA_FACTORY / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    broken = {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                                {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"},
+                                {"from": "human", "value": "q3"}]}
+    orca = tmp_path / "orca.jsonl"
+    orca.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [*glaive, broken]), encoding="utf-8")
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    namespace = runpy.run_path(str(ROOT / "data_integration.py"))
+    monkeypatch.setattr(sys, "argv", list(map(str, [
+        "data_integration.py", "--my_report_data_path", reports, "--sources", f"orca={orca},pubmed={reports}",
+        "--total_samples", len(glaive) + 1, "--ratios", "reports=0,orca=1,pubmed=0", "--min_output_chars", 1,
+        "--max_seq_length", 16384, "--output_file", tmp_path / "mix.jsonl",
+    ])))
+    namespace["main"]()
+    mixed = read_records(tmp_path / "mix.jsonl")
+    manifest = json.loads((tmp_path / "mix.manifest.json").read_text(encoding="utf-8"))["sources"]["orca"]
+    assert manifest["rows_read"] == len(glaive) + 1 and manifest["duplicates"] == 1  # two glaive chats fold to one
+    assert manifest["kept"] == {"orca": len(glaive)} and manifest["rejected"] == manifest["filtered"] == {}
+    with_calls = [row for row in mixed if "messages" in row and any("tool_calls" in t for t in row["messages"])]
+    assert len(with_calls) == 15 and all("tools" in row for row in with_calls)
+    as_read = {json.dumps(record["messages"], ensure_ascii=False)
+               for record in read_records(LLAMA_FACTORY / "glaive_toolcall_en_demo.json")
+               if any("tool_calls" in turn for turn in record["messages"])}
+    assert {json.dumps(row["messages"], ensure_ascii=False) for row in with_calls} == as_read  # every turn kept
+    assert manifest["kept_chats_cut"] == {"unanswered_question": 1}
