@@ -146,9 +146,10 @@ def first_bad_row(source: Source) -> None:
     for path in source.files:
         with open(path, "rb") as handle:
             for number, row, span in _numbered_local_rows(path):
-                kind, detail, _ = convert_row(source.schema, row, read_span(handle, span) if span else None)
-                if kind not in (MALFORMED, WRONG_SCHEMA):
-                    continue
+                item, _ = convert_row(source.schema, row, read_span(handle, span) if span else None)
+                if not isinstance(item[0], int) or item[0] not in (MALFORMED, WRONG_SCHEMA):
+                    continue  # a usable row (its first item is text, a conversation or a record) or a rejected one
+                kind, detail = item[:2]
                 if source.path:
                     raise fatal_bad_row(source, number, bad_row_text(source, kind, detail))
                 raise UserError(f"{source.key}: {path}:{number}: {bad_row_text(source, kind, detail)}; fix the row, "

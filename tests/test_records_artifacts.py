@@ -171,5 +171,5 @@ def test_the_mixer_counts_an_unreadable_line_as_malformed(line, problem):
     from qwen_sft.rows import MALFORMED, convert_row
     from qwen_sft.sources import SlimOrcaSchema
 
-    kind, detail, _ = convert_row(SlimOrcaSchema(), None, line)
+    (kind, detail, _), cut = convert_row(SlimOrcaSchema(), None, line)
     assert kind == MALFORMED and detail.startswith(problem)
