@@ -31,7 +31,8 @@ USED_FIELDS = {
     "prompt_completion": {"prompt", "completion", "tools"},
     "text": {"text"},
 }
-MEDIA_FIELDS = {"images", "videos", "audios", "image", "video", "audio"}
+MEDIA = ("image", "video", "audio")  # in an ignored field's name: what a text-only model cannot read
+CONTENT_PART = "content part"
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
                   "observation": "tool"}
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,7 +52,7 @@ class IgnoredFields(Counter):
         self.formats = Counter()
 
     def lines(self, path) -> list[str]:
-        return [f'{path}: {rows} rows: field "{field}" ignored ({_why_ignored(field)})'
+        return [f"{path}: {rows} rows: {_named(field)} ignored ({_why_ignored(field)})"
                 for field, rows in sorted(self.items())]
 
     def report(self) -> dict:
@@ -59,10 +60,12 @@ class IgnoredFields(Counter):
         return {"formats": dict(sorted(self.formats.items())), "ignored_fields": dict(sorted(self.items()))}
 
 
+def _named(field: str) -> str:
+    return field if field.startswith(CONTENT_PART) else f'field "{field}"'
+
+
 def _why_ignored(field: str) -> str:
-    if field.split("[")[0].split(".")[-1] in MEDIA_FIELDS or "image" in field or "audio" in field:
-        return "text-only model"
-    return "not used by the toolkit"
+    return "text-only model" if any(media in field for media in MEDIA) else "not used by the toolkit"
 
 
 def check_format(dataset_format: str) -> None:
@@ -281,7 +284,7 @@ def _content(content, where: str, ignored: IgnoredFields) -> str:
         if part["type"] == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         else:
-            ignored[f'content part "{part["type"]}"'] += 1
+            ignored[f'{CONTENT_PART} "{part["type"]}"'] += 1
     return "".join(texts)
 
 

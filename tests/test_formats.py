@@ -160,7 +160,7 @@ def test_ignored_fields_are_named_once_per_file_and_counted(tmp_path, capsys):
     records = read_records(path, report=report)
     assert records[0]["messages"][0] == {"role": "user", "content": "<image>What?"}
     assert capsys.readouterr().out.splitlines() == [
-        f'{path}: 6 rows: field "content part "image"" ignored (text-only model)',
+        f'{path}: 6 rows: content part "image" ignored (text-only model)',
         f'{path}: 6 rows: field "id" ignored (not used by the toolkit)',
         f'{path}: 6 rows: field "images" ignored (text-only model)',
     ]
@@ -288,3 +288,69 @@ def test_slimorca_route_keeps_tool_calls_and_tools_and_counts_every_cut(tmp_path
                if any("tool_calls" in turn for turn in record["messages"])}
     assert {json.dumps(row["messages"], ensure_ascii=False) for row in with_calls} == as_read  # every turn kept
     assert manifest["kept_chats_cut"] == {"unanswered_question": 1}
+
+
+# ------------------------------------------------------------------------------- training, evaluation, inference
+
+@pytest.fixture(scope="module")
+def trained_on(tmp_path_factory):
+    """An adapter trained for 2 steps on each file (the tiny model), and the run's folder."""
+    from conftest import run_script
+
+    runs = {}
+    for path in ALL_FILES:
+        workdir = tmp_path_factory.mktemp(path.stem)
+        result = run_script("Qwen_finetuning.py", "--preset", "tiny_cpu", "--dataset_path", path, "--max_steps", 2,
+                            "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1,
+                            "--max_seq_length", 384, "--eval_ratio", 0.2, "--eval_steps", 2, "--save_steps", 2,
+                            "--logging_steps", 1, "--neftune_noise_alpha", 0, cwd=workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[path.name] = workdir
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda path: path.name)
+def test_each_file_trains_with_its_formats_in_the_manifest(trained_on, path):
+    manifest = json.loads((trained_on[path.name] / "Qwen_finetuning_model" / "manifest.json").read_text())
+    report = IgnoredFields()
+    records = read_records(path, report=report)
+    assert manifest["dataset"]["rows"] == len(records)
+    assert manifest["dataset"]["formats"] == report.report()["formats"]
+    assert manifest["dataset"]["ignored_fields"] == report.report()["ignored_fields"]
+    trained = manifest["rows"]["train"] + manifest["rows"]["eval"]
+    dropped = manifest["rows"]["train_stats"]["dropped_last_exchange_too_long"] + manifest["rows"]["eval_stats"][
+        "dropped_last_exchange_too_long"] + manifest["rows"]["train_stats"]["dropped_answer_too_long"] + manifest[
+        "rows"]["eval_stats"]["dropped_answer_too_long"]
+    assert trained + dropped == len(records) and trained > 0 and manifest["global_step"] == 2
+    print(f"{path.name}: {len(records)} rows read, {trained} trained (train {manifest['rows']['train']}, eval "
+          f"{manifest['rows']['eval']}), {dropped} too long at 384 tokens, ignored "
+          f"{manifest['dataset']['ignored_fields']}")
+
+
+@pytest.mark.slow
+def test_tool_and_text_rows_evaluate_and_infer(trained_on, tmp_path):
+    """Evaluation scores the TRL file's rows (the text row by its loss only), and inference answers an
+    instruction-file row that offers tools, from the glaive-trained adapter."""
+    from conftest import run_script
+
+    adapter = trained_on["trl_formats.jsonl"] / "Qwen_finetuning_model"
+    # split seed 0 leaves one prompt/completion row for training and the other six, the text row too, for evaluation
+    result = run_script("evaluate.py", "--adapter_dir", adapter, "--eval_ratio", 0.9, "--split_seed", 0,
+                        "--max_new_tokens", 4, "--compare_base", "false", "--output_dir", tmp_path / "eval",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    predictions = (tmp_path / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert metrics["teacher_forcing"]["rows"] == 6 and len(predictions) == 5  # the text row: a loss, no answer
+
+    glaive = read_records(LLAMA_FACTORY / "glaive_toolcall_en_demo.json")
+    row = next(record for record in glaive if "tools" in record)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": 1, "messages": row["messages"][:1], "tools": row["tools"]}) + "\n")
+    result = run_script("inference.py", "--adapter_dir", trained_on["glaive_toolcall_en_demo.json"] /
+                        "Qwen_finetuning_model", "--instruction_file", prompts, "--output_file", tmp_path / "a.jsonl",
+                        "--max_new_tokens", 4, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answered = json.loads((tmp_path / "a.jsonl").read_text(encoding="utf-8"))
+    assert answered["id"] == 1 and answered["tools"] == row["tools"] and answered["tokens"] == 4
