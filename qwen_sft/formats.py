@@ -105,9 +105,10 @@ def convert_row(row, where: str, with_output: bool = True, dataset_format: str =
         raise unknown_shape(row, where)
     ignored = IgnoredFields() if ignored is None else ignored
     ignored.formats[kind] += 1
-    ignored.update(sorted(set(row) - USED_FIELDS[kind] - {"source"}))
+    kept = USED_FIELDS[kind] | ({"source"} if isinstance(row.get("source"), str) else set())
+    ignored.update(sorted(set(row) - kept))  # a "source" that is not a string is ignored too
     record = CONVERTERS[kind](row, where, with_output, ignored)
-    if isinstance(row.get("source"), str):
+    if "source" in kept:
         record["source"] = row["source"]
     return record
 

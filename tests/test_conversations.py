@@ -177,7 +177,7 @@ def orca_chat(*turns, system="Be brief."):
 
 
 def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
-    from qwen_sft.sources import SCHEMAS
+    from qwen_sft.sources import SCHEMAS, Cut
 
     orca = SCHEMAS["orca"]
     chat = orca_chat(("human", "Pick a number."), ("gpt", "Seven."), ("human", " Which one? "), ("gpt", "Seven, as said."))
@@ -187,12 +187,15 @@ def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
     ]
     single = orca_chat(("human", "Pick a number."), ("gpt", "Seven."))
     assert orca.convert(single) == ("Be brief.\n\nPick a number.", "", "Seven.")  # single-turn, as before
-    # A chat that stops alternating, or whose later exchange is empty, keeps its exchanges before that point.
+    # A chat that stops alternating, or whose later exchange is empty, keeps its exchanges before that point, and
+    # says why it was cut (the manifest counts it).
+    first = ("Be brief.\n\na", "", "b")
     assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("gpt", "c"), ("human", "d"), ("gpt", "e"))) == \
-        ("Be brief.\n\na", "", "b")
-    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", " "), ("gpt", "c"))) == ("Be brief.\n\na", "", "b")
-    assert len(orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d"), ("human", "e")))) == 4
-    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("bot", "c"))) == ("Be brief.\n\na", "", "b")
+        Cut(first, "stops_alternating")
+    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", " "), ("gpt", "c"))) == Cut(first, "empty_turn")
+    unanswered = orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d"), ("human", "e")))
+    assert unanswered.reason == "unanswered_question" and len(unanswered.kept) == 4
+    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("bot", "c"))) == Cut(first, "broken_turn")
 
 
 def test_conversation_rows_are_written_as_json_dumps_writes_them():
