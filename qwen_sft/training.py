@@ -414,7 +414,7 @@ def prepare_rows(cfg, tokenizer, dataset_rows: int, train_records: list[dict], e
                 f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long); "
                 f"{stats['conversations_shortened']} conversations lost their {stats['exchanges_dropped']} oldest "
                 f"exchanges; {stats['dropped_last_exchange_too_long']} conversations dropped (last exchange alone "
-                "too long)"
+                f"too long); {stats['text_truncated']} text rows cut to their first {cfg.max_seq_length} tokens"
             )
     if not cfg.packing:
         report_padding(cfg, [len(row["input_ids"]) for row in rows.train.rows])

@@ -418,7 +418,7 @@ def test_training_manifest_counts_shortened_and_dropped_conversations(tokenizer,
     assert manifest["rows"]["train"] == 2
     assert manifest["rows"]["train_stats"] == {
         "prompt_truncated": 0, "dropped_answer_too_long": 0, "conversations_shortened": 1, "exchanges_dropped": 1,
-        "dropped_last_exchange_too_long": 1,
+        "dropped_last_exchange_too_long": 1, "text_truncated": 0,
     }
     assert "1 conversations lost their 1 oldest exchanges; 1 conversations dropped" in result.stdout
 
