@@ -234,8 +234,9 @@ def tokenize_example(tokenizer, record: dict, system_prompt: str, max_seq_length
 
 
 def tokenize_text(tokenizer, text: str, max_seq_length: int):
-    """A text row for language modelling: its tokens and the end-of-text token, every one learned (TRL's `text`
-    rows). A text longer than `max_seq_length` keeps its first tokens. Returns (example, was_truncated)."""
+    """A text row for language modelling: its tokens and the end-of-text token, each learned from the ones before
+    it (TRL's `text` rows; the first has none, so it carries no loss). A text longer than `max_seq_length` keeps its
+    first tokens. Returns (example, was_truncated)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(family.END_OF_TEXT)]
-    return {"input_ids": ids[:max_seq_length], "completion_mask": [1] * min(len(ids), max_seq_length)}, (
-        len(ids) > max_seq_length)
+    kept = ids[:max_seq_length]
+    return {"input_ids": kept, "completion_mask": [0] + [1] * (len(kept) - 1)}, len(ids) > max_seq_length

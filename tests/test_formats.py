@@ -101,7 +101,7 @@ def test_tokens_and_masks_are_the_official_templates(tokenizer, marked, path):
         if "text" in record:
             end_of_text = tokenizer.convert_tokens_to_ids(family.END_OF_TEXT)
             assert example["input_ids"] == tokenizer(record["text"])["input_ids"] + [end_of_text]
-            assert set(example["completion_mask"]) == {1}
+            assert example["completion_mask"] == [0] + [1] * (len(example["input_ids"]) - 1)  # all but the first
             continue
         messages = build_messages(record, DEFAULT_SYSTEM_PROMPT, with_answer=True)
         official = _official(marked, messages, record.get("tools"))
