@@ -38,7 +38,7 @@ def conversation_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROM
 
 
 def is_text(record: dict) -> bool:
-    """A plain text row: language modelling, every token learned, no prompt and no answer."""
+    """A plain text row: language modelling (every token after the first learned), no prompt and no answer."""
     return "text" in record
 
 
