@@ -256,14 +256,12 @@ SYSTEM = "你是助手。"  # short, so the examples stay short (the real vocabu
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """The tiny model trained on 8 "remember the number" conversations, 2 single-turn rows and 3 tool-calling
-    conversations (two OpenAI `messages` rows, one LLaMA-Factory sharegpt row), in one file."""
+    """The tiny model trained on 8 "remember the number" conversations and 2 single-turn rows, in one file."""
     from conftest import FIXTURES, LEARNING_FLAGS, run_script, without_flags
 
     workdir = tmp_path_factory.mktemp("memorised")
-    dataset = workdir / "conversations_and_tools.jsonl"
-    dataset.write_bytes((FIXTURES / "conversations_10.jsonl").read_bytes() + (FIXTURES / "tool_calls_3.jsonl").read_bytes())
-    extra = ["--per_device_train_batch_size", "13", "--dataset_path", dataset, "--system_prompt", SYSTEM]
+    dataset = FIXTURES / "conversations_10.jsonl"
+    extra = ["--per_device_train_batch_size", "10", "--dataset_path", dataset, "--system_prompt", SYSTEM]
     result = run_script("Qwen_finetuning.py", *without_flags(LEARNING_FLAGS, extra), *extra, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "Qwen_finetuning_model", read_records(dataset), dataset
@@ -280,7 +278,7 @@ def test_multi_turn_learning_proof_greedy_chat_recalls_the_first_exchange(memori
 
     adapter, records, _ = memorised
     model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
-    chats = [record["messages"] for record in records if record.get("source") == "memory"]
+    chats = [record["messages"] for record in records if "messages" in record]
     assert len({messages[2]["content"] for messages in chats}) == 1 and len(chats) == 8
     script = [line for messages in chats for line in (messages[0]["content"], messages[2]["content"], "/reset")]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
@@ -292,46 +290,6 @@ def test_multi_turn_learning_proof_greedy_chat_recalls_the_first_exchange(memori
     replies = [line.removeprefix("助手> ") for line in out.splitlines() if line.startswith("助手> ")]
     assert replies == [messages[turn]["content"] for messages in chats for turn in (1, 3)]
     assert "cut at max_new_tokens" not in out  # every reply stopped at <|im_end|>
-
-
-def tool_call_text(city: str) -> str:
-    """A get_weather call as the official template writes it (and the model must write it)."""
-    return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
-
-
-@pytest.mark.slow
-def test_tool_call_learning_proof_calls_exactly_then_answers_from_the_result(memorised, monkeypatch, capsys,
-                                                                             tmp_path):
-    """Greedy chat with /tools FILE: the model writes the exact call (name and JSON arguments) and stops, the chat
-    shows it, and the line typed next is the tool's result, which the model answers from: the same question about
-    北京 gets 21 or 9 degrees, as the result says."""
-    import io
-    import sys
-
-    from qwen_sft.chat import ChatSession, chat_loop
-    from qwen_sft.modeling import load_adapter_model
-
-    adapter, records, _ = memorised
-    model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
-    tool_rows = [record for record in records if record.get("source") == "tools"]
-    assert len(tool_rows) == 3 and tool_rows[0]["messages"][0] == tool_rows[2]["messages"][0]  # same question
-    tools = tmp_path / "tools.json"
-    tools.write_text(json.dumps(tool_rows[0]["tools"], ensure_ascii=False), encoding="utf-8")
-    script = [f"/tools {tools}"] + [line for row in tool_rows
-                                    for line in (row["messages"][0]["content"], row["messages"][2]["content"], "/reset")]
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
-    session = ChatSession(tokenizer, SYSTEM, 1024, 40)
-    greedy = {"max_new_tokens": 40, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
-              "no_repeat_ngram_size": 0}
-    chat_loop(model, tokenizer, session, greedy, show_prompt=False)
-    out = capsys.readouterr().out
-    assert "[tools offered from the next message on: get_weather]" in out
-    for row in tool_rows:
-        city = row["messages"][1]["tool_calls"][0]["function"]["arguments"]["city"]
-        assert f"助手> {tool_call_text(city)}\n" in out
-        assert f'[tool call: get_weather {{"city": "{city}"}}; type the tool\'s result (its turn) as the next line]' in out
-        assert f"助手> {row['messages'][3]['content']}\n" in out
-    assert out.count("[tool call: ") == 3 and "cut at max_new_tokens" not in out
 
 
 @pytest.mark.slow
@@ -355,7 +313,7 @@ def test_evaluation_scores_every_answer_and_generates_the_last(memorised, tmp_pa
     assert "memory" in sources and set(metrics["by_source"]) == sources
     assert metrics["by_source"]["memory"]["exact_match"] == 1.0
     lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    chat_lines = [line for line in lines if line["source"] == "memory"]
+    chat_lines = [line for line in lines if "messages" in line]
     assert chat_lines and len(lines) == len(eval_records)
     for line in chat_lines:  # the turns before the generated answer, which equals the reference
         assert len(line["messages"]) == 3 and line["prediction"] == line["reference"]
@@ -368,13 +326,10 @@ def test_inference_file_mode_answers_conversations(memorised, tmp_path):
 
     adapter, records, _ = memorised
     chat = next(record["messages"] for record in records if "messages" in record)
-    tool, tools = next((record["messages"], record["tools"]) for record in records if record.get("source") == "tools")
     prompts = write_rows(tmp_path / "prompts.jsonl", [
         {"id": "open", "messages": chat[:3]},  # ends with the user's question
         {"id": "trained", "messages": chat},  # ends with an answer: that is the reference
         {"id": "single", "instruction": records[2]["instruction"]},
-        {"id": "call", "messages": tool[:1], "tools": tools},  # tools in an instruction-file row
-        {"id": "result", "messages": tool[:3], "tools": tools},  # after the tool's result
     ])
     result = run_script("inference.py", "--adapter_dir", adapter, "--instruction_file", prompts, "--output_file",
                         tmp_path / "answers.jsonl", "--system_prompt", SYSTEM, "--preset", "greedy",
@@ -385,7 +340,6 @@ def test_inference_file_mode_answers_conversations(memorised, tmp_path):
     assert "reference" not in answered["open"] and answered["trained"]["reference"] == chat[3]["content"]
     assert answered["trained"]["messages"] == chat
     assert answered["single"]["output"] == records[2]["output"]
-    assert answered["call"]["output"] == tool_call_text("北京") and answered["result"]["output"] == "北京现在21度。"
     assert all(row["stopped"] for row in answered.values())
 
 

@@ -354,3 +354,77 @@ def test_tool_and_text_rows_evaluate_and_infer(trained_on, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     answered = json.loads((tmp_path / "a.jsonl").read_text(encoding="utf-8"))
     assert answered["id"] == 1 and answered["tools"] == row["tools"] and answered["tokens"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------- learning proof
+
+TOOL_SYSTEM = "你是助手。"  # short: the template's tool list already makes the system turn long
+
+
+@pytest.fixture(scope="module")
+def tool_adapter(tmp_path_factory):
+    """The tiny model trained on tests/fixtures/tool_calls_2.jsonl: the same question, an OpenAI `messages` row and a
+    LLaMA-Factory sharegpt row, whose tool results (21, 9) differ and so do the answers. 120 full-batch steps of two
+    rows: quicker than the 20-row and multi-turn proofs."""
+    from conftest import LEARNING_FLAGS, run_script, without_flags
+
+    workdir = tmp_path_factory.mktemp("tools")
+    extra = ["--max_steps", "120", "--per_device_train_batch_size", "2", "--system_prompt", TOOL_SYSTEM,
+             "--dataset_path", FIXTURES / "tool_calls_2.jsonl"]
+    result = run_script("Qwen_finetuning.py", *without_flags(LEARNING_FLAGS, extra), *extra, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "Qwen_finetuning_model"
+
+
+CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "北京"}}\n</tool_call>'
+
+
+@pytest.mark.slow
+def test_tool_call_learning_proof_in_chat(tool_adapter, monkeypatch, capsys, tmp_path):
+    """chat.py with /tools FILE, greedy: the model writes the exact call (name and JSON arguments) and stops, the chat
+    shows it, and the line typed next is the tool's result, which the model answers from (21 or 9 degrees, for the
+    same question)."""
+    import io
+    import sys
+
+    from qwen_sft.chat import ChatSession, chat_loop
+    from qwen_sft.modeling import load_adapter_model
+
+    model, tokenizer, _ = load_adapter_model(str(tool_adapter), "hf")
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(read_records(FIXTURES / "tool_calls_2.jsonl")[0]["tools"]), encoding="utf-8")
+    script = [f"/tools {tools}", "北京天气？", "21", "/reset", "北京天气？", "9", "/save " + str(tmp_path / "saved.jsonl")]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    greedy = {"max_new_tokens": 40, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0}
+    chat_loop(model, tokenizer, ChatSession(tokenizer, TOOL_SYSTEM, 1024, 40), greedy, show_prompt=False)
+    out = capsys.readouterr().out
+    assert "[tools offered from the next message on: weather]" in out
+    assert out.count(f"助手> {CALL}\n[tool call: weather {{\"city\": \"北京\"}}; type the tool's result (its turn) as "
+                     "the next line]") == 2
+    assert "助手> 21度。\n" in out and "助手> 9度。\n" in out and "cut at max_new_tokens" not in out
+    saved = read_records(tmp_path / "saved.jsonl")  # the call and the result are part of the saved exchange
+    assert [turn["role"] for turn in saved[0]["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert saved[0]["messages"][3]["content"] == "9" and saved[0]["tools"][0]["function"]["name"] == "weather"
+
+
+@pytest.mark.slow
+def test_inference_offers_a_rows_tools(tool_adapter, tmp_path):
+    from conftest import EXACT, run_script
+
+    record = read_records(FIXTURES / "tool_calls_2.jsonl")[0]
+    call, tools = record["messages"][:2], record["tools"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [
+        {"id": "call", "messages": call[:1], "tools": tools},
+        {"id": "21", "messages": [*call, {"role": "tool", "content": "21"}], "tools": tools},
+        {"id": "9", "messages": [*call, {"role": "tool", "content": "9"}], "tools": tools},
+        {"id": "no tools", "messages": call[:1]},
+    ]), encoding="utf-8")
+    result = run_script("inference.py", "--adapter_dir", tool_adapter, "--instruction_file", prompts, "--output_file",
+                        tmp_path / "answers.jsonl", "--system_prompt", TOOL_SYSTEM, *EXACT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = {row["id"]: row for row in map(json.loads, (tmp_path / "answers.jsonl").read_text().splitlines())}
+    assert answers["call"]["output"] == CALL and answers["21"]["output"] == "21度。" and answers["9"]["output"] == "9度。"
+    assert answers["no tools"]["output"] != CALL  # the call was learned with the tools in the prompt
+    assert all(answers[key]["stopped"] for key in ("call", "21", "9"))
