@@ -15,7 +15,8 @@ from qwen_sft.presets import with_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
 BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # hub id, local model folder, or `tiny` (built offline)
-DATASET_PATH = "mixed_finetune_dataset.jsonl"  # JSONL or JSON array of instruction/input/output and/or "messages" rows
+DATASET_PATH = "mixed_finetune_dataset.jsonl"  # JSONL or JSON array of rows in any format of README "Data format"
+DATASET_FORMAT = "auto"  # auto (each row by its keys), alpaca, sharegpt, messages, prompt_completion or text (README: "Data format")
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message of every example
 MAX_SEQ_LENGTH = 2048  # tokens per example; longer prompts are cut from the left, never the answer
 LOAD_IN_4BIT = True  # load the base model in NF4 4-bit (bitsandbytes)

@@ -17,6 +17,7 @@ from qwen_sft.presets import with_preset
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 BASE_MODEL = "auto"  # base model the adapter is applied to: auto (as trained), a hub id, a local folder, or tiny
 DATASET_PATH = "auto"  # the dataset whose eval split is evaluated; auto = the one training used
+DATASET_FORMAT = "auto"  # auto (each row by its keys), alpaca, sharegpt, messages, prompt_completion or text (README: "Data format")
 OUTPUT_DIR = "evaluation_results"  # metrics.json and predictions.jsonl are written here
 OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (your files kept, as NAME.user)
 SYSTEM_PROMPT = "auto"  # system message of every example; auto = as trained

@@ -20,7 +20,8 @@ ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py;
 INSTRUCTION = "请解释什么是LoRA微调，并说明它为什么能降低显存占用。"  # the question (ignored with INSTRUCTION_FILE)
 INPUT = ""  # extra context for INSTRUCTION, shown under 补充信息; empty = none
 SYSTEM_PROMPT = "auto"  # system message; auto = as trained
-INSTRUCTION_FILE = ""  # JSONL/JSON array of {"instruction", "input"} or {"messages"} rows; - = stdin; empty = INSTRUCTION
+INSTRUCTION_FILE = ""  # JSONL/JSON array of prompt rows (README "Data format", "tools" too); - = stdin; empty = INSTRUCTION
+DATASET_FORMAT = "auto"  # auto (each row by its keys), alpaca, sharegpt, messages, prompt_completion or text (README: "Data format")
 OUTPUT_FILE = "inference_results.jsonl"  # answers for INSTRUCTION_FILE, one row per prompt row
 OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
 BATCH_SIZE = 32  # prompts per generate() call with INSTRUCTION_FILE; lower it if the GPU runs out of memory

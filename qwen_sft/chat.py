@@ -13,6 +13,10 @@ row is learned, so an exchange saved before reappears as context (and is learned
 continues it. Only replies that ended at <|im_end|> are saved: one cut at MAX_NEW_TOKENS is kept in the history
 but not saved, nor are the later exchanges that were sent with it (they could not be saved without it); one
 stopped with Ctrl-C is dropped altogether.
+
+`/tools FILE` offers the model the tools of a JSON file (a list of function specs, as a row's "tools"). A reply
+that is a tool call is shown as one, and the next line the user types is the tool's result (its turn); the model
+then answers from it (or calls again). The calls and results are part of the exchange, so /save keeps them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from .artifacts import APPEND, Output, append_to_file, claim_outputs
 from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, warm_up
 from .generation import decoding_settings, stream_reply
+from .formats import tool_specs
 from .records import validate_record
 from .template import prompt_ids, render_prompt
 
@@ -36,13 +42,14 @@ REPLY_PREFIX = "助手> "
 SAVED_SOURCE = "chat"
 HISTORY_LENGTH = 1000  # input lines kept in the readline history file
 EXIT_WORDS = ("exit", "quit")
-COMMANDS = ("/reset", "/system", "/save", "/help")  # any other line, "/usr/bin 是什么" too, is a message
+COMMANDS = ("/reset", "/system", "/save", "/tools", "/help")  # any other line, "/usr/bin 是什么" too, is a message
 STOPPED = "reply stopped; this exchange is left out of the history"
 HELP = """\
 commands:
   /reset          forget the conversation (the system prompt stays)
   /system TEXT    use TEXT as the system prompt from the next message on (/system alone shows it)
   /save FILE      append the exchanges not saved yet to FILE as JSONL "messages" rows (system prompt included)
+  /tools FILE     offer the tools of FILE (a JSON list of function specs); after a tool call, type its result
   /help           show this list
   exit, quit      leave (so do Ctrl-D and Ctrl-C at the prompt); Ctrl-C during a reply stops that reply"""
 
@@ -54,6 +61,7 @@ class Exchange:
     complete: bool  # the reply ended at <|im_end|> rather than at MAX_NEW_TOKENS
     system: str = ""  # the system prompt sent with it
     context: list[Exchange] = field(default_factory=list)  # the earlier exchanges sent with this one
+    steps: list[dict] = field(default_factory=list)  # tool calls and their results before the reply
 
     @property
     def savable(self) -> bool:
@@ -63,8 +71,11 @@ class Exchange:
         """What the model saw, followed by its reply: the system prompt, the earlier exchanges, this one."""
         messages = [{"role": "system", "content": self.system}]
         for exchange in [*self.context, self]:
-            messages += [{"role": "user", "content": exchange.user}, {"role": "assistant", "content": exchange.reply}]
+            messages += exchange.turns()
         return messages
+
+    def turns(self) -> list[dict]:
+        return [{"role": "user", "content": self.user}, *self.steps, {"role": "assistant", "content": self.reply}]
 
     def shows(self, earlier: Exchange) -> bool:
         """Whether this exchange's conversation holds `earlier` with exactly the context `earlier` was sent with."""
@@ -96,16 +107,18 @@ class ChatSession:
         self.prompt_budget = max_context_tokens - max_new_tokens
         self.history: list[Exchange] = []
         self.unsaved: list[Exchange] = []
+        self.tools: list[dict] | None = None  # offered to the model (/tools FILE)
+        self.pending: tuple[str, list[dict]] | None = None  # (message, steps so far) while a tool call awaits its result
 
     def messages(self, user_text: str, history: list[Exchange] | None = None) -> list[dict]:
         """System prompt, `history` (default: the session's) and the new message, as chat messages."""
         messages = [{"role": "system", "content": self.system_prompt}]
         for exchange in self.history if history is None else history:
-            messages += [{"role": "user", "content": exchange.user}, {"role": "assistant", "content": exchange.reply}]
+            messages += exchange.turns()
         return messages + [{"role": "user", "content": user_text}]
 
     def prompt_tokens(self, user_text: str, history: list[Exchange] | None = None) -> int:
-        return len(prompt_ids(self.tokenizer, self.messages(user_text, history)))
+        return len(prompt_ids(self.tokenizer, self.messages(user_text, history), self.tools))
 
     def make_room(self, user_text: str) -> tuple[int, int]:
         """Drop the oldest exchanges until the prompt fits the budget; returns (exchanges dropped, prompt tokens).
@@ -119,14 +132,24 @@ class ChatSession:
                 return dropped, tokens
         return 0, tokens
 
-    def add(self, user_text: str, reply: str, complete: bool) -> None:
-        exchange = Exchange(user_text, reply, complete, self.system_prompt, list(self.history))
+    def add(self, user_text: str, reply: str, complete: bool, steps: list[dict] | None = None) -> None:
+        exchange = Exchange(user_text, reply, complete, self.system_prompt, list(self.history), steps or [])
         self.history.append(exchange)
         self.unsaved.append(exchange)
 
     def reset(self) -> None:
         self.history.clear()
         self.unsaved.clear()
+        self.pending = None
+
+    def load_tools(self, path: str) -> list[str]:
+        """Offer the tools of the JSON file `path` from the next message on; returns their names."""
+        try:
+            tools = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"{path}: {getattr(error, 'strerror', None) or error}") from None
+        self.tools = tool_specs(tools, path) or None
+        return [tool["function"]["name"] for tool in self.tools or []]
 
     def save(self, path: str) -> SaveResult:
         """Append the unsaved exchanges to the JSONL file `path` as conversation rows (see the module docstring).
@@ -143,7 +166,8 @@ class ChatSession:
             if not all(earlier.savable for earlier in exchange.context):
                 after_cut += 1
                 continue
-            row = {"messages": exchange.conversation(), "source": SAVED_SOURCE}
+            row = {"messages": exchange.conversation(), **({"tools": self.tools} if self.tools else {}),
+                   "source": SAVED_SOURCE}
             rows.append(validate_record(row, "chat"))
             covered += [exchange, *(earlier for earlier in exchange.context if exchange.shows(earlier))]
         with claim_outputs(self.inputs, [Output("/save", path, APPEND)], "chat", overwrite=False) as claimed:
@@ -200,6 +224,16 @@ def run_command(session: ChatSession, line: str) -> None:
         notice("system prompt set; it applies from the next message")
     elif name == "/system":
         notice(f"system prompt: {session.system_prompt}")
+    elif name == "/tools" and argument:
+        try:
+            names = session.load_tools(argument)
+        except UserError as error:
+            notice(f"could not read tools: {error}")
+            return
+        notice(f"tools offered from the next message on: {', '.join(names) or 'none'}")
+    elif name == "/tools":
+        names = [tool["function"]["name"] for tool in session.tools or []]
+        notice(f"tools offered: {', '.join(names)}" if names else "no tools offered; /tools FILE offers some")
     elif name == "/save" and argument:
         try:
             saved = session.save(argument)
@@ -217,7 +251,28 @@ def run_command(session: ChatSession, line: str) -> None:
         notice("usage: /save FILE")
 
 
-def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dict, show_prompt: bool) -> None:
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parsed_tool_calls(reply: str) -> list[dict] | None:
+    """The tool calls a reply makes, as an assistant turn's "tool_calls", or None when it makes none (or writes
+    one that is not a JSON {"name", "arguments"})."""
+    calls = []
+    for body in TOOL_CALL.findall(reply):
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        calls.append({"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}})
+    return calls or None
+
+
+def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dict, show_prompt: bool,
+           steps: list[dict] | None = None) -> None:
+    """Reply to `user_text` (after `steps`, the tool calls and results of this exchange so far)."""
+    steps = steps or []
     dropped, tokens = session.make_room(user_text)
     if dropped:
         notice(f"dropped the {dropped} oldest exchange(s) to stay within max_context_tokens")
@@ -227,19 +282,33 @@ def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dic
             "beside max_new_tokens; shorten it or raise --max_context_tokens"
         )
         return
-    messages = session.messages(user_text)
+    messages = session.messages(user_text) + steps
     if show_prompt:
-        print(f"[prompt, {tokens} tokens]\n{render_prompt(tokenizer, messages)}[end of prompt]")
+        print(f"[prompt, {tokens} tokens]\n{render_prompt(tokenizer, messages, session.tools)}[end of prompt]")
     print(REPLY_PREFIX, end="", flush=True)
     reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(piece, end="", flush=True),
-                         **decoding)
+                         tools=session.tools, **decoding)
     print()
     if reply.interrupted:
         notice(STOPPED)
         return
     if not reply.stopped:
         notice(f"reply cut at max_new_tokens {decoding['max_new_tokens']}")
-    session.add(user_text, reply.text, reply.stopped)
+    calls = parsed_tool_calls(reply.text) if session.tools and reply.stopped else None
+    if calls:
+        shown = "; ".join(f"{call['function']['name']} {json.dumps(call['function']['arguments'], ensure_ascii=False)}"
+                          for call in calls)
+        notice(f"tool call: {shown}; type the tool's result (its turn) as the next line")
+        session.pending = (user_text, [*steps, {"role": "assistant", "content": "", "tool_calls": calls}])
+        return
+    session.add(user_text, reply.text, reply.stopped, steps)
+
+
+def answer_from_tool(model, tokenizer, session: ChatSession, result: str, decoding: dict, show_prompt: bool) -> None:
+    """The line typed after a tool call is the tool's result: the model answers from it (or calls again)."""
+    user_text, steps = session.pending
+    session.pending = None
+    answer(model, tokenizer, session, user_text, decoding, show_prompt, [*steps, {"role": "tool", "content": result}])
 
 
 def run_chat(cfg) -> None:
@@ -297,6 +366,8 @@ def chat_loop(model, tokenizer, session: ChatSession, decoding: dict, show_promp
         try:
             if is_command(text):
                 run_command(session, text)
+            elif session.pending:
+                answer_from_tool(model, tokenizer, session, text, decoding, show_prompt)
             else:
                 answer(model, tokenizer, session, text, decoding, show_prompt)
         except KeyboardInterrupt:  # Ctrl-C outside generation (which stream_reply turns into a stopped reply)

@@ -7,12 +7,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .cli import UserError
-from .template import is_conversation, tokenize_example
+from .template import is_conversation, is_text, tokenize_example
 
 # What fitting records to MAX_SEQ_LENGTH did: single-turn prompts cut from the left, rows dropped (answer alone too
-# long), conversations shortened, the oldest exchanges they lost, conversations dropped (last exchange too long).
+# long), conversations shortened, the oldest exchanges they lost, conversations dropped (last exchange too long),
+# text rows cut to their first MAX_SEQ_LENGTH tokens.
 FIT_COUNTS = ("prompt_truncated", "dropped_answer_too_long", "conversations_shortened", "exchanges_dropped",
-              "dropped_last_exchange_too_long")
+              "dropped_last_exchange_too_long", "text_truncated")
 
 
 def split_records(records: list[dict], eval_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -45,7 +46,9 @@ def tokenize_records(tokenizer, records: list[dict], system_prompt: str, max_seq
         if example is None:
             stats["dropped_last_exchange_too_long" if conversation else "dropped_answer_too_long"] += 1
             continue
-        stats["conversations_shortened" if conversation else "prompt_truncated"] += bool(cut)
+        cut_kind = "conversations_shortened" if conversation else "text_truncated" if is_text(record) else (
+            "prompt_truncated")
+        stats[cut_kind] += bool(cut)
         stats["exchanges_dropped"] += cut if conversation else 0
         rows.append(example)
         record_indices.append(index)

@@ -19,7 +19,6 @@ Metric definitions (README, "evaluate.py"):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import re
@@ -40,7 +39,7 @@ from .artifacts import (
 from .cli import UserError
 from .data import split_records, tokenize_records
 from .inherit import overrides
-from .records import read_records
+from .records import json_line, read_records
 
 NO_SOURCE = "unspecified"
 METRICS_FILE = "metrics.json"  # also the manifest of OUTPUT_DIR
@@ -218,7 +217,7 @@ def evaluation_split(cfg) -> tuple[list[dict], list[dict]]:
             f"{path}: dataset not found; run data_integration.py (or data_set_generation.py) first, or pass --dataset_path"
         )
     try:
-        records = read_records(path)
+        records = read_records(path, cfg.dataset_format)
     except UserError as error:
         raise UserError(f"{error}; fix that row, or rebuild the file with data_integration.py") from None
     _, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
@@ -250,9 +249,10 @@ class EvalRows:
 
         self.records = records
         self.sources = [record.get("source", NO_SOURCE) for record in records]
-        self.references = [reference_answer(record) for record in records]
-        prompts = [prompt_ids(tokenizer, build_messages(record, cfg.system_prompt)) for record in records]
-        answers = [answer_ids(tokenizer, reference) for reference in self.references]
+        self.references = [reference_answer(record) for record in records]  # None for a text row: nothing to answer
+        prompts = [prompt_ids(tokenizer, build_messages(record, cfg.system_prompt), record.get("tools"))
+                   if reference is not None else [] for record, reference in zip(records, self.references)]
+        answers = [answer_ids(tokenizer, reference or "") for reference in self.references]
         self.full_lengths = [len(prompt) + len(answer) for prompt, answer in zip(prompts, answers)]
         self.reference_tokens = [len(answer) - 1 for answer in answers]  # the answer without its <|im_end|>
 
@@ -266,9 +266,12 @@ class EvalRows:
 
         # Generation: a seeded subset; a prompt longer than MAX_SEQ_LENGTH loses a conversation's oldest exchanges
         # first, then keeps its end.
-        self.generation_rows = choose_generation_rows(len(records), cfg.max_gen_samples, cfg.generation_seed)
+        answerable = [row for row, reference in enumerate(self.references) if reference is not None]
+        chosen = choose_generation_rows(len(answerable), cfg.max_gen_samples, cfg.generation_seed)
+        self.generation_rows = [answerable[position] for position in chosen]
         fitted = [
-            prompt_within(tokenizer, build_messages(records[row], cfg.system_prompt), cfg.max_seq_length)
+            prompt_within(tokenizer, build_messages(records[row], cfg.system_prompt), cfg.max_seq_length,
+                          records[row].get("tools"))
             if len(prompts[row]) > cfg.max_seq_length else (prompts[row], False)
             for row in self.generation_rows
         ]
@@ -350,7 +353,7 @@ def write_predictions(path: Path, rows: EvalRows, runs: dict) -> None:
                     "prediction": runs["tuned"]["answers"][position]["text"], "source": rows.sources[row]}
             if "base" in runs:
                 line["base_prediction"] = runs["base"]["answers"][position]["text"]
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            handle.write(json_line(line))
 
 
 def run_models(model, tokenizer, cfg, rows: EvalRows) -> dict:

@@ -132,13 +132,15 @@ def decode_answer(tokenizer, ids: list[int]) -> str:
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], batch_size: int = 0,
-                   progress: str | None = None, **decoding) -> list[dict]:
-    """Generate one answer per conversation, in left-padded batches of `batch_size` (0 = all in one batch).
+                   progress: str | None = None, tools: list[list | None] | None = None, **decoding) -> list[dict]:
+    """Generate one answer per conversation (offered its `tools`, if any), in left-padded batches of `batch_size`
+    (0 = all in one batch).
 
     Returns, per row, the answer text (special tokens removed), its token count and whether it stopped at an
     end-of-turn token rather than at the length limit.
     """
-    prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
+    tools = tools or [None] * len(conversations)
+    prompts = [prompt_ids(tokenizer, messages, row_tools) for messages, row_tools in zip(conversations, tools)]
     generated = generate_token_ids(model, prompts, decoding_kwargs(tokenizer, **decoding), batch_size, progress)
     return [
         {"text": decode_answer(tokenizer, row["ids"]), "tokens": len(row["ids"]), "stopped": row["stopped"]}
@@ -195,8 +197,8 @@ def _ctrl_c_sets(flag):
         signal.signal(signal.SIGINT, previous)
 
 
-def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decoding) -> Reply:
-    """Generate one reply, handing each decoded piece to `on_text` as it arrives.
+def stream_reply(model, tokenizer, messages: list[dict], on_text=None, tools: list | None = None, **decoding) -> Reply:
+    """Generate one reply (offered `tools`, if any), handing each decoded piece to `on_text` as it arrives.
 
     transformers' TextIteratorStreamer decodes with special tokens skipped, and generation stops at the
     end-of-turn ids, so nothing past `<|im_end|>` is ever shown. Generation runs in a worker thread while this
@@ -206,7 +208,7 @@ def stream_reply(model, tokenizer, messages: list[dict], on_text=None, **decodin
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    prompt = prompt_ids(tokenizer, messages)
+    prompt = prompt_ids(tokenizer, messages, tools)
     input_ids = torch.tensor([prompt], device=model_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = decoding_kwargs(tokenizer, **decoding)

@@ -9,24 +9,25 @@ turns before it, and that turn is its "reference".
 
 from __future__ import annotations
 
-import json
 import time
 
 from .artifacts import Output, atomic_file, build_manifest, claim_outputs, sha256_file
 from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
 from .generation import decoding_settings, generate_batch, stream_reply
+from .formats import check_format
 from .modeling import read_adapter_manifest
-from .records import PROMPT_HELP, iter_json_rows, validate_record
+from .records import PROMPT_HELP, iter_json_rows, json_line, validate_record
 from .template import build_messages, is_conversation, prompt_ids, reference_answer
 
 
-def read_prompt_rows(path: str) -> list[tuple[int, dict]]:
-    """(line, row) for each prompt row of `path` (- = stdin)."""
+def read_prompt_rows(path: str, dataset_format: str = "auto") -> list[tuple[int, dict]]:
+    """(line, {"row": the row as read, "record": its prompt record}) for each prompt row of `path` (- = stdin). The
+    row's other fields (an id, a reference output) are carried through to the answers, so none is ignored."""
+    check_format(dataset_format)
     where = "<stdin>" if path == "-" else path
-    # Other fields (an id, a reference output) are carried through to the answers.
     rows = [
-        (line, {**row, **validate_record(row, f"{where}:{line}", with_output=False)})
+        (line, {"row": row, "record": validate_record(row, f"{where}:{line}", False, dataset_format)})
         for line, row in iter_json_rows(path)
     ]
     if not rows:
@@ -58,12 +59,16 @@ def fit_context(prompt_lengths: list[int], max_new_tokens: int, context: int | N
     return max_new_tokens
 
 
-def answer_row(row: dict, result: dict) -> dict:
+def answer_row(item: dict, result: dict) -> dict:
+    """The row as read, its answer in "output", and the answer it held (if any) in "reference"."""
+    row, record = item["row"], item["record"]
     answered = {key: value for key, value in row.items() if key != "output"}
-    if "output" in row:
+    if isinstance(row.get("output"), str):
         answered["reference"] = row["output"]
-    elif is_conversation(row) and row["messages"][-1]["role"] == "assistant":
-        answered["reference"] = reference_answer(row)
+    elif isinstance(row.get("completion"), str):
+        answered["reference"] = row["completion"]
+    elif is_conversation(record) and record["messages"][-1]["role"] == "assistant":
+        answered["reference"] = reference_answer(record)
     return {**answered, "output": result["text"], "tokens": result["tokens"], "stopped": result["stopped"]}
 
 
@@ -105,20 +110,21 @@ def answer_file(cfg) -> None:
 
 def _answer_file(cfg) -> None:
     where = "<stdin>" if cfg.instruction_file == "-" else cfg.instruction_file
-    numbered = read_prompt_rows(cfg.instruction_file)
+    numbered = read_prompt_rows(cfg.instruction_file, cfg.dataset_format)
     rows = [row for _, row in numbered]
     model, tokenizer, manifest = load_model(cfg)
     print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}); {len(rows)} prompts "
           f"from {cfg.instruction_file}, batches of {cfg.batch_size}; {generation_path(manifest)}")
-    conversations = [build_messages(row, cfg.system_prompt) for row in rows]
+    conversations = [build_messages(row["record"], cfg.system_prompt) for row in rows]
+    tools = [row["record"].get("tools") for row in rows]
     decoding = decoding_settings(cfg)
     decoding["max_new_tokens"] = fit_context(
-        [len(prompt_ids(tokenizer, messages)) for messages in conversations], cfg.max_new_tokens,
-        model_context(model), [f"{where}:{line}" for line, _ in numbered],
+        [len(prompt_ids(tokenizer, messages, row_tools)) for messages, row_tools in zip(conversations, tools)],
+        cfg.max_new_tokens, model_context(model), [f"{where}:{line}" for line, _ in numbered],
     )
     started = time.time()
     results = generate_batch(model, tokenizer, conversations, batch_size=cfg.batch_size, progress="answers",
-                             **decoding)
+                             tools=tools, **decoding)
     cut = sum(not result["stopped"] for result in results)
     source = {"path": cfg.instruction_file}
     if cfg.instruction_file != "-":
@@ -135,7 +141,7 @@ def _answer_file(cfg) -> None:
 
     with atomic_file(cfg.output_file, manifest=describe) as handle:
         for row, result in zip(rows, results):
-            handle.write(json.dumps(answer_row(row, result), ensure_ascii=False) + "\n")
+            handle.write(json_line(answer_row(row, result)))
     print(f"{len(rows)} answers written to {cfg.output_file} ({cut} cut at max_new_tokens "
           f"{decoding['max_new_tokens']})")
 

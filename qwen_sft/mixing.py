@@ -52,7 +52,7 @@ from .preparation import (
     worker_start_method,
     worth_workers,
 )
-from .records import read_records
+from .records import IgnoredFields, read_records
 from .rows import (
     FILTERED,
     MALFORMED,
@@ -64,6 +64,7 @@ from .rows import (
     keyword_patterns,
 )
 from .sources import (
+    REPORTS,
     HubRows,
     HubSettings,
     Source,
@@ -89,6 +90,7 @@ class SourceStats:
     unrouted: Counter = field(default_factory=Counter)  # keyword-split rows: no_keyword_match, domain_full
     keyword_hits: Counter = field(default_factory=Counter)
     kept: Counter = field(default_factory=Counter)
+    cut: Counter = field(default_factory=Counter)  # kept chats that lost turns, by why (Cut.reason)
     bad_rows_shown: int = 0
     reached_max_rows_read: bool = False
     seconds: float = 0.0  # wall time spent drawing its rows
@@ -101,6 +103,7 @@ class SourceStats:
             "duplicates": self.duplicates,
             "filtered": dict(self.filtered),
             "kept": dict(self.kept),
+            **({"kept_chats_cut": dict(self.cut)} if self.cut else {}),
             "reached_max_rows_read": self.reached_max_rows_read,
             "draw_s": round(self.seconds, 3),
         }
@@ -143,9 +146,10 @@ def first_bad_row(source: Source) -> None:
     for path in source.files:
         with open(path, "rb") as handle:
             for number, row, span in _numbered_local_rows(path):
-                kind, detail, _ = convert_row(source.schema, row, read_span(handle, span) if span else None)
-                if kind not in (MALFORMED, WRONG_SCHEMA):
-                    continue
+                item, _ = convert_row(source.schema, row, read_span(handle, span) if span else None)
+                if not isinstance(item[0], int) or item[0] not in (MALFORMED, WRONG_SCHEMA):
+                    continue  # a usable row (its first item is text, a conversation or a record) or a rejected one
+                kind, detail = item[:2]
                 if source.path:
                     raise fatal_bad_row(source, number, bad_row_text(source, kind, detail))
                 raise UserError(f"{source.key}: {path}:{number}: {bad_row_text(source, kind, detail)}; fix the row, "
@@ -228,6 +232,8 @@ class Mixer:
             else:
                 seen.add(detail[0])
                 lines.append((detail[1], self.closings[bucket.key]))  # joined when written: one copy, not two
+                if len(detail) > 2:
+                    stats.cut[detail[2]] += 1
                 bucket.kept += 1
                 stats.kept[bucket.key] += 1
                 taken += 1
@@ -496,14 +502,15 @@ def _mix(cfg, report_key: str, script: str, claimed: contextlib.ExitStack) -> Pa
     started = time.perf_counter()
     plan = plan_mix(cfg, report_key)
     output_file = claimed.enter_context(claim_mix_output(cfg, plan, Path(script).stem))["--output_file"]
-    _check_inputs(cfg, plan, report_key)
+    report = _check_inputs(cfg, plan, report_key)
     mixer, hub_sources, file_hashes = _draw_in_parallel(cfg, plan)
     shortfalls = _report_shortfalls(cfg, plan, mixer.stats)
 
     def describe(output_sha256: str) -> dict:  # the manifest, once the file's sha256 is known
         return _manifest(cfg, script, plan, mixer, output={
             "path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256,
-        }, shortfalls=shortfalls, file_hashes=file_hashes, hub_sources=hub_sources, started=started)
+        }, shortfalls=shortfalls, file_hashes=file_hashes, hub_sources=hub_sources, started=started,
+            report=report.report())
 
     _write_shuffled(mixer.lines, output_file, cfg.SEED, describe)
     elapsed = time.perf_counter() - started
@@ -516,10 +523,13 @@ def _mix(cfg, report_key: str, script: str, claimed: contextlib.ExitStack) -> Pa
     return output_file
 
 
-def _check_inputs(cfg, plan: MixPlan, report_key: str) -> None:
-    """Stop before mixing on a bad report row, a missing local file or (with --fatal_bad_rows) any bad source row."""
+def _check_inputs(cfg, plan: MixPlan, report_key: str) -> IgnoredFields:
+    """Stop before mixing on a bad report row, a missing local file or (with --fatal_bad_rows) any bad source row;
+    returns the formats and ignored fields of the report file's rows."""
+    report = IgnoredFields()
     if report_key in plan.feeds:
-        read_records(cfg.MY_REPORT_DATA_PATH)  # a bad row anywhere in the file stops the run, not only a drawn one
+        # A bad row anywhere in the file stops the run, not only a drawn one; unused fields are named once.
+        read_records(cfg.MY_REPORT_DATA_PATH, report=report)
     for source in plan.sources:
         if not source.is_hub:
             check_local_file(source)  # every missing file is reported before the slow imports and the hub
@@ -527,6 +537,7 @@ def _check_inputs(cfg, plan: MixPlan, report_key: str) -> None:
         for source in plan.sources:
             if not source.is_hub and source.key != report_key:
                 first_bad_row(source)
+    return report
 
 
 def _draw_in_parallel(cfg, plan: MixPlan) -> tuple[Mixer, dict[str, dict], dict[str, dict[str, str]]]:
@@ -573,7 +584,7 @@ def _report_shortfalls(cfg, plan: MixPlan, stats: dict[str, SourceStats]) -> dic
 
 
 def _manifest(cfg, script: str, plan: MixPlan, mixer: Mixer, *, output: dict, shortfalls: dict,
-              file_hashes: dict, hub_sources: dict, started: float) -> dict:
+              file_hashes: dict, hub_sources: dict, started: float, report: dict) -> dict:
     """The mix's manifest: its buckets, what each source was and what became of every row read."""
     sources = {
         source.key: {
@@ -582,6 +593,7 @@ def _manifest(cfg, script: str, plan: MixPlan, mixer: Mixer, *, output: dict, sh
             "schema": source.schema.name,
             **_source_identity(file_hashes.get(source.key), hub_sources.get(source.key)),
             **mixer.stats[source.key].as_dict(source.key in plan.keyword_split),
+            **(report if source.schema is REPORTS else {}),  # MY_REPORT_DATA_PATH's formats and ignored fields
         }
         for source in plan.sources
     }

@@ -1,115 +1,87 @@
-"""Reading and validating records. A row is single-turn, {"instruction", "input", "output"}, or a conversation,
-{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}; either may carry a "source".
-
-Files are a JSON array or JSONL, and may mix both kinds. Every bad row is reported with its file and line.
-"""
+"""Reading and validating records: JSON arrays and JSONL, rows in any of the formats that formats.py reads (a file
+may mix them), every bad row reported with its file and line, every row the toolkit writes read back equal."""
 
 from __future__ import annotations
 
 import bisect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from .artifacts import warn_if_manifest_differs
 from .cli import UserError
+from .formats import ALPACA_HELP, CONVERTING, IgnoredFields, check_format, convert_row
 
-RECORD_HELP = (
-    'each row needs a non-empty "instruction" and "output" string and, optionally, an "input" string '
-    '(or, for a conversation, a "messages" list)'
-)
+RECORD_HELP = ALPACA_HELP
 PROMPT_HELP = (
-    'each row needs a non-empty "instruction" string and, optionally, an "input" string (or a "messages" list)'
+    'each row needs a non-empty "instruction" string and, optionally, an "input" string (or a "messages" list, '
+    'a sharegpt "conversations" list or a "prompt"; ' + CONVERTING + ")"
 )
-MESSAGES_HELP = (
-    '"messages" is a list of {"role": "system"|"user"|"assistant", "content": non-empty string}: an optional '
-    "system turn first, then user and assistant turns alternating, starting with a user turn"
-)
-ROLES = ("system", "user", "assistant")
-SINGLE_TURN_FIELDS = ("instruction", "input", "output")
 
 
-def validate_messages(messages, where: str, with_output: bool = True) -> list[dict]:
-    """The turns as clean {"role", "content"} dicts, or a UserError naming `where`, the turn and what is wrong.
+def validate_record(row, where: str, with_output: bool = True, dataset_format: str = "auto",
+                    ignored: IgnoredFields | None = None) -> dict:
+    """Return the row as a clean record (formats.convert_row), or raise UserError naming `where` (file:line).
 
-    With `with_output` the conversation ends with an assistant turn (the answer that is learned); without it
-    (a prompt for inference) it may end with either.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f'{where}: "messages" must be a non-empty list; {MESSAGES_HELP}')
-    turns = []
-    for number, message in enumerate(messages, start=1):
-        turn = f"{where}: message {number}"
-        if not isinstance(message, dict):
-            raise UserError(f"{turn}: expected a JSON object, got {type(message).__name__}; {MESSAGES_HELP}")
-        unknown = sorted(set(message) - {"role", "content"})
-        if unknown:
-            raise UserError(f"{turn}: unknown key(s) {', '.join(map(repr, unknown))}; {MESSAGES_HELP}")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise UserError(f"{turn}: role must be system, user or assistant, got {role!r}")
-        if not isinstance(content, str) or not content.strip():
-            raise UserError(f'{turn}: "content" must be a non-empty string')
-        previous = turns[-1]["role"] if turns else None
-        if role == "system" and previous is not None:
-            raise UserError(f"{turn}: a system turn may only come first")
-        if role == previous:
-            raise UserError(f"{turn}: two {role} turns in a row; user and assistant turns alternate")
-        if role == "assistant" and previous != "user":
-            raise UserError(f"{turn}: an assistant turn must follow a user turn")
-        turns.append({"role": role, "content": content})
-    last = turns[-1]["role"]
-    if last == "system":
-        raise UserError(f"{where}: no user turn; {MESSAGES_HELP}")
-    if with_output and last != "assistant":
-        problem = "ends with a user turn" if len(turns) > 2 else "no assistant turn"
-        raise UserError(f"{where}: {problem}; a conversation ends with the assistant's answer")
-    return turns
-
-
-def validate_record(row, where: str, with_output: bool = True) -> dict:
-    """Return the row as a clean record, or raise UserError naming `where` (file:line).
-
-    With `with_output=False` the row is a prompt (inference): "output" is neither required nor returned, and a
+    With `with_output=False` the row is a prompt (inference): no answer is required or returned, and a
     conversation may end with a user turn.
     """
-    help_text = RECORD_HELP if with_output else PROMPT_HELP
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}; {help_text}")
-    if "messages" in row:
-        return _validate_conversation(row, where, with_output)
-    for field in ("instruction", "output") if with_output else ("instruction",):
-        value = row.get(field)
-        if not isinstance(value, str) or not value.strip():
-            problem = "is missing" if field not in row else "must be a non-empty string"
-            raise UserError(f'{where}: field "{field}" {problem}; {help_text}')
-    extra = row.get("input", "")
-    if extra is None:
-        extra = ""
-    if not isinstance(extra, str):
-        raise UserError(f'{where}: field "input" must be a string; {help_text}')
-    record = {"instruction": row["instruction"], "input": extra}
-    if with_output:
-        record["output"] = row["output"]
-    if isinstance(row.get("source"), str):
-        record["source"] = row["source"]
-    return record
+    return convert_row(row, where, with_output, dataset_format, ignored)
 
 
-def _validate_conversation(row: dict, where: str, with_output: bool) -> dict:
-    both = [field for field in SINGLE_TURN_FIELDS if field in row]
-    if both:
-        raise UserError(f'{where}: a row holds either "messages" or "{both[0]}", not both')
-    record = {"messages": validate_messages(row["messages"], where, with_output)}
-    if isinstance(row.get("source"), str):
-        record["source"] = row["source"]
-    return record
+class BadJSON(ValueError):
+    """A row that no reader can take as JSON text: its message names what is wrong (the caller adds the place)."""
+
+
+def parse_json(text: str | bytes):
+    """json.loads(text), with every way a row can fail as BadJSON: malformed JSON, text that is not UTF-8, nesting
+    deeper than the parser's recursion, an integer longer than Python converts, and a lone surrogate (an escape
+    such as "\\ud800" that no UTF-8 writer, the tokenizer included, can encode)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadJSON(f"malformed JSON ({error.msg} at column {error.colno})") from None
+    except UnicodeDecodeError as error:
+        raise BadJSON(f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except RecursionError:
+        raise BadJSON("JSON nested too deeply to read") from None
+    except ValueError:  # int(): more digits than sys.get_int_max_str_digits()
+        raise BadJSON(f"a number with more than {sys.get_int_max_str_digits():,} digits") from None
+    _refuse_lone_surrogates(text, value)
+    return value
+
+
+def _refuse_lone_surrogates(text: str | bytes, value) -> None:
+    """BadJSON if a string of `value` holds a lone surrogate. Only an escape can put one there (a UTF-8 file holds
+    none raw), so rows without a "\\ud8".."\\udf" escape are not walked."""
+    escapes = _SURROGATE_ESCAPE_BYTES if isinstance(text, bytes) else _SURROGATE_ESCAPE
+    if not escapes.search(text):
+        return
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str) and _LONE_SURROGATE.search(item):
+            raise BadJSON("a lone surrogate escape (such as \"\\ud800\") in a string: not Unicode text")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def iter_json_rows(path: str | os.PathLike):
-    """Yield (line_number, parsed_row) from a JSON array or JSONL file (`-` = standard input); malformed JSON
-    raises UserError."""
+    """Yield (line_number, parsed_row) from a JSON array or JSONL file (`-` = standard input); a row that cannot
+    be read (parse_json) raises UserError naming the file and line.
+
+    JSONL lines end at "\\n" (or "\\r\\n") only: U+2028, U+2029 and U+0085, which str.splitlines() also splits on,
+    are legal raw inside a JSON string, and the toolkit's own writers leave them raw."""
     from_stdin = str(path) == "-"
     path = Path("<stdin>" if from_stdin else path)
     if not from_stdin and path.is_dir():
@@ -125,13 +97,18 @@ def iter_json_rows(path: str | os.PathLike):
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            yield line_number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno})") from None
+            yield line_number, parse_json(line)
+        except BadJSON as error:
+            raise UserError(f"{path}:{line_number}: {error}") from None
+
+
+def json_line(row) -> str:
+    """One JSONL line as every stage writes it: UTF-8 text left raw (U+2028 included), ended by "\\n"."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def line_starts(text: str) -> list[int]:
@@ -165,8 +142,16 @@ def _iter_json_array(path: Path, text: str):
     while True:
         try:
             row, end = decoder.raw_decode(text, position)
+            _refuse_lone_surrogates(text[position:end], row)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{line_at(position)}: JSON nested too deeply to read") from None
+        except BadJSON as error:
+            raise UserError(f"{path}:{line_at(position)}: {error}") from None
+        except ValueError:  # int(): more digits than sys.get_int_max_str_digits()
+            limit = sys.get_int_max_str_digits()
+            raise UserError(f"{path}:{line_at(position)}: a number with more than {limit:,} digits") from None
         yield line_at(position), row
         position = skip_space(end)
         if position < len(text) and text[position] == ",":
@@ -179,11 +164,18 @@ def _iter_json_array(path: Path, text: str):
             raise UserError(f"{path}:{line_at(position)}: malformed JSON array (expected ',' or ']')")
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Read and validate every row of an instruction file; the first bad row raises UserError. A manifest beside
+def read_records(path: str | os.PathLike, dataset_format: str = "auto", report: IgnoredFields | None = None,
+                 ) -> list[dict]:
+    """Read and validate every row of an instruction file; the first bad row raises UserError. Each field that no
+    record keeps is named once, with its row count (and counted in `report` for the manifest). A manifest beside
     the file (a mix's) that describes another file is reported in one line."""
-    records = [validate_record(row, f"{path}:{line}") for line, row in iter_json_rows(path)]
+    check_format(dataset_format)
+    report = IgnoredFields() if report is None else report
+    records = [validate_record(row, f"{path}:{line}", True, dataset_format, report)
+               for line, row in iter_json_rows(path)]
     if not records:
         raise UserError(f"{path}: holds no rows; {RECORD_HELP}")
+    for line in report.lines(path):
+        print(line)
     warn_if_manifest_differs(path)
     return records

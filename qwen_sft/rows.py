@@ -10,7 +10,8 @@ import orjson
 import xxhash
 
 from .families import family
-from .sources import Rejected, Schema, WrongSchema, read_span
+from .records import BadJSON, parse_json
+from .sources import Cut, Rejected, Schema, WrongSchema, read_span
 
 
 _ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
@@ -125,38 +126,41 @@ class RowRules:
 
 
 def parse_json_line(text: bytes):
-    """json.loads(text), three times faster. orjson gives the same value for every line json accepts, except that
-    it reads an integer beyond 64 bits as a float (only such a pm_score could rank differently); the lines it
-    refuses (NaN, Infinity, lone surrogates, a byte-order mark, bad JSON) go to json, which parses them or rejects
-    them with its own message."""
+    """records.parse_json(text), three times faster. orjson gives the same value for every line json accepts, except
+    that it reads an integer beyond 64 bits as a float (only such a pm_score could rank differently); the lines it
+    refuses (NaN, Infinity, lone surrogates, deep nesting, a byte-order mark, bad JSON) go to parse_json, which
+    parses them or raises BadJSON with its own message."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        return parse_json(text)
 
 
-def convert_row(schema: Schema, row, text: bytes | None):
+def convert_row(schema: Schema, row, text: bytes | None) -> tuple[tuple, str | None]:
+    """(what prepare_rows works on, the turns cut from the row's chat if any): (kind, detail, None) for a row that
+    cannot be used, (instruction, input, raw_output), or (a conversation or a record written as it is,)."""
     if text is not None:
         try:
             row = parse_json_line(text)
-        except json.JSONDecodeError as error:
-            return MALFORMED, f"malformed JSON ({error.msg} at column {error.colno})", None
-        except UnicodeDecodeError as error:
-            return MALFORMED, f"not UTF-8 text ({error.reason} at byte {error.start})", None
+        except BadJSON as error:
+            return (MALFORMED, str(error), None), None
     try:
         converted = schema.convert(row)
     except WrongSchema as error:
-        return WRONG_SCHEMA, str(error), None
+        return (WRONG_SCHEMA, str(error), None), None
     except Rejected as error:
-        return REJECTED, error.reason, None
-    if isinstance(converted, list):
-        return (converted,)  # a conversation
+        return (REJECTED, error.reason, None), None
+    cut = None
+    if isinstance(converted, Cut):
+        converted, cut = converted.kept, converted.reason
+    if isinstance(converted, (list, dict)):
+        return (converted,), cut  # a conversation, or a record written as it is
     instruction, extra, raw_output = converted
     if not instruction:
-        return REJECTED, "empty_instruction", None
+        return (REJECTED, "empty_instruction", None), None
     if not raw_output:
-        return REJECTED, "empty_output", None
-    return instruction, extra, raw_output
+        return (REJECTED, "empty_output", None), None
+    return (instruction, extra, raw_output), cut
 
 
 def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | None]]) -> list[tuple]:
@@ -168,14 +172,15 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
     """
     schema = rules.schema
     with open(rules.path, "rb") if rules.path else contextlib.nullcontext() as handle:
-        converted = [convert_row(schema, row, read_span(handle, span) if span else None) for row, span in rows]
+        converted, cuts = zip(*[convert_row(schema, row, read_span(handle, span) if span else None)
+                                for row, span in rows]) if rows else ((), ())
     hits = None
     if rules.keyword_patterns:
         counts = count_keyword_hits(rules.keyword_patterns, [_question(item) for item in converted])
         hits = list(zip(*counts.values()))
     prepared = []
     for position, item in enumerate(converted):
-        if not isinstance(item[0], (str, list)):
+        if not isinstance(item[0], (str, list, dict)):
             prepared.append(item)
             continue
         row_hits = hits[position] if hits else None
@@ -184,6 +189,9 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
             continue
         if isinstance(item[0], list):
             prepared.append((*_prepare_conversation(rules, item[0]), row_hits))
+            continue
+        if isinstance(item[0], dict):
+            prepared.append((*_prepare_record(rules, item[0]), row_hits))
             continue
         instruction, extra, raw_output = item
         output = schema.finish_output(raw_output)
@@ -196,11 +204,16 @@ def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | Non
         else:
             detail = (duplicate_key(instruction, extra, output), json_body(instruction, extra, output))
             prepared.append((USABLE, detail, row_hits))
-    return prepared
+    # A kept row whose chat was cut carries why, so that the manifest counts it.
+    return [(kind, detail + (cut,), hits) if cut and kind == USABLE else (kind, detail, hits)
+            for (kind, detail, hits), cut in zip(prepared, cuts)]
 
 
 def _question(item: tuple) -> str:
-    """The text a converted row's keywords are matched in: its instruction, or a conversation's first user turn."""
+    """The text a converted row's keywords are matched in: its instruction, a conversation's first user turn, or a
+    text row's text."""
+    if isinstance(item[0], dict):
+        item = (item[0].get("messages"),) if "messages" in item[0] else (item[0]["text"],)
     if isinstance(item[0], list):
         return next(turn["content"] for turn in item[0] if turn["role"] == "user")
     return item[0] if isinstance(item[0], str) else ""
@@ -221,3 +234,17 @@ def _prepare_conversation(rules: RowRules, messages: list[dict]) -> tuple:
         return FILTERED, "too_long"
     return USABLE, (conversation_duplicate_key(messages), conversation_json_body(messages))
 
+
+
+def _prepare_record(rules: RowRules, record: dict) -> tuple:
+    """(kind, detail) of a record written as it is (a conversation with tools or tool calls, a text row): its
+    JSON, the tool specs included, is what it weighs against the byte budget."""
+    from .template import reference_answer
+
+    text = json.dumps(record, ensure_ascii=False)
+    learned = record["text"] if "text" in record else reference_answer(record)
+    if len(learned) < rules.min_output_chars:
+        return FILTERED, "too_short"
+    if utf8_length(text) > rules.byte_budget:
+        return FILTERED, "too_long"
+    return USABLE, (_folded_digest(text), text[:-1].encode() + b', "source": ')

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import html
-import json
 import os
 import re
 import sys
@@ -45,7 +44,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cli import UserError
-from .records import iter_json_rows, validate_record
+from .records import BadJSON, IgnoredFields, iter_json_rows, parse_json, validate_record
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 # Names that are plainly files (so a typo gives "file not found", not a failed hub lookup).
@@ -111,10 +110,20 @@ def _text_field(row, key: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class Cut:
+    """What Schema.convert returns for a chat it kept only in part: what it kept, and why the rest went (the
+    manifest counts each reason)."""
+
+    kept: tuple | list
+    reason: str
+
+
 class Schema(ABC):
     """Turns one raw row into (instruction, input, raw_output), or a conversation into its list of messages
-    ({"role", "content"}, raw answers); `finish_output`, where a schema's costly part lives, runs only for rows
-    that can still be kept (on each answer of a conversation)."""
+    ({"role", "content"}, raw answers), or into a record written as it is (a dict: a conversation with tools or
+    tool calls, a text row); `finish_output`, where a schema's costly part lives, runs only for rows that can still
+    be kept (on each answer of a conversation)."""
 
     name = ""
     columns: tuple[str, ...] | None = None  # the only columns convert() reads (a Parquet stream reads only these)
@@ -123,7 +132,7 @@ class Schema(ABC):
     config: str | None = None  # the config a snapshot folder that declares several is read with, unless named
 
     @abstractmethod
-    def convert(self, row) -> tuple[str, str, str] | list[dict]:
+    def convert(self, row) -> tuple[str, str, str] | list[dict] | dict:
         """Raise WrongSchema for a row of another shape, Rejected for a row with nothing usable."""
 
     def finish_output(self, raw_output: str) -> str:
@@ -140,23 +149,33 @@ class ReportSchema(Schema):
 
     def convert(self, row):
         record = validate_record(row, "report")  # the file was validated whole before mixing starts
+        if "text" in record or "tools" in record or any(
+                turn["role"] == "tool" or "tool_calls" in turn for turn in record.get("messages", ())):
+            return {key: value for key, value in record.items() if key != "source"}  # written as it is
         if "messages" in record:
             return [{"role": turn["role"], "content": turn["content"].strip()} for turn in record["messages"]]
         return record["instruction"].strip(), record["input"].strip(), record["output"].strip()
 
 
 class SlimOrcaSchema(Schema):
+    """SlimOrca's sharegpt chats. A chat with tool calls or tools (LLaMA-Factory's function_call and observation
+    turns) is read whole by formats.py's sharegpt reader and written as it is; any other chat keeps its system text
+    in the first question, and a chat that breaks off after its first exchange is kept up to there, as Cut."""
+
     name = "SlimOrca"
 
     def convert(self, row):
         turns = row.get("conversations") if isinstance(row, dict) else None
         if not isinstance(turns, list):
             raise WrongSchema('"conversations" must be a list of {"from", "value"} turns')
-        system, exchanges = None, []
+        if row.get("tools") or any(isinstance(turn, dict) and turn.get("from") in TOOL_TURNS for turn in turns):
+            return _tool_chat(row)
+        system, exchanges, cut = None, [], None
         for turn in turns:
             well_formed = isinstance(turn, dict) and isinstance(turn.get("value"), str)
             role = turn.get("from") if well_formed else None
             if exchanges and exchanges[0][1] is not None and role not in ("system", "human", "gpt"):
+                cut = "broken_turn"
                 break  # after a first whole exchange, a broken turn ends the chat (as it always did)
             if not well_formed:
                 raise WrongSchema('each turn in "conversations" needs "from" and a string "value"')
@@ -169,24 +188,44 @@ class SlimOrcaSchema(Schema):
             elif role == "gpt" and exchanges and exchanges[-1][1] is None:
                 exchanges[-1][1] = turn["value"]
             elif exchanges and exchanges[0][1] is not None:
+                cut = "stops_alternating"
                 break  # the chat stops alternating: it keeps its exchanges so far
+        unanswered = bool(exchanges) and exchanges[-1][1] is None and len(exchanges) > 1
         exchanges = [(human.strip(), answer.strip()) for human, answer in exchanges if answer is not None]
         if not exchanges:
             raise WrongSchema('"conversations" needs a "human" turn followed by a "gpt" turn')
         # A later exchange with an empty side ends the chat (the first one is judged as a single-turn row is).
         empty = next((index for index, pair in enumerate(exchanges) if index and not all(pair)), len(exchanges))
-        del exchanges[empty:]
+        if empty < len(exchanges):
+            cut = cut or "empty_turn"
+            del exchanges[empty:]
+        cut = cut or ("unanswered_question" if unanswered else None)
         # The system turn often carries the task ("explain like I'm five"); the answer only fits with it.
         system = (system or "").strip()
         first = exchanges[0][0]
         exchanges[0] = ((f"{system}\n\n{first}" if system and first else first), exchanges[0][1])
         if len(exchanges) == 1:
-            return exchanges[0][0], "", exchanges[0][1]
-        return [
-            {"role": role, "content": content}
-            for human, answer in exchanges
-            for role, content in (("user", human), ("assistant", answer))
-        ]
+            kept = (exchanges[0][0], "", exchanges[0][1])
+        else:
+            kept = [
+                {"role": role, "content": content}
+                for human, answer in exchanges
+                for role, content in (("user", human), ("assistant", answer))
+            ]
+        return Cut(kept, cut) if cut else kept
+
+
+TOOL_TURNS = ("function_call", "observation")
+
+
+def _tool_chat(row: dict) -> dict:
+    """A sharegpt chat with tool calls or tools, as formats.py reads it ({"messages", "tools"}), stripped of the
+    answers' surrounding whitespace as the other chats are."""
+    try:
+        record = validate_record(row, "row", dataset_format="sharegpt", ignored=IgnoredFields())
+    except UserError as error:
+        raise WrongSchema(str(error).removeprefix("row: ")) from None
+    return {key: value for key, value in record.items() if key != "source"}
 
 
 class PubMedQASchema(Schema):
@@ -530,9 +569,9 @@ def _numbered_files_rows(paths: list[Path], schema: Schema | None = None):
             for number, row, span in _numbered_local_rows(path, schema):
                 if span is not None:
                     try:
-                        row = json.loads(read_span(handle, span))
-                    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                        raise UserError(f"{path}:{number}: malformed JSON ({error})") from None
+                        row = parse_json(read_span(handle, span))
+                    except BadJSON as error:
+                        raise UserError(f"{path}:{number}: {error}") from None
                 yield FileRow(str(path), number), row, None
 
 

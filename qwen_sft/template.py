@@ -37,9 +37,30 @@ def conversation_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROM
     return [{"role": "system", "content": system_prompt}, *turns]
 
 
-def reference_answer(record: dict) -> str:
-    """The answer a record teaches last: `output`, or a conversation's final assistant turn."""
-    return record["messages"][-1]["content"] if is_conversation(record) else record["output"]
+def is_text(record: dict) -> bool:
+    """A plain text row: language modelling (every token after the first learned), no prompt and no answer."""
+    return "text" in record
+
+
+def reference_answer(record: dict) -> str | None:
+    """The answer a record teaches last: `output`, or a conversation's final assistant turn as the template writes
+    it (its content, then its tool calls); None for a text row."""
+    if is_text(record):
+        return None
+    if not is_conversation(record):
+        return record["output"]
+    last = record["messages"][-1]
+    calls = [_rendered_call(call) for call in last.get("tool_calls", [])]
+    return "\n".join(([last["content"]] if last["content"] else []) + calls)
+
+
+def _rendered_call(call: dict) -> str:
+    """One tool call as the official template writes it (its tojson: json.dumps with ensure_ascii=False)."""
+    import json
+
+    function = call["function"]
+    arguments = json.dumps(function["arguments"], ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
 
 
 def build_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT, with_answer: bool = False) -> list[dict]:
@@ -65,23 +86,30 @@ def require_chat_template(tokenizer, folder) -> None:
         )
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The text the model sees before it answers: the conversation plus the opened assistant turn."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> str:
+    """The text the model sees before it answers: the conversation (and the tools it may call, which the template
+    lists in the system turn) plus the opened assistant turn."""
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, messages, tools), add_special_tokens=False)["input_ids"]
 
 
-def prompt_within(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], bool]:
+def exchange_starts(messages: list[dict]) -> list[int]:
+    """Where each exchange begins: its user turn (an exchange runs to the next one, through any tool calls, tool
+    results and answers)."""
+    return [index for index, message in enumerate(messages) if message["role"] == "user"]
+
+
+def prompt_within(tokenizer, messages: list[dict], max_tokens: int, tools: list | None = None):
     """prompt_ids of `messages` within `max_tokens`, and whether anything was cut: the oldest exchanges after the
     system turn go first, whole; a prompt still too long keeps its last `max_tokens` tokens."""
-    ids = prompt_ids(tokenizer, messages)
+    ids = prompt_ids(tokenizer, messages, tools)
     cut = len(ids) > max_tokens
-    while len(ids) > max_tokens and len(messages) > 2:
-        messages = [messages[0], *messages[3:]]
-        ids = prompt_ids(tokenizer, messages)
+    while len(ids) > max_tokens and len(exchange_starts(messages)) > 1:
+        messages = [messages[0], *messages[exchange_starts(messages)[1]:]]
+        ids = prompt_ids(tokenizer, messages, tools)
     return ids[-max_tokens:], cut
 
 
@@ -90,35 +118,45 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer + family.END_OF_TURN, add_special_tokens=False)["input_ids"]
 
 
-def conversation_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+NOT_TURN_BY_TURN = (
+    "the tokenizer's chat template does not render a conversation turn by turn (each render a prefix of the next), "
+    "so its answers cannot be masked; use a ChatML template such as Qwen2.5's"
+)
+
+
+def conversation_pieces(tokenizer, messages: list[dict], tools: list | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation (up to its last `<|im_end|>`) as consecutive (text, carries_loss) pieces.
 
-    Each assistant turn's content and its `<|im_end|>` carry loss; the system and user turns and the role
-    headers do not. The cuts come from the tokenizer's own template, rendered prefix by prefix: the text before
-    an answer is the template's render of the turns so far with the assistant turn opened.
+    Each assistant turn (its content, its tool calls as the template writes them, and its `<|im_end|>`) carries
+    loss; the system turn with its tool list, the user turns, the tool results and the role headers do not. The
+    cuts come from the tokenizer's own template, rendered prefix by prefix: the text before an answer is the
+    template's render of the turns so far with the assistant turn opened.
     """
     pieces, rendered = [], ""
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        opened = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        closed = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        answer = message["content"] + family.END_OF_TURN
-        if not (opened.startswith(rendered) and closed.startswith(opened + answer)):
-            raise UserError(
-                "the tokenizer's chat template does not render a conversation turn by turn (each render a prefix "
-                "of the next), so its answers cannot be masked; use a ChatML template such as Qwen2.5's"
-            )
+        opened = tokenizer.apply_chat_template(messages[:index], tools=tools, tokenize=False,
+                                               add_generation_prompt=True)
+        closed = tokenizer.apply_chat_template(messages[: index + 1], tools=tools, tokenize=False)
+        end = closed.rfind(family.END_OF_TURN) + len(family.END_OF_TURN)
+        answer = closed[len(opened):end]
+        if not (opened.startswith(rendered) and closed.startswith(opened) and answer.endswith(family.END_OF_TURN)):
+            raise UserError(NOT_TURN_BY_TURN)
         pieces += [(opened[len(rendered):], False), (answer, True)]
         rendered = opened + answer
     return pieces
 
 
-def conversation_example(tokenizer, messages: list[dict]) -> dict:
+def conversation_example(tokenizer, messages: list[dict], tools: list | None = None) -> dict:
     """input_ids and completion_mask of a whole conversation, each piece tokenized as prompt_ids and
     answer_ids tokenize it, so a single exchange gives exactly the single-turn tokens."""
+    return _pieces_example(tokenizer, conversation_pieces(tokenizer, messages, tools))
+
+
+def _pieces_example(tokenizer, pieces: list[tuple[str, bool]]) -> dict:
     example = {"input_ids": [], "completion_mask": []}
-    for text, carries_loss in conversation_pieces(tokenizer, messages):
+    for text, carries_loss in pieces:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         example["input_ids"] += ids
         example["completion_mask"] += [int(carries_loss)] * len(ids)
@@ -127,14 +165,50 @@ def conversation_example(tokenizer, messages: list[dict]) -> dict:
 
 def tokenize_conversation(tokenizer, record: dict, system_prompt: str, max_seq_length: int):
     """A conversation's training example within `max_seq_length`: its oldest whole exchanges (a user turn and
-    its answer) are dropped until it fits, the system turn kept, so no turn is ever cut. Returns (example,
-    exchanges dropped), or (None, 0) when the last exchange alone does not fit."""
+    everything up to the next one) are dropped until it fits, the system turn kept, so no turn is ever cut.
+    Returns (example, exchanges dropped), or (None, 0) when the last exchange alone does not fit.
+
+    Linear time: exchanges are added from the newest back, each rendered once as the first after the system turn
+    (the candidate start) and once after its predecessor (its pieces inside a longer conversation), so the work
+    stops once the next older exchange no longer fits, whatever the conversation's length. A ChatML template
+    renders each turn on its own, so these pieces are exactly the pieces of the whole conversation's render; the
+    kept conversation is rendered once more to check that.
+    """
     system, *turns = conversation_messages(record, system_prompt)
-    for start in range(0, len(turns), 2):
-        example = conversation_example(tokenizer, [system, *turns[start:]])
-        if len(example["input_ids"]) <= max_seq_length:
-            return example, start // 2
-    return None, 0
+    tools = record.get("tools")
+    starts = [*exchange_starts(turns), len(turns)]
+    exchanges = [turns[begin:end] for begin, end in zip(starts, starts[1:])]
+    later, later_length, fitted = [], 0, None  # pieces (as a list of examples, newest first) after the start
+    for first in reversed(range(len(exchanges))):
+        lead = conversation_example(tokenizer, [system, *exchanges[first]], tools)
+        if len(lead["input_ids"]) + later_length > max_seq_length:
+            break
+        fitted = (lead, first)
+        if first:
+            pair = [system, *exchanges[first - 1], *exchanges[first]]
+            own = conversation_pieces(tokenizer, pair, tools)[-2 * _answers(exchanges[first]):]
+            later.append(_pieces_example(tokenizer, own))
+            later_length += len(later[-1]["input_ids"])
+    if fitted is None:
+        return None, 0
+    lead, first = fitted
+    example = {key: lead[key] + [item for piece in reversed(later[: len(exchanges) - 1 - first])
+                                  for item in piece[key]] for key in lead}
+    _check_render(tokenizer, [system, *turns[starts[first]:]], tools, example)
+    return example, first
+
+
+def _answers(turns: list[dict]) -> int:
+    return sum(turn["role"] == "assistant" for turn in turns)
+
+
+def _check_render(tokenizer, messages: list[dict], tools: list | None, example: dict) -> None:
+    """UserError unless `example` holds the tokens of the template's own render of `messages` (up to its last
+    `<|im_end|>`) tokenized piece by piece."""
+    whole = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    text = tokenizer.decode(example["input_ids"])
+    if whole[: whole.rfind(family.END_OF_TURN) + len(family.END_OF_TURN)] != text:
+        raise UserError(NOT_TURN_BY_TURN)
 
 
 def tokenize_example(tokenizer, record: dict, system_prompt: str, max_seq_length: int):
@@ -146,6 +220,8 @@ def tokenize_example(tokenizer, record: dict, system_prompt: str, max_seq_length
     """
     if is_conversation(record):
         return tokenize_conversation(tokenizer, record, system_prompt, max_seq_length)
+    if is_text(record):
+        return tokenize_text(tokenizer, record["text"], max_seq_length)
     prompt = prompt_ids(tokenizer, build_messages(record, system_prompt))
     answer = answer_ids(tokenizer, record["output"])
     if len(answer) >= max_seq_length:
@@ -155,3 +231,12 @@ def tokenize_example(tokenizer, record: dict, system_prompt: str, max_seq_length
     prompt = prompt[-room:]
     example = {"input_ids": prompt + answer, "completion_mask": [0] * len(prompt) + [1] * len(answer)}
     return example, truncated
+
+
+def tokenize_text(tokenizer, text: str, max_seq_length: int):
+    """A text row for language modelling: its tokens and the end-of-text token, each learned from the ones before
+    it (TRL's `text` rows; the first has none, so it carries no loss). A text longer than `max_seq_length` keeps its
+    first tokens. Returns (example, was_truncated)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(family.END_OF_TEXT)]
+    kept = ids[:max_seq_length]
+    return {"input_ids": kept, "completion_mask": [0] + [1] * (len(kept) - 1)}, len(ids) > max_seq_length

@@ -9,7 +9,7 @@ import os
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +33,7 @@ from .data import TokenizedRecords, split_records, tokenize_records
 from .families import family
 from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, enable_recomputation, load_base_model
 from .neftune import per_example_neftune
-from .records import read_records
+from .records import IgnoredFields, read_records
 
 if TYPE_CHECKING:  # progress imports transformers, which Unsloth must patch first; TRL likewise
     from trl import SFTTrainer
@@ -327,6 +327,7 @@ class StageRows:
     dataset_rows: int
     train: TokenizedRecords
     eval: TokenizedRecords
+    dataset_formats: dict = field(default_factory=dict)  # rows per format and per ignored field (IgnoredFields)
 
 
 @dataclass
@@ -349,9 +350,10 @@ def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callab
     """
     with contextlib.ExitStack() as locks:  # released however the stage ends
         backend = check_stage(cfg, locks)
-        records, train_records, eval_records = read_and_split(cfg)  # before the (slow) model load
+        records, train_records, eval_records, formats = read_and_split(cfg)  # before the (slow) model load
         model, tokenizer = load_model(cfg, backend)
         rows = prepare_rows(cfg, tokenizer, len(records), train_records, eval_records)
+        rows.dataset_formats = formats.report()
         choice = settle_batch(cfg, model, rows)
         model = add_adapter(cfg, model, backend)
         run = build_trainer(cfg, model, tokenizer, rows, callbacks, trainer_class)
@@ -381,12 +383,14 @@ def check_stage(cfg, locks: contextlib.ExitStack) -> str:
     return backend
 
 
-def read_and_split(cfg) -> tuple[list[dict], list[dict], list[dict]]:
-    """Every row of the dataset, then its train and eval split; a train split smaller than one batch is refused."""
-    records = read_records(cfg.dataset_path)
+def read_and_split(cfg) -> tuple[list[dict], list[dict], list[dict], IgnoredFields]:
+    """Every row of the dataset, then its train and eval split, and the formats and ignored fields of its rows; a
+    train split smaller than one batch is refused."""
+    formats = IgnoredFields()
+    records = read_records(cfg.dataset_path, cfg.dataset_format, formats)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
     require_one_batch(cfg, len(train_records), launched_processes())
-    return records, train_records, eval_records
+    return records, train_records, eval_records, formats
 
 
 def load_model(cfg, backend: str):
@@ -413,7 +417,7 @@ def prepare_rows(cfg, tokenizer, dataset_rows: int, train_records: list[dict], e
                 f"{cfg.max_seq_length}; {stats['dropped_answer_too_long']} rows dropped (answer alone too long); "
                 f"{stats['conversations_shortened']} conversations lost their {stats['exchanges_dropped']} oldest "
                 f"exchanges; {stats['dropped_last_exchange_too_long']} conversations dropped (last exchange alone "
-                "too long)"
+                f"too long); {stats['text_truncated']} text rows cut to their first {cfg.max_seq_length} tokens"
             )
     return rows
 
@@ -675,7 +679,8 @@ def training_manifest(cfg, backend: str, rows: StageRows, trainer, resume: str |
         base_model=cfg.base_model,
         backend=backend,
         load_in_4bit=cfg.load_in_4bit,
-        dataset={"path": str(cfg.dataset_path), "sha256": sha256_file(cfg.dataset_path), "rows": rows.dataset_rows},
+        dataset={"path": str(cfg.dataset_path), "sha256": sha256_file(cfg.dataset_path), "rows": rows.dataset_rows,
+                 **rows.dataset_formats},
         rows={"train": len(rows.train.rows), "eval": len(rows.eval.rows), "train_stats": rows.train.stats,
               "eval_stats": rows.eval.stats},
         world_size=launched_processes(),

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from qwen_sft.cli import UserError
@@ -52,7 +54,7 @@ def test_one_file_mixes_single_turn_and_conversation_rows(tmp_path):
     "messages, message",
     [
         ([{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}],
-         "rows.jsonl:2: message 1: role must be system, user or assistant, got 'human'"),
+         "rows.jsonl:2: message 1: role must be system, user, assistant or tool, got 'human'"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}],
          'rows.jsonl:2: message 2: "content" must be a non-empty string'),
         ([{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}],
@@ -60,8 +62,8 @@ def test_one_file_mixes_single_turn_and_conversation_rows(tmp_path):
         ([{"role": "system", "content": "S"}, {"role": "user", "content": "q"}],
          "rows.jsonl:2: no assistant turn"),
         ([*THREE_TURNS[:3]], "rows.jsonl:2: ends with a user turn"),
-        ([{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}],
-         "rows.jsonl:2: message 1: unknown key(s) 'name'"),
+        ([{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}],
+         "rows.jsonl:2: message 1: unknown key(s) 'weight'"),
         ([{"role": "assistant", "content": "a"}], "rows.jsonl:2: message 1: an assistant turn must follow a user turn"),
         ([*THREE_TURNS[:2], {"role": "system", "content": "S"}], "rows.jsonl:2: message 3: a system turn may only"),
         ([], 'rows.jsonl:2: "messages" must be a non-empty list'),
@@ -154,7 +156,7 @@ def test_long_conversation_drops_its_oldest_whole_exchanges(tokenizer):
     rows, stats, kept = tokenize_records(tokenizer, mixed, "", len(last["input_ids"]))
     assert rows == [last, last] + rows[2:] and len(rows) == 3 and kept == [0, 1, 2]
     assert stats == {"prompt_truncated": 0, "dropped_answer_too_long": 0, "conversations_shortened": 2,
-                     "exchanges_dropped": 4, "dropped_last_exchange_too_long": 0}
+                     "exchanges_dropped": 4, "dropped_last_exchange_too_long": 0, "text_truncated": 0}
     _, stats, kept = tokenize_records(tokenizer, mixed, "", len(last["input_ids"]) - 1)
     assert stats["dropped_last_exchange_too_long"] == 2 and kept == [2]  # the row each example came from
 
@@ -175,7 +177,7 @@ def orca_chat(*turns, system="Be brief."):
 
 
 def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
-    from qwen_sft.sources import SCHEMAS
+    from qwen_sft.sources import SCHEMAS, Cut
 
     orca = SCHEMAS["orca"]
     chat = orca_chat(("human", "Pick a number."), ("gpt", "Seven."), ("human", " Which one? "), ("gpt", "Seven, as said."))
@@ -185,12 +187,15 @@ def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
     ]
     single = orca_chat(("human", "Pick a number."), ("gpt", "Seven."))
     assert orca.convert(single) == ("Be brief.\n\nPick a number.", "", "Seven.")  # single-turn, as before
-    # A chat that stops alternating, or whose later exchange is empty, keeps its exchanges before that point.
+    # A chat that stops alternating, or whose later exchange is empty, keeps its exchanges before that point, and
+    # says why it was cut (the manifest counts it).
+    first = ("Be brief.\n\na", "", "b")
     assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("gpt", "c"), ("human", "d"), ("gpt", "e"))) == \
-        ("Be brief.\n\na", "", "b")
-    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", " "), ("gpt", "c"))) == ("Be brief.\n\na", "", "b")
-    assert len(orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d"), ("human", "e")))) == 4
-    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("bot", "c"))) == ("Be brief.\n\na", "", "b")
+        Cut(first, "stops_alternating")
+    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", " "), ("gpt", "c"))) == Cut(first, "empty_turn")
+    unanswered = orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("human", "c"), ("gpt", "d"), ("human", "e")))
+    assert unanswered.reason == "unanswered_question" and len(unanswered.kept) == 4
+    assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("bot", "c"))) == Cut(first, "broken_turn")
 
 
 def test_conversation_rows_are_written_as_json_dumps_writes_them():
@@ -367,6 +372,53 @@ def test_training_manifest_counts_shortened_and_dropped_conversations(tokenizer,
     assert manifest["rows"]["train"] == 2
     assert manifest["rows"]["train_stats"] == {
         "prompt_truncated": 0, "dropped_answer_too_long": 0, "conversations_shortened": 1, "exchanges_dropped": 1,
-        "dropped_last_exchange_too_long": 1,
+        "dropped_last_exchange_too_long": 1, "text_truncated": 0,
     }
     assert "1 conversations lost their 1 oldest exchanges; 1 conversations dropped" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- fitting in linear time
+
+def quadratic_fit(tokenizer, record, system_prompt, max_seq_length):
+    """The fitting as it was before it took linear time (every start offset, every prefix rendered): the
+    reference the linear one must equal."""
+    from qwen_sft.template import conversation_messages
+
+    system, *turns = conversation_messages(record, system_prompt)
+    for start in range(0, len(turns), 2):
+        example = conversation_example(tokenizer, [system, *turns[start:]])
+        if len(example["input_ids"]) <= max_seq_length:
+            return example, start // 2
+    return None, 0
+
+
+words = st.text(st.sampled_from("ab 数字\n<>{}|_"), min_size=1, max_size=12).filter(str.strip)
+
+
+@given(contents=st.lists(words, min_size=2, max_size=12).map(lambda items: items[: len(items) // 2 * 2]),
+       system=st.sampled_from([None, "S", "长系统提示"]), max_seq_length=st.integers(20, 160))
+@settings(max_examples=150)
+def test_linear_fitting_gives_the_tokens_and_masks_of_the_old_algorithm(tokenizer, contents, system, max_seq_length):
+    turns = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(contents)]
+    record = {"messages": ([{"role": "system", "content": system}] if system else []) + turns}
+    expected = quadratic_fit(tokenizer, record, DEFAULT_SYSTEM_PROMPT[:12], max_seq_length)
+    assert tokenize_example(tokenizer, record, DEFAULT_SYSTEM_PROMPT[:12], max_seq_length) == expected
+
+
+def test_fitting_renders_only_the_exchanges_that_fit(tokenizer, monkeypatch):
+    """The template renders per conversation grow with the exchanges kept, not with the conversation's length
+    (it was cubic in the length: 200 exchanges took 26 s)."""
+    renders = []
+    original = type(tokenizer).apply_chat_template
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template",
+                        lambda self, *args, **kwargs: renders.append(1) or original(self, *args, **kwargs))
+
+    def count(exchanges: int) -> tuple[int, int]:
+        turns = [turn for i in range(exchanges) for turn in ({"role": "user", "content": f"Question {i % 10}?"},
+                                                            {"role": "assistant", "content": f"Answer {i % 10}."})]
+        renders.clear()
+        example, dropped = tokenize_example(tokenizer, {"messages": turns}, "S", 256)
+        return len(renders), exchanges - dropped
+
+    (short_renders, short_kept), (long_renders, long_kept) = count(100), count(10_000)
+    assert short_kept == long_kept < 20 and short_renders == long_renders <= 10 * short_kept

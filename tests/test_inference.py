@@ -78,8 +78,8 @@ def test_missing_adapter_bad_row_and_missing_base_are_one_line_exit_2(adapter, t
     result = run_script("inference.py", "--adapter_dir", adapter, "--instruction_file", prompts, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f'error: {prompts}:2: field "instruction" is missing; each row needs a non-empty "instruction" string '
-        'and, optionally, an "input" string (or a "messages" list)'
+        f"error: {prompts}:2: a row of unknown shape (keys 'input'); the formats read are alpaca (instruction, "
+        'output), sharegpt (conversations), messages, prompt/completion and text; see README.md, "Data format"'
     ]
 
     moved_base = tmp_path / "moved_base"

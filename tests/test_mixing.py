@@ -218,14 +218,27 @@ def test_local_shuffle_buffer_draws_rows_in_the_order_datasets_does(rows, buffer
     ],
 )
 def test_source_lines_parse_as_json_loads_parses_them(line):
+    """orjson's fast path reads what records.parse_json (json.loads, less lone surrogates) reads, and refuses a line
+    with parse_json's message (json's own, for malformed JSON)."""
+    from qwen_sft.records import BadJSON, parse_json
+
     try:
-        expected = repr(json.loads(line))
-    except ValueError as error:
-        with pytest.raises(type(error)) as raised:
+        expected = repr(parse_json(line))
+    except BadJSON as error:
+        with pytest.raises(BadJSON) as raised:
             parse_json_line(line)
         assert str(raised.value) == str(error)
+        assert b"ud800" in line or _json_refuses(line)  # only a lone surrogate is refused beyond json
     else:
-        assert repr(parse_json_line(line)) == expected
+        assert repr(parse_json_line(line)) == expected == repr(json.loads(line))
+
+
+def _json_refuses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return True
+    return False
 
 
 def test_rows_are_written_as_json_dumps_writes_them():

@@ -72,3 +72,104 @@ def test_atomic_directory_keeps_old_until_complete(tmp_path):
     assert (target / "a.txt").read_text() == "v1"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
     assert manifest_path_for(tmp_path / "mix.jsonl").name == "mix.jsonl.manifest.json"  # not shared with mix.json
+
+
+# ------------------------------------------------------------------------ every row a stage writes reads back equal
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from qwen_sft.mixing import _json_string  # noqa: E402
+from qwen_sft.records import iter_json_rows, json_line  # noqa: E402
+from qwen_sft.rows import conversation_json_body, json_body, parse_json_line  # noqa: E402
+from qwen_sft.sources import _numbered_files_rows, _numbered_jsonl_spans, read_span  # noqa: E402
+
+SEPARATORS = "\u2028\u2029\u0085\r\n\x0b\x0c\x1c\x1d\x1e\"\\"
+# Any Unicode scalar (a lone surrogate is no text: readers refuse it), weighted towards the characters that
+# splitlines() and JSON escaping treat specially, and characters beyond the BMP (written raw, or as a surrogate pair
+# when escaped).
+texts = st.text(st.one_of(st.sampled_from(SEPARATORS), st.characters(codec="utf-8"),
+                          st.characters(min_codepoint=0x10000)), max_size=12)
+huge_numbers = st.integers(min_value=-(10**4000), max_value=10**4000) | st.floats(allow_nan=False)
+json_values = st.recursive(st.none() | st.booleans() | huge_numbers | texts,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+                           max_leaves=12)
+
+
+def _read_back(path):
+    """The rows of `path` as each reader sees them: records.iter_json_rows (training, evaluation, inference, data
+    stages), the local-source reader (the report file), and the mixer's JSONL spans parsed in its workers."""
+    by_records = [row for _, row in iter_json_rows(path)]
+    by_source = [row for _, row, _ in _numbered_files_rows([path])]
+    with open(path, "rb") as handle:
+        by_mixer = [parse_json_line(read_span(handle, span)) for _, _, span in _numbered_jsonl_spans(path)]
+    return by_records, by_source, by_mixer
+
+
+@given(rows=st.lists(st.tuples(texts, texts, texts, texts), min_size=1, max_size=4),
+       conversation=st.lists(texts, min_size=2, max_size=4))
+def test_mixer_lines_read_back_equal(tmp_path_factory, rows, conversation):
+    path = tmp_path_factory.mktemp("mix") / "mix.jsonl"
+    turns = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(conversation)]
+    lines = [json_body(*row[:3]) + f"{_json_string(row[3])}}}\n".encode() for row in rows]
+    lines.append(conversation_json_body(turns) + b'"reports"}\n')
+    path.write_bytes(b"".join(lines))
+    expected = [{"instruction": i, "input": e, "output": o, "source": s} for i, e, o, s in rows]
+    expected.append({"messages": turns, "source": "reports"})
+    assert _read_back(path) == (expected, expected, expected)
+
+
+@given(rows=st.lists(st.dictionaries(texts, json_values, min_size=1, max_size=4), min_size=1, max_size=3))
+def test_inference_and_evaluation_lines_read_back_equal(tmp_path_factory, rows):
+    """inference.py's answers and evaluate.py's predictions are written by records.json_line, with the fields of
+    the rows they read (any JSON values, so also numbers of thousands of digits)."""
+    path = tmp_path_factory.mktemp("out") / "answers.jsonl"
+    path.write_text("".join(json_line(row) for row in rows), encoding="utf-8")
+    by_records, by_source, by_mixer = _read_back(path)
+    assert by_records == rows and by_source == rows
+    # The mixer's orjson reads an integer beyond 64 bits as a float (only ever in a field it does not use).
+    small = [row for row in rows if "e+" not in json.dumps(by_mixer[rows.index(row)])]
+    assert [by_mixer[rows.index(row)] for row in small] == small
+
+
+def test_a_line_separator_inside_a_string_does_not_split_the_row(tmp_path):
+    path = tmp_path / "mix.jsonl"
+    row = {"instruction": "a\u2028b\u2029c\u0085d", "input": "", "output": "e\rf"}
+    path.write_text(json_line(row) + json_line(row), encoding="utf-8")
+    assert read_records(path) == [row, row]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"instruction": "a\\ud800", "output": "b"}',
+     'a lone surrogate escape (such as "\\ud800") in a string: not Unicode text'),
+    ('{"instruction": "a", "output": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "JSON nested too deeply to read"),
+    ('{"instruction": "a", "output": "b", "n": ' + "9" * 5000 + "}", "a number with more than 4,300 digits"),
+])
+@pytest.mark.parametrize("array", [False, True])
+def test_unreadable_values_name_file_and_row(tmp_path, text, problem, array):
+    path = tmp_path / "rows.json"
+    good = '{"instruction": "q", "output": "a"}'
+    path.write_text(f"[{good},\n{text}]" if array else f"{good}\n{text}\n", encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        read_records(path)
+    assert str(caught.value) == f"{path}:2: {problem}"
+
+
+def test_a_paired_surrogate_escape_is_read_as_its_character(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"instruction": "\\ud83d\\ude00", "output": "b"}\n', encoding="utf-8")
+    assert read_records(path)[0]["instruction"] == "\U0001F600"
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b'{"conversations": "\\udc00"}', "a lone surrogate escape"),
+    (b'{"conversations": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested too deeply to read"),
+    (b'{"conversations": ' + b"9" * 5000 + b"}", "a number with more than 4,300 digits"),
+])
+def test_the_mixer_counts_an_unreadable_line_as_malformed(line, problem):
+    from qwen_sft.rows import MALFORMED, convert_row
+    from qwen_sft.sources import SlimOrcaSchema
+
+    (kind, detail, _), cut = convert_row(SlimOrcaSchema(), None, line)
+    assert kind == MALFORMED and detail.startswith(problem)
