@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .artifacts import APPEND, Output, append_to_file, claim_outputs
 from .cli import UserError
+from .families import family
 from .fast_generation import generation_path, load_generation_model, warm_up
 from .generation import decoding_settings, stream_reply
 from .formats import tool_specs
@@ -251,7 +252,7 @@ def run_command(session: ChatSession, line: str) -> None:
         notice("usage: /save FILE")
 
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+TOOL_CALL = re.compile(rf"{re.escape(family.TOOL_CALL_OPEN)}\s*(.*?)\s*{re.escape(family.TOOL_CALL_CLOSE)}", re.DOTALL)
 
 
 def parsed_tool_calls(reply: str) -> list[dict] | None:

@@ -60,7 +60,8 @@ def _rendered_call(call: dict) -> str:
 
     function = call["function"]
     arguments = json.dumps(function["arguments"], ensure_ascii=False)
-    return f'<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>'
+    body = f'{{"name": "{function["name"]}", "arguments": {arguments}}}'
+    return f"{family.TOOL_CALL_OPEN}\n{body}\n{family.TOOL_CALL_CLOSE}"
 
 
 def build_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT, with_answer: bool = False) -> list[dict]:

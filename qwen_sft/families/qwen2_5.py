@@ -17,6 +17,7 @@ ADDED_NOT_SPECIAL = [  # ids 151657-151664: added (never split) but not special 
     "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
     "<|repo_name|>", "<|file_sep|>",
 ]
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # around the JSON of each call an assistant makes
 TOKENIZER_CLASS = "Qwen2Tokenizer"  # as the hub's tokenizer_config.json names it (transformers 4.x loads it)
 VOCAB_SIZE = 151936  # embedding rows of the 0.5B-7B models: the 151,665 tokens padded to a multiple of 128
 
