@@ -802,13 +802,22 @@ class HubRows:
             state["number"] += 1
             yield state["number"], row, None
 
+    def _load_position(self) -> None:
+        try:
+            self.stream.load_state_dict(self.state["stream"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            raise UserError(
+                f"{self.source.key}: the saved stream position does not fit this stream ({_first_line(error)}); "
+                "delete the output's .work folder to start over"
+            ) from None
+
     def _batches(self):
         """The stream's rows a batch at a time from the saved position; a lost connection is retried from the last
         whole batch until HubSettings.retry_s have passed without data, then StreamLost."""
         deadline, attempt = None, 0
         while True:
             if self.state["stream"] is not None:
-                self.stream.load_state_dict(self.state["stream"])
+                self._load_position()
             try:
                 for table in self.stream.iter(batch_size=min(HUB_BATCH_ROWS, self.buffer_size)):
                     deadline, attempt = None, 0

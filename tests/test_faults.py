@@ -329,4 +329,4 @@ def test_an_unreadable_work_state_starts_over_with_a_warning(tmp_path):
     work = WorkFolder(tmp_path / "mix.jsonl")
     work.folder.mkdir()
     work.state_file.write_bytes(b"\x80\x05truncated")
-    assert work.load("any fingerprint") is None
+    assert work.load("any fingerprint", plan=None) is None

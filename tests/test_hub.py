@@ -179,7 +179,7 @@ def test_a_lost_stream_stops_with_one_line_and_the_rerun_continues_to_the_same_b
     assert len(error) == 1 and error[0].startswith("error: stackexchange: the connection to"), result.stderr
     assert "rows read" in error[0] and "run the same command again to continue" in error[0]
     assert "retry 1 in" in result.stdout  # the retries are visible
-    assert not output.exists() and (tmp_path / "mix.jsonl.work" / "state.pickle").is_file()
+    assert not output.exists() and (tmp_path / "mix.jsonl.work" / "state.json").is_file()
     read_before = int(error[0].split(" rows read")[0].rsplit(" ", 1)[1].replace(",", ""))
     whole_read = manifest_of(whole)["sources"]["stackexchange"]["rows_read"]
     assert 0 < read_before < whole_read
