@@ -42,7 +42,7 @@ from .artifacts import (
     manifest_path_for,
     sha256_file,
 )
-from .cli import UserError
+from .cli import UserError, note_interrupt, raise_if_interrupted
 from .planning import MixPlan, plan_mix
 from .preparation import (
     cyclic_gc_paused,
@@ -281,6 +281,7 @@ class Mixer:
                 if self.max_rows_read:
                     room = self.max_rows_read - stats.read
                     chunk, prepared = chunk[:room], prepared[:room]
+                raise_if_interrupted()  # one that code run from C swallowed (see cli.note_interrupt)
                 taken = self._take(source, chunk, prepared, remaining, route)
                 remaining -= taken
                 bar.update(taken)
@@ -332,6 +333,7 @@ def _write_shuffled(lines: list[tuple[bytes, bytes]], output_file: Path, seed: i
             block = b"".join(part for line in lines[start : start + WRITE_BLOCK_ROWS] for part in line)
             digest.update(block)
             handle.write(block)
+        raise_if_interrupted()  # the last chance before the rename (see cli.note_interrupt)
 
 
 def _print_summary(plan: MixPlan, stats: dict[str, SourceStats]) -> None:
@@ -355,10 +357,7 @@ def sigterm_interrupts():
         yield
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, note_interrupt)
     try:
         yield
     finally:

@@ -176,6 +176,40 @@ def test_a_killed_mix_leaves_the_old_output_and_no_process_and_reruns(tmp_path, 
     assert manifest["output"]["rows"] == BIG_ROWS - 1000
 
 
+# Runs data_integration.py so that its first Ctrl-C lands where C code discards the KeyboardInterrupt: in a finalizer
+# (as in numpy.random's compiled first import, which calls abc.register and drops its error).
+SWALLOWED_CTRL_C = """
+import os, runpy, signal, sys
+import qwen_sft.mixing as mixing
+real_take = mixing.Mixer._take
+
+class SendsCtrlC:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # bytecodes for the handler to run between; its KeyboardInterrupt dies with __del__
+
+def take(*args):
+    SendsCtrlC()
+    return real_take(*args)
+
+mixing.Mixer._take = take
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_ctrl_c_whose_keyboard_interrupt_is_swallowed_still_stops_the_mix(tmp_path):
+    output = tmp_path / "mix.jsonl"
+    assert run_script("data_integration.py", *mix_args(output)).returncode == 0
+    before = snapshot(tmp_path)
+    result = subprocess.run([sys.executable, "-c", SWALLOWED_CTRL_C, ROOT / "data_integration.py",
+                             *map(str, mix_args(output, total=20))], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 130, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    assert snapshot(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------------- full disk
 
 
