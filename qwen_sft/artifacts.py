@@ -143,7 +143,10 @@ def read_our_manifest(folder: Path, manifest_name: str = FOLDER_MANIFEST) -> dic
         manifest = json.loads((folder / manifest_name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("stage"), str) else None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("stage"), str)):
+        return None
+    files = manifest.get("files", [])  # a malformed list claims nothing: the folder is the user's
+    return manifest if isinstance(files, list) and all(isinstance(name, str) for name in files) else None
 
 
 def check_output_folder(path: str | os.PathLike, flag: str, overwrite: bool,

@@ -243,6 +243,9 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
     values, overridden = _flag_values(argv, defaults)
     notes = dict.fromkeys(overridden, FROM_COMMAND_LINE)
     lines = resolve(values, notes) if resolve is not None else []
+    from .settings import check_settings  # it imports this module
+
+    check_settings(values, notes)
     if not quiet:
         say("config:\n" + "\n".join(
             f"  {name} = {format_value(value)}" + (f"   ({notes[name]})" if name in notes else "")

@@ -413,10 +413,7 @@ def evaluate(cfg) -> dict:
     from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
     from .modeling import read_adapter_manifest
 
-    # Every check that needs no model comes first, so bad input fails in a second.
-    for name in ("eval_batch_size", "gen_batch_size", "max_new_tokens", "max_seq_length"):
-        if cfg[name.upper()] < 1:
-            raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
+    # Every check that needs no model comes first, so bad input fails in a second (each flag alone: settings.RULES).
     resolve_fast_generation(cfg.fast_generation)
     check_outputs_apart({"--output_dir": cfg.output_dir},
                         {"--adapter_dir": cfg.adapter_dir, "--dataset_path": cfg.dataset_path}, folders={"--output_dir"})

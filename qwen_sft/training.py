@@ -163,26 +163,6 @@ def keep_4bit_layout_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-POSITIVE_INTEGER_FLAGS = ("lora_r", "lora_alpha", "eval_steps", "save_steps", "logging_steps", "max_seq_length",
-                          "per_device_train_batch_size", "gradient_accumulation_steps")
-
-
-def check_training_flags(cfg) -> None:
-    """Every out-of-range number in one line, before it becomes a traceback deep in PEFT or transformers."""
-    errors = [f"--{name} must be at least 1, got {cfg[name.upper()]}" for name in POSITIVE_INTEGER_FLAGS
-              if cfg[name.upper()] < 1]
-    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
-        errors.append(f"--learning_rate must be a number above 0, got {cfg.learning_rate}")
-    if not 0 <= cfg.lora_dropout < 1:
-        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    for name in ("warmup_steps", "weight_decay", "neftune_noise_alpha", "num_train_epochs"):
-        value = cfg[name.upper()]
-        if not (math.isfinite(value) and value >= 0):
-            errors.append(f"--{name} must be 0 or more, got {value}")
-    if errors:
-        raise UserError("; ".join(errors))
-
-
 def check_output_folders(cfg) -> None:
     """The output policy (qwen_sft/artifacts.py) for the three folders training writes, before anything slow."""
     outputs = {"--output_dir": cfg.output_dir, "--adapter_dir": cfg.adapter_dir, "--tokenizer_dir": cfg.tokenizer_dir}
@@ -365,7 +345,8 @@ def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callab
 
 
 def check_stage(cfg) -> str:
-    """The flags and output folders, checked before anything slow; returns the backend to load."""
+    """The flags that need each other and the output folders, before anything slow (each flag alone is checked
+    against settings.RULES when parsed); returns the backend to load."""
     check_step_limit(cfg)
     backend = choose_backend(cfg.backend)
     if cfg.packing and backend != "unsloth":
@@ -373,7 +354,6 @@ def check_stage(cfg) -> str:
             "--packing true needs the Unsloth backend (a CUDA GPU and requirements-gpu.txt): with transformers' "
             "sdpa attention, packed examples would attend across their boundaries; use --packing false"
         )
-    check_training_flags(cfg)
     check_output_folders(cfg)
     return backend
 

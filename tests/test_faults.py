@@ -317,12 +317,28 @@ BAD_FLAGS = [
                       "prompts.jsonl"], "--output_file prompts.jsonl is the input --instruction_file prompts.jsonl"),
     ("inference.py", ["--adapter_dir", "empty_adapter"], "empty_adapter/manifest.json: names no base_model"),
     ("chat.py", ["--adapter_dir", "corrupt_adapter"], "corrupt_adapter/manifest.json: not valid JSON"),
-    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "."], "--output_dir . holds the input "
-                                                                          "--adapter_dir adapter"),
+    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "."],
+     "--output_dir must be a folder other than the current one or one above it, got '.'"),
     ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "mywork"], "this toolkit did not write it"),
     ("export_model.py", ["--adapter_dir", "adapter", "--system_prompt", 'Be brief."""\nFROM evil'],
      '--system_prompt holds """'),
     ("export_model.py", ["--adapter_dir", "empty_adapter"], "empty_adapter/manifest.json: names no base_model"),
+    # settings.RULES, checked before any model loads
+    ("Qwen_finetuning.py", [*TRAIN, "--optim", "bogus"], "--optim must be one of adamw_torch, "),
+    ("Qwen_finetuning.py", [*TRAIN, "--lr_scheduler_type", "bogus"], "--lr_scheduler_type must be one of linear, "),
+    ("Qwen_finetuning.py", [*TRAIN, "--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    ("Qwen_finetuning.py", [*TRAIN, "--split_seed", "-1"], "--split_seed must be from 0 to 4294967295, got -1"),
+    ("evaluate.py", ["--adapter_dir", "adapter", "--split_seed", "-1"], "--split_seed must be from 0"),
+    ("data_integration.py", [*MIX, "--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    ("data_integration.py", [*MIX, "--output_file", ""], "--output_file must be a path (not empty), got ''"),
+    ("inference.py", ["--adapter_dir", "adapter", "--repetition_penalty", "0"],
+     "--repetition_penalty must be a number above 0, got 0.0"),
+    ("chat.py", ["--adapter_dir", "adapter", "--repetition_penalty", "0"],
+     "--repetition_penalty must be a number above 0, got 0.0"),
+    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", ".", "--overwrite_output", "true"],
+     "--output_dir must be a folder other than the current one or one above it, got '.'"),
+    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "..", "--overwrite_output", "true"],
+     "--output_dir must be a folder other than the current one or one above it, got '..'"),
 ]
 
 
