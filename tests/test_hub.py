@@ -206,6 +206,31 @@ def test_a_hanging_endpoint_fails_within_the_timeout_naming_the_ways_out(hub, tm
     assert "\n" not in line and "HF_ENDPOINT" in line and "--sources orca=/path/to/orca.jsonl" in line
 
 
+def test_a_trickling_endpoint_fails_within_the_timeout_as_a_whole_request(hub, tmp_path):
+    hub.trickle = True  # a byte every 2 s: no single read ever waits 3 s
+    started = time.monotonic()
+    result = run_online("data_integration.py", "--hub_timeout_seconds", 3, "--output_file", tmp_path / "m.jsonl",
+                        hub=hub, tmp_path=tmp_path, timeout=90)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert elapsed < 20, elapsed
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no complete answer within 3 s" in lines[0] and "HF_ENDPOINT" in lines[0], lines
+
+
+@pytest.mark.parametrize("status, body", [(500, b'{"error": "Internal Error"}'), (200, b"<html>not the hub</html>"),
+                                          (200, b"{}"), (200, b"[1, 2]")],
+                         ids=["500", "garbage", "empty object", "a list"])
+def test_a_hub_that_answers_nonsense_is_one_line(hub, tmp_path, status, body):
+    hub.info_answer = (status, body)
+    result = run_online("data_integration.py", "--output_file", tmp_path / "m.jsonl", "--network_retry_seconds", 1,
+                        hub=hub, tmp_path=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: orca: the hub at {hub.endpoint}"), result.stderr[-3000:]
+    assert not (tmp_path / "m.jsonl").exists()
+
+
 def test_bad_hub_specs_are_one_line_errors(hub, tmp_path):
     result = run_online("data_integration.py", "--sources", f"orca={ORCA}@0000000000,pubmed={PUBMED}",
                         "--output_file", tmp_path / "m.jsonl", hub=hub, tmp_path=tmp_path)
