@@ -413,6 +413,9 @@ def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path
         if source.schema.config not in configs:
             raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
         config = source.schema.config
+    if config is not None and not configs:
+        raise UserError(f"{source.key}: {folder}:{config} names a config, but {folder} declares none (no configs in a "
+                        f"README.md); drop :{config}")
     try:
         if configs:  # only the chosen config's files are resolved: a snapshot may hold only those
             config = config or next(iter(configs))
@@ -424,17 +427,38 @@ def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path
             data_files = datasets.load_dataset_builder(str(folder)).config.data_files or {}
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
         raise UserError(f"{source.key}: {folder}: not a readable dataset folder ({_first_line(error)})") from None
-    train = data_files.get("train")
+    train = _without_our_outputs(source, [Path(name) for name in data_files.get("train") or []])
     if not train:
         problem = (f"the train files of config {config!r} are not there (download them)" if configs
                    else "no train split (file names like train-00000-of-00001.parquet)")
         raise UserError(f"{source.key}: {folder}: {problem}")
-    return [Path(name) for name in train]
+    return train
+
+
+def _without_our_outputs(source: Source, files: list[Path]) -> list[Path]:
+    """`files` less the mixes this toolkit wrote among them and their manifests (a mix written into a snapshot
+    folder would otherwise be read back as the source's rows)."""
+    ours = set()
+    for path in files:
+        if path.name.endswith(".manifest.json"):
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+                written = Path(manifest["output"]["path"]).name
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(manifest.get("stage"), str):
+                ours |= {path, path.with_name(written)}
+    if ours & set(files):
+        names = ", ".join(sorted(path.name for path in ours & set(files)))
+        warn(f"{source.key}: skipped {names} in {files[0].parent}: written by this toolkit, not source data")
+    return [path for path in files if path not in ours]
 
 
 def _local_part_files(source: Source, part: str) -> list[Path]:
     folder, colon, config = part.rpartition(":")
-    if colon and Path(folder).is_dir():
+    if colon and not folder and not Path(part).exists():
+        raise UserError(f"{source.key}: {part!r} names a config but no folder; give FOLDER:{config}")
+    if colon and folder and Path(folder).is_dir():
         return _folder_files(source, Path(folder), config)
     path = Path(part).expanduser()
     if path.is_dir():
