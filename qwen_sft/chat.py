@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,17 @@ class ChatSession:
         return SaveResult(len(rows), saved, cut, after_cut)
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
+
+
+def shown(text: str) -> str:
+    """Text from outside (a piped line, a reply, a prompt, a file name) as printed: its control characters, with
+    which ANSI and OSC escape sequences start, written as \\xNN, so that they cannot drive the terminal."""
+    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def notice(text: str) -> None:
-    print(f"[{text}]", flush=True)
+    print(f"[{shown(text)}]", flush=True)
 
 
 def enable_line_editing(history_file: str) -> None:
@@ -229,9 +239,9 @@ def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dic
         return
     messages = session.messages(user_text)
     if show_prompt:
-        print(f"[prompt, {tokens} tokens]\n{render_prompt(tokenizer, messages)}[end of prompt]")
+        print(f"[prompt, {tokens} tokens]\n{shown(render_prompt(tokenizer, messages))}[end of prompt]")
     print(REPLY_PREFIX, end="", flush=True)
-    reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(piece, end="", flush=True),
+    reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(shown(piece), end="", flush=True),
                          **decoding)
     print()
     if reply.interrupted:
@@ -287,7 +297,7 @@ def chat_loop(model, tokenizer, session: ChatSession, decoding: dict, show_promp
             print()
             return
         if echo:
-            print(line)
+            print(shown(line))
         text = line.strip()
         if not text:
             continue

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, ROOT, run_script, without_flags
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qwen_sft.cli
@@ -194,11 +194,16 @@ def quick_adapter(tmp_path_factory):
     return workdir / "Qwen_finetuning_model"
 
 
+EDGE_VALUES = st.sampled_from(["0", "1", "1e-9", "0.999", "3", "1e6"])  # valid, at or near the ends of a range
+
+
 @pytest.mark.slow
-@settings(max_examples=4)
+@settings(max_examples=6)
+@example(((("--temperature", "1e-9"), ("--top_p", "1e-9"), ("--repetition_penalty", "1e6"),
+           ("--no_repeat_ngram_size", "1"))))
 @given(st.lists(st.sampled_from(["--temperature", "--top_p", "--repetition_penalty", "--no_repeat_ngram_size"]),
                 min_size=1, max_size=4, unique=True).flatmap(
-    lambda names: st.tuples(*[st.tuples(st.just(name), VALUE) for name in names])))
+    lambda names: st.tuples(*[st.tuples(st.just(name), st.one_of(EDGE_VALUES, VALUE)) for name in names])))
 def test_generated_decoding_values_end_to_end_answer_or_are_one_line(quick_adapter, given_flags):
     flags = [item for pair in given_flags for item in pair]
     result = run_script("inference.py", "--adapter_dir", quick_adapter, "--max_new_tokens", 8, *flags, timeout=300)
