@@ -59,6 +59,14 @@ def _interrupts_noted():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open (a training step's), so that the error starts a line of its own."""
+    progress = sys.modules.get("tqdm.std")
+    if progress is not None:
+        for bar in list(progress.tqdm._instances):
+            bar.close()
+
+
 def run_stage(main) -> None:
     """Run a stage's main(); a UserError becomes one line on stderr and exit code 2."""
     with _interrupts_noted():
@@ -69,6 +77,7 @@ def _run(main) -> None:
     try:
         main()
     except UserError as error:
+        _end_progress_bars()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a stage turns it into one

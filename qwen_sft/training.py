@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from .artifacts import (
     build_manifest,
     check_output_folder,
     check_outputs_apart,
+    is_disk_full,
     read_our_manifest,
     sha256_file,
     write_json_atomic,
@@ -531,6 +533,10 @@ def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, scri
         raise SystemExit(130) from None
     except torch.cuda.OutOfMemoryError:
         raise UserError(out_of_memory_message(cfg, trainer.state.global_step)) from None
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise UserError(disk_full_message(cfg, trainer.state.global_step)) from None
     wall_time = time.time() - started
 
     if stop_on_signal.received:
@@ -542,6 +548,18 @@ def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, scri
         )
         raise SystemExit(130)
     return wall_time
+
+
+def disk_full_message(cfg, step: int) -> str:
+    """The one line for a disk that filled up while a checkpoint was written; that half checkpoint is removed (this
+    run was writing it), so `--resume_from_checkpoint auto` takes the last complete one."""
+    half = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    if half.is_dir() and checkpoint_problem(half):
+        shutil.rmtree(half, ignore_errors=True)
+    saved = find_resume_checkpoint("auto", cfg.output_dir, quiet=True)
+    return (f"{cfg.output_dir}: cannot write the checkpoint of step {step} (the disk is full); "
+            + (f"{saved} is the last complete one" if saved else "no checkpoint is saved yet")
+            + "; free some space, then resume with --resume_from_checkpoint auto")
 
 
 def out_of_memory_message(cfg, step: int) -> str:
