@@ -4,9 +4,10 @@ parse_config checks a stage's resolved config against RULES before the stage sta
 constants at the top of the script, from a preset, and those inherited from an adapter's manifest alike. A setting
 absent from the table is checked where it is used, before any model loads (SOURCES, RATIOS, KEYWORDS and
 DOMAIN_SOURCES by planning.py, PRESET by presets.py, BACKEND by modeling.py, DTYPE, GGUF and SYSTEM_PROMPT's quotes
-by export.py, RESUME_FROM_CHECKPOINT by training.py, FAST_GENERATION by fast_generation.py, BASE_MODEL where it
-loads), or takes any value of its type (booleans, free text). LORA_TARGET_MODULES is checked again against the
-model's modules right after it loads (modeling.check_target_modules)."""
+by export.py, RESUME_FROM_CHECKPOINT and MAX_STEPS by training.py, FAST_GENERATION by fast_generation.py,
+BASE_MODEL where it loads), or takes any value of its type (booleans, free text). LORA_TARGET_MODULES is checked
+again against the model's modules right after it loads (modeling.check_target_modules).
+"""
 
 from __future__ import annotations
 
@@ -136,7 +137,6 @@ RULES: dict[str, Rule] = {
     "WEIGHT_DECAY": at_least(0),
     "NEFTUNE_NOISE_ALPHA": at_least(0),
     "NUM_TRAIN_EPOCHS": at_least(0),
-    "MAX_STEPS": Rule(lambda value: value == -1 or count(1).holds(value), "-1 (epochs) or at least 1"),
     "LOGGING_STEPS": count(1),
     "EVAL_STEPS": count(1),
     "SAVE_STEPS": count(1),

@@ -365,6 +365,11 @@ def read_and_split(cfg) -> tuple[list[dict], list[dict], list[dict]]:
     records = read_records(cfg.dataset_path)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
     require_one_batch(cfg, len(train_records), launched_processes())
+    if cfg.load_best_model_at_end and eval_records and cfg.save_steps % cfg.eval_steps:
+        raise UserError(
+            f"--save_steps {cfg.save_steps} must be a multiple of --eval_steps {cfg.eval_steps} when "
+            "--load_best_model_at_end is true (the best checkpoint is chosen at evaluations)"
+        )
     return records, train_records, eval_records
 
 
@@ -424,11 +429,6 @@ def sft_config(cfg, has_eval: bool):
     from trl import SFTConfig
 
     load_best = cfg.load_best_model_at_end and has_eval
-    if load_best and cfg.save_steps % cfg.eval_steps:
-        raise UserError(
-            f"--save_steps {cfg.save_steps} must be a multiple of --eval_steps {cfg.eval_steps} when "
-            "--load_best_model_at_end is true (the best checkpoint is chosen at evaluations)"
-        )
     on_gpu = cuda_available()
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     return SFTConfig(

@@ -14,7 +14,7 @@ from qwen_sft.settings import RULES
 SCRIPTS = ("data_integration.py", "data_set_generation.py", "Qwen_finetuning.py", "evaluate.py", "inference.py",
            "chat.py", "export_model.py")
 # Settings of a number type that the table leaves to the code that uses them (see settings.py's docstring).
-CHECKED_WHERE_USED = {"RATIOS", "KEYWORDS", "SOURCES", "DOMAIN_SOURCES"}
+CHECKED_WHERE_USED = {"RATIOS", "KEYWORDS", "SOURCES", "DOMAIN_SOURCES", "MAX_STEPS"}
 
 
 def fake_adapter(folder, **config):
