@@ -77,6 +77,8 @@ from .sources import (
 ESTIMATE_MIN_ROWS = 5000
 NETWORK_SETTINGS = ("HUB_TIMEOUT_SECONDS", "NETWORK_RETRY_SECONDS")  # a rerun may change these and still continue
 WRITE_BLOCK_ROWS = 64  # output rows joined per write: about 70 KB, under glibc's 128 KiB mmap threshold
+# What the manifest records of a hub source (a work state's hub sources must have them too).
+HUB_IDENTITY_KEYS = ("endpoint", "repo_id", "config", "revision", "commit_sha", "data_files", "missing_paths", "columns")
 _json_string = json.encoder.encode_basestring  # the C encoder behind json.dumps(ensure_ascii=False)
 
 
@@ -430,7 +432,7 @@ class WorkFolder:
                           "replaced)")
                     return None
                 return _state_from_json(json.loads(handle.read(), object_hook=_untag_bytes), plan)
-        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, RecursionError, KeyError, IndexError, TypeError, AttributeError) as error:
             print(f"warning: {self.state_file} cannot be read ({type(error).__name__}); starting over")
             return None
 
@@ -467,6 +469,12 @@ def _latin1(data: bytes) -> str:
     return data.decode("latin-1")  # every byte is one character, so any bytes survive JSON unchanged
 
 
+def _from_latin1(text) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError("a string expected")
+    return text.encode("latin-1")  # a UnicodeEncodeError (a ValueError) for text _latin1 never wrote
+
+
 def _state_to_json(state: dict) -> dict:
     lines, seen, stats, kept = state["mixer"]
     return {
@@ -485,6 +493,8 @@ def _state_from_json(body: dict, plan: MixPlan) -> dict:
             raise TypeError("a list of strings expected")
         return value
 
+    if not all(set(HUB_IDENTITY_KEYS) <= set(hub) for hub in body["hub"].values()):
+        raise KeyError("a hub source's identity")
     keys = set(plan.buckets)
     stats = {}
     for key, item in body["stats"].items():
@@ -495,7 +505,7 @@ def _state_from_json(body: dict, plan: MixPlan) -> dict:
                                       reached_max_rows_read=bool(item["reached_max_rows_read"]),
                                       seconds=float(item["seconds"]), warned=set(texts(item["warned"])), **counters)
     kept = {key: int(count) for key, count in body["kept"].items()}
-    lines = [(texts(pair)[0].encode("latin-1"), pair[1].encode("latin-1")) for pair in body["lines"]]
+    lines = [(_from_latin1(record), _from_latin1(closing)) for record, closing in body["lines"]]
     if not set(kept) <= keys or len(lines) != sum(kept.values()) or set(stats) != {s.key for s in plan.sources}:
         raise ValueError("buckets or sources differ from the plan's")
     rows = body["rows"]
@@ -503,7 +513,7 @@ def _state_from_json(body: dict, plan: MixPlan) -> dict:
         _check_hub_rows_state(rows)
     return {
         "done": texts(body["done"]), "hub": dict(body["hub"]), "source": body["source"], "rows": rows,
-        "mixer": (lines, {digest.encode("latin-1") for digest in texts(body["seen"])}, stats, kept),
+        "mixer": (lines, {_from_latin1(digest) for digest in body["seen"]}, stats, kept),
     }
 
 
@@ -563,8 +573,7 @@ def _draw_all(plan: MixPlan, cfg, mixer: Mixer, work: WorkFolder) -> dict[str, d
 def _source_identity(file_hashes: dict | None, hub: dict | None) -> dict:
     """The manifest's record of what a source was: each local file's sha256, or the hub commit and files read."""
     if hub:
-        keys = ("endpoint", "repo_id", "config", "revision", "commit_sha", "data_files", "missing_paths", "columns")
-        return {key: hub[key] for key in keys}
+        return {key: hub[key] for key in HUB_IDENTITY_KEYS}
     if len(file_hashes) == 1:
         return {"sha256": next(iter(file_hashes.values()))}
     return {"files": file_hashes}

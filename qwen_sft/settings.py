@@ -12,9 +12,9 @@ again against the model's modules right after it loads (modeling.check_target_mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 from .cli import FROM_COMMAND_LINE, UserError, format_value
 from .inherit import FROM_ADAPTER
@@ -28,9 +28,14 @@ class Rule:
     holds: Callable[[object], bool]
     wants: str  # what a valid value is, completing "--flag must be ..."
     choices: Callable[[], list[str]] | None = None  # the valid names, where they are a list
+    most: int | None = None  # the largest valid integer, where there is one
 
-    def describe(self) -> str:
-        return "one of " + ", ".join(self.choices()) if self.choices else self.wants
+    def describe(self, value) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices())
+        if self.most is not None and isinstance(value, int) and value > self.most:
+            return f"at most {self.most:,}"
+        return self.wants
 
 
 def _number(value) -> bool:
@@ -41,7 +46,8 @@ def count(low: int, auto: bool = False) -> Rule:
     """An integer from `low` to LARGEST_COUNT (or `auto`, where the stage settles it)."""
     wanted = f"at least {low}" + (" (or auto)" if auto else "")
     return Rule(lambda value: (auto and value == "auto") or (
-        isinstance(value, int) and not isinstance(value, bool) and low <= value <= LARGEST_COUNT), wanted)
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= LARGEST_COUNT), wanted,
+        most=LARGEST_COUNT)
 
 
 def at_least(low: float, above: bool = False) -> Rule:
@@ -161,7 +167,7 @@ def problems(values: dict, notes: dict) -> list[str]:
         where = f" ({notes[name]})" if notes.get(name) not in (None, FROM_COMMAND_LINE) else ""
         if notes.get(name) == FROM_ADAPTER:
             where = f" (from {Path(values['ADAPTER_DIR']) / 'manifest.json'}: fix it, or pass --{name.lower()})"
-        found.append(f"--{name.lower()} must be {rule.describe()}, got {shown}{where}")
+        found.append(f"--{name.lower()} must be {rule.describe(value)}, got {shown}{where}")
     return found
 
 

@@ -59,7 +59,7 @@ def saved_state(plan, fingerprint: str) -> dict:
                     "has_uint32": 0, "uinteger": 0},
             "slots": [3, 1], "number": 9,
             "hub": {"endpoint": "http://127.0.0.1:1", "repo_id": "o/n", "commit_sha": "ab", "revision": "main",
-                    "data_files": ["x.parquet"], "config": None, "columns": None}}
+                    "data_files": ["x.parquet"], "config": None, "columns": None, "missing_paths": []}}
     return {"fingerprint": fingerprint, "done": ["reports"], "hub": {"orca": rows["hub"]}, "source": "orca",
             "rows": rows, "mixer": ([(b'{"x": "\xe2\x80\xa8\xff', b'"orca"}\n')], {b"\x00\x01\xfe"}, stats,
                                     {"orca": 1})}
@@ -83,6 +83,9 @@ def forged_bodies(plan, fingerprint):
     yield json.dumps({**good, "rows": {**good["rows"], "rng": {"bit_generator": "os.system"}}})
     yield json.dumps({**good, "rows": {**good["rows"], "hub": {"repo_id": 5}}})
     yield json.dumps({**good, "seen": [{"\u0000bytes": "!!"}]})
+    yield json.dumps({**good, "lines": [["only one"]]})
+    yield json.dumps({**good, "lines": [["\u4e00", "x"]]})
+    yield json.dumps({**good, "hub": {"orca": {"repo_id": "o/n"}}})
 
 
 class WorkFolderBody:
