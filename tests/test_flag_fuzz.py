@@ -153,9 +153,6 @@ def test_the_base_flags_reach_the_model_load(script, monkeypatch):
     assert run_checks(script, [], monkeypatch) == "accepted"  # so a refusal below is the generated value's
 
 
-OUTCOMES = {}
-
-
 @pytest.mark.parametrize("script", list(MODEL_LOADS))
 def test_generated_flag_values_are_accepted_or_one_line(script, monkeypatch, capsys):
     names = flag_names(script)
@@ -178,7 +175,6 @@ def test_generated_flag_values_are_accepted_or_one_line(script, monkeypatch, cap
         capsys.readouterr()  # the printed configs
 
     check()
-    OUTCOMES[script] = outcomes
     print(f"{script}: {len(outcomes)} generated cases, {outcomes.count('refused')} refused in one line")
     assert "refused" in outcomes and "accepted" in outcomes  # the generator reaches both sides
 
