@@ -46,7 +46,7 @@ from qwen_sft.cli import UserError, format_value, parse_config, run_stage  # noq
 PARTS = ["setup", "old", "new", "report"]  # which parts run, in this order (several: each in its own process)
 SMOKE = False  # the tiny model on CPU with small sizes: a quick check of the whole benchmark
 MODEL_DIR = "/tmp/qwen7b-random"  # where the random 7B-shaped model is built (reused when already there)
-ADAPTER_DIR = ""  # the random adapter's folder (reused when built with the same settings); empty = MODEL_DIR-lora
+ADAPTER_DIR = "auto"  # the random adapter's folder (reused when built with the same settings); auto = MODEL_DIR-lora
 RESULTS_DIR = "bench/results"  # generation_throughput{,_old,_new}.json are written here
 OLD_BACKEND = "auto"  # backend of the old path: auto (Unsloth when CUDA and unsloth are present), unsloth or hf
 LOAD_IN_4BIT = True  # NF4 base, as training saves the adapter and the old path loads it
@@ -539,7 +539,7 @@ def checked_config():
     small = [f"--{name}" for name in counts if cfg[name.upper()] < 1]
     if small:
         raise UserError(f"{', '.join(small)} must be at least 1")
-    if not cfg.adapter_dir:
+    if cfg.adapter_dir == "auto":
         cfg["ADAPTER_DIR"] = str(Path(cfg.results_dir) / "tiny-lora") if cfg.smoke else f"{cfg.model_dir}-lora"
     return cfg
 

@@ -96,6 +96,16 @@ def _remove_quietly(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")  # as Rust libraries (safetensors, tokenizers) say
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A full disk, whether an OSError says so or a library's own exception (safetensors, tokenizers) does."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error) for text in DISK_FULL_TEXTS)
+
+
 def write_error(path: Path, error: OSError) -> UserError:
     """One line for an output that cannot be written (read-only, full disk, a folder at the path)."""
     reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -589,6 +599,10 @@ def atomic_directory(path: str | os.PathLike, manifest_name: str = FOLDER_MANIFE
             print(f"kept in {shown}/ the entries this toolkit did not write: {', '.join(carried)}")
     except OSError as error:
         raise write_error(shown, error) from None
+    except Exception as error:  # a library's own error for a full disk: the same one line
+        if not is_disk_full(error):
+            raise
+        raise write_error(shown, OSError(errno.ENOSPC, "No space left on device")) from None
     finally:
         _remove_quietly(temporary)
         if previous.exists() and not path.exists():  # the swap failed half-way: the old folder goes back

@@ -186,8 +186,17 @@ class ChatSession:
         return SaveResult(len(rows), saved, cut, after_cut)
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1
+
+
+def shown(text: str) -> str:
+    """Text from outside (a piped line, a reply, a prompt, a file name) as printed: its control characters, with
+    which ANSI and OSC escape sequences start, written as \\xNN, so that they cannot drive the terminal."""
+    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def notice(text: str) -> None:
-    print(f"[{text}]", flush=True)
+    print(f"[{shown(text)}]", flush=True)
 
 
 def enable_line_editing(history_file: str) -> None:
@@ -285,9 +294,9 @@ def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dic
         return
     messages = session.messages(user_text) + steps
     if show_prompt:
-        print(f"[prompt, {tokens} tokens]\n{render_prompt(tokenizer, messages, session.tools)}[end of prompt]")
+        print(f"[prompt, {tokens} tokens]\n{shown(render_prompt(tokenizer, messages, session.tools))}[end of prompt]")
     print(REPLY_PREFIX, end="", flush=True)
-    reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(piece, end="", flush=True),
+    reply = stream_reply(model, tokenizer, messages, on_text=lambda piece: print(shown(piece), end="", flush=True),
                          tools=session.tools, **decoding)
     print()
     if reply.interrupted:
@@ -297,9 +306,9 @@ def answer(model, tokenizer, session: ChatSession, user_text: str, decoding: dic
         notice(f"reply cut at max_new_tokens {decoding['max_new_tokens']}")
     calls = parsed_tool_calls(reply.text) if session.tools and reply.stopped else None
     if calls:
-        shown = "; ".join(f"{call['function']['name']} {json.dumps(call['function']['arguments'], ensure_ascii=False)}"
-                          for call in calls)
-        notice(f"tool call: {shown}; type the tool's result (its turn) as the next line")
+        described = "; ".join(f"{call['function']['name']} {json.dumps(call['function']['arguments'], ensure_ascii=False)}"
+                              for call in calls)
+        notice(f"tool call: {shown(described)}; type the tool's result (its turn) as the next line")
         session.pending = (user_text, [*steps, {"role": "assistant", "content": "", "tool_calls": calls}])
         return
     session.add(user_text, reply.text, reply.stopped, steps)
@@ -358,7 +367,7 @@ def chat_loop(model, tokenizer, session: ChatSession, decoding: dict, show_promp
             print()
             return
         if echo:
-            print(line)
+            print(shown(line))
         text = line.strip()
         if not text:
             continue

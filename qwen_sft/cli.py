@@ -9,11 +9,14 @@ booleans take true/false (a bare `--flag` means true), lists are comma-separated
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import tokenize
 from pathlib import Path
 
@@ -22,11 +25,59 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr with exit code 2, never a traceback."""
 
 
+_interrupts_received: list[int] = []  # the signals note_interrupt saw since run_stage started
+
+
+def note_interrupt(signum, frame):
+    """Ctrl-C's (and, where a stage installs it, SIGTERM's) handler: KeyboardInterrupt, as Python's own, but noted
+    first. Python runs a handler between any two bytecodes, also in Python code that C code calls and whose error it
+    discards: numpy.random's compiled first import calls abc.register so, and a Ctrl-C landing there vanished (the
+    mix then exited 0). raise_if_interrupted() raises such a lost interrupt again before anything is written."""
+    _interrupts_received.append(signum)
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if an interrupt was noted (whether or not its own KeyboardInterrupt got through)."""
+    if _interrupts_received:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_noted():
+    """note_interrupt as the SIGINT handler for the block, where Python's own is installed (the main thread)."""
+    _interrupts_received.clear()
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, note_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open (a training step's), so that the error starts a line of its own."""
+    progress = sys.modules.get("tqdm.std")
+    if progress is not None:
+        for bar in list(progress.tqdm._instances):
+            bar.close()
+
+
 def run_stage(main) -> None:
     """Run a stage's main(); a UserError becomes one line on stderr and exit code 2."""
+    with _interrupts_noted():
+        _run(main)
+
+
+def _run(main) -> None:
     try:
         main()
     except UserError as error:
+        _end_progress_bars()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a stage turns it into one
@@ -201,6 +252,9 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
     values, overridden = _flag_values(argv, defaults)
     notes = dict.fromkeys(overridden, FROM_COMMAND_LINE)
     lines = resolve(values, notes) if resolve is not None else []
+    from .settings import check_settings  # it imports this module
+
+    check_settings(values, notes)
     if not quiet:
         say("config:\n" + "\n".join(
             f"  {name} = {format_value(value)}" + (f"   ({notes[name]})" if name in notes else "")

@@ -416,10 +416,7 @@ def evaluate(cfg) -> dict:
     """Run the whole stage and write OUTPUT_DIR/metrics.json and predictions.jsonl; returns the metrics."""
     from .fast_generation import resolve_fast_generation
 
-    # Every check that needs no model comes first, so bad input fails in a second.
-    for name in ("eval_batch_size", "gen_batch_size", "max_new_tokens", "max_seq_length"):
-        if cfg[name.upper()] < 1:
-            raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
+    # Every check that needs no model comes first, so bad input fails in a second (each flag alone: settings.RULES).
     resolve_fast_generation(cfg.fast_generation)
     with claim_outputs({"--adapter_dir": cfg.adapter_dir, "--dataset_path": cfg.dataset_path},
                        [Output("--output_dir", cfg.output_dir, FOLDER, METRICS_FILE)], "evaluate",

@@ -147,8 +147,6 @@ def _answer_file(cfg) -> None:
 
 
 def run_inference(cfg) -> None:
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {cfg.batch_size}")
     resolve_fast_generation(cfg.fast_generation)
     if cfg.instruction_file:
         answer_file(cfg)

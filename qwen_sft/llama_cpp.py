@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .artifacts import sha256_file
 from .cli import UserError
-from .tiny import cache_root
+from .tiny import cache_not_writable, cache_root
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -33,13 +33,24 @@ def converter_dir(llama_cpp_dir: str = "") -> Path:
     """The folder holding convert_hf_to_gguf.py: the given llama.cpp checkout, or the pinned one in the cache."""
     if llama_cpp_dir:
         folder = Path(llama_cpp_dir).expanduser()
-        if not (folder / CONVERTER).is_file():
+        if not (folder / CONVERTER).is_file():  # its other parts differ between llama.cpp versions
             raise UserError(f"--llama_cpp_dir {llama_cpp_dir}: no {CONVERTER} there; give a llama.cpp checkout")
         return folder
-    folder = cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    folder = cached_converter_dir()
     if not (folder / CONVERTER).is_file():
-        unpack_converter(download_sdist(), folder)
+        try:
+            unpack_converter(download_sdist(), folder)
+        except OSError as error:
+            raise cache_not_writable(error) from None
+    missing = [part for part in CONVERTER_PARTS if not (folder / part).exists()]
+    if missing:  # a cache someone pruned, or a copy cut short
+        raise UserError(f"{folder}: the cached llama.cpp converter lacks {', '.join(missing)}; delete that folder "
+                        "and it is unpacked again")
     return folder
+
+
+def cached_converter_dir() -> Path:
+    return cache_root() / f"llama.cpp-{LLAMA_CPP_PYTHON}"
 
 
 def downloads_dir() -> Path:
@@ -101,11 +112,19 @@ def convert(model_dir: Path, outfile: Path, gguf_type: str, model_name: str, lla
     if result.returncode == 0 and outfile.is_file():
         return
     missing = re.search(r"No module named '([\w.]+)'", result.stderr)
-    if missing:
+    own_parts = {"gguf", "conversion"}  # the converter's own folders (gguf-py/, conversion/), not packages
+    if missing and missing.group(1).split(".")[0] not in own_parts:
         name = missing.group(1).split(".")[0]
         raise UserError(f"llama.cpp's converter needs the Python package {name}: pip install {PIP_NAMES.get(name, name)}")
     last = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-    raise UserError(f"llama.cpp's converter failed on {model_dir}: {last}")
+    raise UserError(f"llama.cpp's converter failed on {model_dir}: {last}{damaged_hint(llama_cpp_dir)}")
+
+
+def damaged_hint(llama_cpp_dir: str) -> str:
+    """What to do when the converter itself may be broken: the cached one is unpacked again once deleted."""
+    if llama_cpp_dir:
+        return f" (if {llama_cpp_dir} is damaged, check it out again)"
+    return f" (if the cached converter is damaged, delete {cached_converter_dir()} and it is unpacked again)"
 
 
 def gguf_summary(path: Path, llama_cpp_dir: str = "") -> dict:
@@ -113,7 +132,10 @@ def gguf_summary(path: Path, llama_cpp_dir: str = "") -> dict:
     gguf_py = str(converter_dir(llama_cpp_dir) / "gguf-py")
     if gguf_py not in sys.path:
         sys.path.insert(0, gguf_py)
-    import gguf
+    try:
+        import gguf
+    except ImportError as error:
+        raise UserError(f"{gguf_py} cannot be imported ({error}){damaged_hint(llama_cpp_dir)}") from None
 
     reader = gguf.GGUFReader(path)
 

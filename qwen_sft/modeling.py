@@ -125,6 +125,7 @@ def load_base_model(name: str, backend: str, load_in_4bit: bool, max_seq_length:
 def add_lora(model, backend: str, rank: int, alpha: int, dropout: float, target_modules: list[str], seed: int,
              gradient_checkpointing: bool):
     """Wrap the base model with trainable LoRA adapters; the base weights stay frozen."""
+    check_target_modules(model, target_modules)
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -162,6 +163,21 @@ def enable_recomputation(model, backend: str) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def check_target_modules(model, target_modules: list[str]) -> None:
+    """Each name must match a module as PEFT matches them (the whole name or its dotted end), or PEFT's
+    all-linear: a UserError naming the model's linear layers, right after the model loads."""
+    import torch
+
+    names = [name for name, _ in model.named_modules()]
+    missing = [target for target in target_modules if target != "all-linear"
+               and not any(name == target or name.endswith("." + target) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise UserError(f"--lora_target_modules: the model has no module named {', '.join(missing)}; its linear "
+                        f"layers are {', '.join(linear)} (or pass all-linear)")
+
+
 def read_adapter_manifest(adapter_dir: str) -> dict:
     """The training manifest of an adapter folder; a missing or incomplete folder is a UserError."""
     folder = Path(adapter_dir)
@@ -173,6 +189,10 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
         if not isinstance(manifest.get("base_model"), str) or not manifest["base_model"]:
             raise UserError(f"{manifest_file}: names no base_model; restore the file from training (or delete it to "
                             "fall back on adapter_config.json), or re-run Qwen_finetuning.py")
+        for key in ("config", "dataset"):  # the later stages read settings and the dataset's sha256 from these
+            if key in manifest and not isinstance(manifest[key], dict):
+                raise UserError(f"{manifest_file}: {key} is {json.dumps(manifest[key])[:40]}, not a JSON object; "
+                                "restore the file from training, or re-run Qwen_finetuning.py")
         return manifest
     adapter_config = _read_json_object(folder / "adapter_config.json")
     if not isinstance(adapter_config.get("base_model_name_or_path"), str):

@@ -98,10 +98,6 @@ def _config_errors(cfg, keywords) -> list[str]:
     sources_config = cfg.SOURCES
     domain_sources = cfg.get("DOMAIN_SOURCES", {})
     errors = []
-    if cfg.TOTAL_SAMPLES < 1:
-        errors.append(f"TOTAL_SAMPLES must be at least 1, got {cfg.TOTAL_SAMPLES}")
-    if cfg.SHUFFLE_BUFFER < 1:
-        errors.append(f"SHUFFLE_BUFFER must be at least 1, got {cfg.SHUFFLE_BUFFER}")
     if content_byte_budget(cfg.MAX_SEQ_LENGTH, cfg.SYSTEM_PROMPT) < 1:
         errors.append(f"MAX_SEQ_LENGTH {cfg.MAX_SEQ_LENGTH} leaves no room for a row after the system prompt and "
                       "the prompt template")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import html
+import json
 import os
 import re
 import sys
@@ -44,6 +45,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .cli import UserError
+from .deadline import deadline
 from .records import BadJSON, IgnoredFields, iter_json_rows, parse_json, validate_record
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -451,6 +453,9 @@ def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path
         if source.schema.config not in configs:
             raise UserError(f"{source.key}: {folder} declares configs {', '.join(configs)}; pick one: {folder}:NAME")
         config = source.schema.config
+    if config is not None and not configs:
+        raise UserError(f"{source.key}: {folder}:{config} names a config, but {folder} declares none (no configs in a "
+                        f"README.md); drop :{config}")
     try:
         if configs:  # only the chosen config's files are resolved: a snapshot may hold only those
             config = config or next(iter(configs))
@@ -462,17 +467,38 @@ def _folder_files(source: Source, folder: Path, config: str | None) -> list[Path
             data_files = datasets.load_dataset_builder(str(folder)).config.data_files or {}
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as error:
         raise UserError(f"{source.key}: {folder}: not a readable dataset folder ({_first_line(error)})") from None
-    train = data_files.get("train")
+    train = _without_our_outputs(source, [Path(name) for name in data_files.get("train") or []])
     if not train:
         problem = (f"the train files of config {config!r} are not there (download them)" if configs
                    else "no train split (file names like train-00000-of-00001.parquet)")
         raise UserError(f"{source.key}: {folder}: {problem}")
-    return [Path(name) for name in train]
+    return train
+
+
+def _without_our_outputs(source: Source, files: list[Path]) -> list[Path]:
+    """`files` less the mixes this toolkit wrote among them and their manifests (a mix written into a snapshot
+    folder would otherwise be read back as the source's rows)."""
+    ours = set()
+    for path in files:
+        if path.name.endswith(".manifest.json"):
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+                written = Path(manifest["output"]["path"]).name
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(manifest.get("stage"), str):
+                ours |= {path, path.with_name(written)}
+    if ours & set(files):
+        names = ", ".join(sorted(path.name for path in ours & set(files)))
+        warn(f"{source.key}: skipped {names} in {files[0].parent}: written by this toolkit, not source data")
+    return [path for path in files if path not in ours]
 
 
 def _local_part_files(source: Source, part: str) -> list[Path]:
     folder, colon, config = part.rpartition(":")
-    if colon and Path(folder).is_dir():
+    if colon and not folder and not Path(part).exists():
+        raise UserError(f"{source.key}: {part!r} names a config but no folder; give FOLDER:{config}")
+    if colon and folder and Path(folder).is_dir():
         return _folder_files(source, Path(folder), config)
     path = Path(part).expanduser()
     if path.is_dir():
@@ -738,14 +764,23 @@ def resolve_hub(source: Source, settings: HubSettings) -> dict:
     """Resolve a hub spec: its commit sha (one request bounded by the timeout, so a hanging route fails fast) and,
     for named folders or globs, the files they hold. A folder that does not exist is a warning."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     match = HUB_SPEC.fullmatch(source.spec)
     repo, revision, paths = match["repo"], match["revision"], match["paths"]
     api = HfApi()
     try:
-        sha = api.dataset_info(repo, revision=revision, timeout=settings.timeout_s).sha
-        files, missing = _hub_files(source, repo, sha, paths) if paths else (None, [])
+        with deadline(settings.timeout_s):
+            sha = api.dataset_info(repo, revision=revision, timeout=settings.timeout_s).sha
+        if not isinstance(sha, str) or not sha:
+            raise ValueError("no commit sha in the repo's info")
+        with deadline(settings.timeout_s):
+            files, missing = _hub_files(source, repo, sha, paths) if paths else (None, [])
     except OfflineModeIsEnabled:
         raise UserError(
             f"{source.key}: cannot stream the hub dataset {source.spec!r} while HF_HUB_OFFLINE=1; unset it, or point "
@@ -757,8 +792,14 @@ def resolve_hub(source: Source, settings: HubSettings) -> dict:
         raise UserError(
             f"{source.key}: no hub dataset {repo!r} at {api.endpoint} (nor a local path {source.spec!r})"
         ) from None
-    except _network_errors() as error:
+    except (*_network_errors(), HfHubHTTPError) as error:  # after the not-found errors, which are HfHubHTTPErrors
         raise _unreachable(source, api.endpoint, error) from None
+    except (ValueError, KeyError, TypeError) as error:  # an answer that is not the hub API's
+        raise UserError(
+            f"{source.key}: the hub at {api.endpoint} answered for {source.spec!r} with something that is not the "
+            f"hub API ({type(error).__name__}: {_first_line(error)}); check HF_ENDPOINT, or point the source at local "
+            f"files, e.g. {_local_hint(source)}"
+        ) from None
     for path in missing:
         warn(f"{source.key}: {repo}@{sha[:8]} has no {path}; skipped (list its folders: see the README)")
     if files == []:
@@ -781,14 +822,16 @@ def _hub_stream(source: Source, hub: dict, settings: HubSettings):
     datasets.config.STREAMING_READ_MAX_RETRIES = 1
     datasets.config.STREAMING_READ_RETRY_INTERVAL = 0
     try:
-        builder = datasets.load_dataset_builder(
-            hub["repo_id"], hub["config"], revision=hub["commit_sha"], data_files=hub["data_files"]
-        )
+        with deadline(settings.timeout_s):
+            builder = datasets.load_dataset_builder(
+                hub["repo_id"], hub["config"], revision=hub["commit_sha"], data_files=hub["data_files"]
+            )
         if hub["columns"] and hasattr(builder.config, "columns"):  # Parquet reads only those columns' pages
             builder.config.columns = hub["columns"]
         else:
             hub["columns"] = None
-        return builder.as_streaming_dataset(split="train")
+        with deadline(settings.timeout_s):
+            return builder.as_streaming_dataset(split="train")
     except _network_errors() as error:
         raise _unreachable(source, hub["endpoint"], error) from None
     except Exception as error:  # unknown config, no data files, gated: all end the same way for the user
@@ -841,32 +884,45 @@ class HubRows:
             state["number"] += 1
             yield state["number"], row, None
 
+    def _load_position(self) -> None:
+        try:
+            self.stream.load_state_dict(self.state["stream"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            raise UserError(
+                f"{self.source.key}: the saved stream position does not fit this stream ({_first_line(error)}); "
+                "delete the output's .work folder to start over"
+            ) from None
+
     def _batches(self):
         """The stream's rows a batch at a time from the saved position; a lost connection is retried from the last
         whole batch until HubSettings.retry_s have passed without data, then StreamLost."""
-        deadline, attempt = None, 0
+        give_up, attempt = None, 0
         while True:
             if self.state["stream"] is not None:
-                self.stream.load_state_dict(self.state["stream"])
+                self._load_position()
             try:
-                for table in self.stream.iter(batch_size=min(HUB_BATCH_ROWS, self.buffer_size)):
-                    deadline, attempt = None, 0
+                tables = iter(self.stream.iter(batch_size=min(HUB_BATCH_ROWS, self.buffer_size)))
+                while True:
+                    with deadline(self.settings.timeout_s):  # a batch's reads, however slowly bytes trickle in
+                        table = next(tables, None)
+                    if table is None:
+                        return
+                    give_up, attempt = None, 0
                     narrow = self.source.schema.narrow_batch
                     yield [row for batch in table.to_batches() for row in narrow(batch).to_pylist()]
                     self.state["stream"] = self.stream.state_dict()
-                return
             except Exception as error:
                 if not _is_network_error(error):
                     raise
                 now = time.monotonic()
-                deadline = deadline or now + self.settings.retry_s
-                if now >= deadline:
+                give_up = give_up or now + self.settings.retry_s
+                if now >= give_up:
                     raise StreamLost(_first_line(error)) from None
                 attempt += 1
-                wait = min(2.0**attempt, 30.0, deadline - now)
+                wait = min(2.0**attempt, 30.0, give_up - now)
                 warn(
                     f"{self.source.key}: connection to {self.hub['endpoint']} lost ({_first_line(error)}); "
-                    f"retry {attempt} in {wait:.0f} s ({deadline - now:.0f} s left before the run stops)"
+                    f"retry {attempt} in {wait:.0f} s ({give_up - now:.0f} s left before the run stops)"
                 )
                 time.sleep(wait)
 

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .cli import UserError
 from .families import family
 from .qwen_tokenizer_build import build_qwen2_5_tokenizer, write_portable_tokenizer_config
 
@@ -22,11 +23,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("QWEN_SFT_CACHE", Path.home() / ".cache" / "qwen_sft"))
 
 
+def cache_not_writable(error: OSError) -> UserError:
+    """The one line for a cache folder that cannot be written (a read-only mount, a full disk, no permission)."""
+    return UserError(f"the cache {cache_root()} cannot be written ({error.strerror or error}); set QWEN_SFT_CACHE "
+                     "to a writable folder")
+
+
 def tiny_path() -> Path:
     """The folder holding the tiny model and tokenizer, built on first use."""
     folder = cache_root() / f"tiny-{TINY_VERSION}"
     if not (folder / "config.json").is_file():
-        _build(folder)
+        try:
+            _build(folder)
+        except OSError as error:
+            raise cache_not_writable(error) from None
     return folder
 
 

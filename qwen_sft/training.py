@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from .artifacts import (
     build_manifest,
     claim_outputs,
     mark_workdir,
+    is_disk_full,
     sha256_file,
     write_json_atomic,
 )
@@ -165,26 +167,6 @@ def keep_4bit_layout_trainable(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-POSITIVE_INTEGER_FLAGS = ("lora_r", "lora_alpha", "eval_steps", "save_steps", "logging_steps", "max_seq_length",
-                          "per_device_train_batch_size", "gradient_accumulation_steps")
-
-
-def check_training_flags(cfg) -> None:
-    """Every out-of-range number in one line, before it becomes a traceback deep in PEFT or transformers."""
-    errors = [f"--{name} must be at least 1, got {cfg[name.upper()]}" for name in POSITIVE_INTEGER_FLAGS
-              if cfg[name.upper()] != AUTO and cfg[name.upper()] < 1]
-    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
-        errors.append(f"--learning_rate must be a number above 0, got {cfg.learning_rate}")
-    if not 0 <= cfg.lora_dropout < 1:
-        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    for name in ("warmup_steps", "weight_decay", "neftune_noise_alpha", "num_train_epochs"):
-        value = cfg[name.upper()]
-        if not (math.isfinite(value) and value >= 0):
-            errors.append(f"--{name} must be 0 or more, got {value}")
-    if errors:
-        raise UserError("; ".join(errors))
 
 
 def claim_training_outputs(cfg):
@@ -369,8 +351,8 @@ def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callab
 
 
 def check_stage(cfg, locks: contextlib.ExitStack) -> str:
-    """The flags and output folders (claimed for as long as `locks` holds), checked before anything slow; returns
-    the backend to load."""
+    """The flags that need each other, and the output folders (claimed for as long as `locks` holds), checked
+    before anything slow (each flag alone is checked against settings.RULES when parsed); returns the backend."""
     check_step_limit(cfg)
     backend = choose_backend(cfg.backend)
     if cfg.packing and backend != "unsloth":
@@ -378,7 +360,6 @@ def check_stage(cfg, locks: contextlib.ExitStack) -> str:
             "--packing true needs the Unsloth backend (a CUDA GPU and requirements-gpu.txt): with transformers' "
             "sdpa attention, packed examples would attend across their boundaries; use --packing false"
         )
-    check_training_flags(cfg)
     locks.enter_context(claim_training_outputs(cfg))
     return backend
 
@@ -390,6 +371,11 @@ def read_and_split(cfg) -> tuple[list[dict], list[dict], list[dict], IgnoredFiel
     records = read_records(cfg.dataset_path, cfg.dataset_format, formats)
     train_records, eval_records = split_records(records, cfg.eval_ratio, cfg.split_seed)
     require_one_batch(cfg, len(train_records), launched_processes())
+    if cfg.load_best_model_at_end and eval_records and cfg.save_steps % cfg.eval_steps:
+        raise UserError(
+            f"--save_steps {cfg.save_steps} must be a multiple of --eval_steps {cfg.eval_steps} when "
+            "--load_best_model_at_end is true (the best checkpoint is chosen at evaluations)"
+        )
     return records, train_records, eval_records, formats
 
 
@@ -483,11 +469,6 @@ def sft_config(cfg, has_eval: bool):
     from trl import SFTConfig
 
     load_best = cfg.load_best_model_at_end and has_eval
-    if load_best and cfg.save_steps % cfg.eval_steps:
-        raise UserError(
-            f"--save_steps {cfg.save_steps} must be a multiple of --eval_steps {cfg.eval_steps} when "
-            "--load_best_model_at_end is true (the best checkpoint is chosen at evaluations)"
-        )
     on_gpu = cuda_available()
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     return SFTConfig(
@@ -594,6 +575,10 @@ def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, scri
         raise SystemExit(130) from None
     except torch.cuda.OutOfMemoryError:
         raise UserError(out_of_memory_message(cfg, trainer.state.global_step)) from None
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise UserError(disk_full_message(cfg, trainer.state.global_step)) from None
     wall_time = time.time() - started
 
     if stop_on_signal.received:
@@ -649,6 +634,18 @@ def restart_with_shape(cfg, run: TrainingRun, shape: BatchShape, backend: str) -
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def disk_full_message(cfg, step: int) -> str:
+    """The one line for a disk that filled up while a checkpoint was written; that half checkpoint is removed (this
+    run was writing it), so `--resume_from_checkpoint auto` takes the last complete one."""
+    half = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    if half.is_dir() and checkpoint_problem(half):
+        shutil.rmtree(half, ignore_errors=True)
+    saved = find_resume_checkpoint("auto", cfg.output_dir, quiet=True)
+    return (f"{cfg.output_dir}: cannot write the checkpoint of step {step} (the disk is full); "
+            + (f"{saved} is the last complete one" if saved else "no checkpoint is saved yet")
+            + "; free some space, then resume with --resume_from_checkpoint auto")
 
 
 def out_of_memory_message(cfg, step: int) -> str:

@@ -3,7 +3,9 @@ huggingface_hub and datasets call (repo info by revision, tree listing, paths-in
 
 Each repo has one or more commits, each a folder laid out like the real repo; `main` is the last one. The server
 logs every file it sends (to prove what was read) and can misbehave on purpose: `fail_after` makes it drop every
-file read after that many (a connection lost mid-stream), `hang` makes it accept connections and never answer.
+file read after that many (a connection lost mid-stream), `hang` makes it accept connections and never answer,
+`trickle` makes it answer one byte every TRICKLE_SECONDS (so no read ever times out), and `info_answer`, a
+(status, body) pair, replaces every repo-info answer (a hub that fails, or answers garbage).
 
     with HubServer({"owner/name": [folder_v1, folder_v2]}) as hub:   # hub.endpoint -> HF_ENDPOINT
         ...
@@ -22,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+TRICKLE_SECONDS = 2.0  # a trickling answer's pace
 TREE_PAGE_SIZE = 50  # entries per tree page (the hub pages at 1,000); small, so pagination is exercised
 
 
@@ -72,6 +75,8 @@ class HubServer:
         self.bytes_sent = 0  # file bytes sent
         self.fail_after: int | None = None  # drop every file GET after this many have been sent
         self.hang = False
+        self.trickle = False
+        self.info_answer: tuple[int, bytes] | None = None
         self._release = threading.Event()  # set to let hanging requests go (they then close)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
@@ -80,7 +85,7 @@ class HubServer:
 
     def reset(self) -> None:
         """Behave again, release hanging requests and forget what was sent."""
-        self.hang, self.fail_after = False, None
+        self.hang, self.trickle, self.info_answer, self.fail_after = False, False, None, None
         self._release.set()
         self._release = threading.Event()
         self.sent.clear()
@@ -130,6 +135,18 @@ def _handler_for(hub: HubServer):
                 hub._release.wait(600)
                 self.close_connection = True
                 return True
+            if hub.trickle:
+                answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                for byte in answer + b" " * 1000:
+                    if hub._release.wait(TRICKLE_SECONDS):
+                        break
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        break
+                self.close_connection = True
+                return True
             return False
 
         def do_HEAD(self):
@@ -176,6 +193,13 @@ def _handler_for(hub: HubServer):
             self._not_found("route")
 
         def _info(self, repo_id, revision):
+            if hub.info_answer:
+                status, body = hub.info_answer
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                return self.wfile.write(body)
             commits = hub.repos.get(repo_id)
             if not commits:
                 return self._not_found("repository", "RepoNotFound")

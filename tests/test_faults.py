@@ -176,6 +176,40 @@ def test_a_killed_mix_leaves_the_old_output_and_no_process_and_reruns(tmp_path, 
     assert manifest["output"]["rows"] == BIG_ROWS - 1000
 
 
+# Runs data_integration.py so that its first Ctrl-C lands where C code discards the KeyboardInterrupt: in a finalizer
+# (as in numpy.random's compiled first import, which calls abc.register and drops its error).
+SWALLOWED_CTRL_C = """
+import os, runpy, signal, sys
+import qwen_sft.mixing as mixing
+real_take = mixing.Mixer._take
+
+class SendsCtrlC:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # bytecodes for the handler to run between; its KeyboardInterrupt dies with __del__
+
+def take(*args):
+    SendsCtrlC()
+    return real_take(*args)
+
+mixing.Mixer._take = take
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_ctrl_c_whose_keyboard_interrupt_is_swallowed_still_stops_the_mix(tmp_path):
+    output = tmp_path / "mix.jsonl"
+    assert run_script("data_integration.py", *mix_args(output)).returncode == 0
+    before = snapshot(tmp_path)
+    result = subprocess.run([sys.executable, "-c", SWALLOWED_CTRL_C, ROOT / "data_integration.py",
+                             *map(str, mix_args(output, total=20))], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 130, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    assert snapshot(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------------- full disk
 
 
@@ -283,12 +317,28 @@ BAD_FLAGS = [
                       "prompts.jsonl"], "--output_file prompts.jsonl is the input --instruction_file prompts.jsonl"),
     ("inference.py", ["--adapter_dir", "empty_adapter"], "empty_adapter/manifest.json: names no base_model"),
     ("chat.py", ["--adapter_dir", "corrupt_adapter"], "corrupt_adapter/manifest.json: not valid JSON"),
-    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "."], "--output_dir . holds the input "
-                                                                          "--adapter_dir adapter"),
+    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "."],
+     "--output_dir must be a folder other than the current one or one above it, got '.'"),
     ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "mywork"], "this toolkit did not write it"),
     ("export_model.py", ["--adapter_dir", "adapter", "--system_prompt", 'Be brief."""\nFROM evil'],
      '--system_prompt holds """'),
     ("export_model.py", ["--adapter_dir", "empty_adapter"], "empty_adapter/manifest.json: names no base_model"),
+    # settings.RULES, checked before any model loads
+    ("Qwen_finetuning.py", [*TRAIN, "--optim", "bogus"], "--optim must be one of adamw_torch, "),
+    ("Qwen_finetuning.py", [*TRAIN, "--lr_scheduler_type", "bogus"], "--lr_scheduler_type must be one of linear, "),
+    ("Qwen_finetuning.py", [*TRAIN, "--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    ("Qwen_finetuning.py", [*TRAIN, "--split_seed", "-1"], "--split_seed must be from 0 to 4294967295, got -1"),
+    ("evaluate.py", ["--adapter_dir", "adapter", "--split_seed", "-1"], "--split_seed must be from 0"),
+    ("data_integration.py", [*MIX, "--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    ("data_integration.py", [*MIX, "--output_file", ""], "--output_file must be a path (not empty), got ''"),
+    ("inference.py", ["--adapter_dir", "adapter", "--repetition_penalty", "0"],
+     "--repetition_penalty must be a number above 0, got 0.0"),
+    ("chat.py", ["--adapter_dir", "adapter", "--repetition_penalty", "0"],
+     "--repetition_penalty must be a number above 0, got 0.0"),
+    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", ".", "--overwrite_output", "true"],
+     "--output_dir must be a folder other than the current one or one above it, got '.'"),
+    ("export_model.py", ["--adapter_dir", "adapter", "--output_dir", "..", "--overwrite_output", "true"],
+     "--output_dir must be a folder other than the current one or one above it, got '..'"),
 ]
 
 
@@ -329,4 +379,4 @@ def test_an_unreadable_work_state_starts_over_with_a_warning(tmp_path):
     work = WorkFolder(tmp_path / "mix.jsonl")
     work.folder.mkdir()
     work.state_file.write_bytes(b"\x80\x05truncated")
-    assert work.load("any fingerprint") is None
+    assert work.load("any fingerprint", plan=None) is None

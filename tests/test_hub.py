@@ -179,7 +179,7 @@ def test_a_lost_stream_stops_with_one_line_and_the_rerun_continues_to_the_same_b
     assert len(error) == 1 and error[0].startswith("error: stackexchange: the connection to"), result.stderr
     assert "rows read" in error[0] and "run the same command again to continue" in error[0]
     assert "retry 1 in" in result.stdout  # the retries are visible
-    assert not output.exists() and (tmp_path / "mix.jsonl.work" / "state.pickle").is_file()
+    assert not output.exists() and (tmp_path / "mix.jsonl.work" / "state.json").is_file()
     read_before = int(error[0].split(" rows read")[0].rsplit(" ", 1)[1].replace(",", ""))
     whole_read = manifest_of(whole)["sources"]["stackexchange"]["rows_read"]
     assert 0 < read_before < whole_read
@@ -204,6 +204,31 @@ def test_a_hanging_endpoint_fails_within_the_timeout_naming_the_ways_out(hub, tm
     assert elapsed < 30
     line = result.stderr.strip()
     assert "\n" not in line and "HF_ENDPOINT" in line and "--sources orca=/path/to/orca.jsonl" in line
+
+
+def test_a_trickling_endpoint_fails_within_the_timeout_as_a_whole_request(hub, tmp_path):
+    hub.trickle = True  # a byte every 2 s: no single read ever waits 3 s
+    started = time.monotonic()
+    result = run_online("data_integration.py", "--hub_timeout_seconds", 3, "--output_file", tmp_path / "m.jsonl",
+                        hub=hub, tmp_path=tmp_path, timeout=90)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert elapsed < 20, elapsed
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no complete answer within 3 s" in lines[0] and "HF_ENDPOINT" in lines[0], lines
+
+
+@pytest.mark.parametrize("status, body", [(500, b'{"error": "Internal Error"}'), (200, b"<html>not the hub</html>"),
+                                          (200, b"{}"), (200, b"[1, 2]")],
+                         ids=["500", "garbage", "empty object", "a list"])
+def test_a_hub_that_answers_nonsense_is_one_line(hub, tmp_path, status, body):
+    hub.info_answer = (status, body)
+    result = run_online("data_integration.py", "--output_file", tmp_path / "m.jsonl", "--network_retry_seconds", 1,
+                        hub=hub, tmp_path=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: orca: the hub at {hub.endpoint}"), result.stderr[-3000:]
+    assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_bad_hub_specs_are_one_line_errors(hub, tmp_path):

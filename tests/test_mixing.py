@@ -498,7 +498,7 @@ def bad_file(tmp_path, name: str, text: str) -> Path:
          r"orca: .*pubmedqa_pqa_labeled.jsonl:\d+: not in the SlimOrca schema"),
         (["--max_seq_length", 110, "--ratios", "reports=0,orca=1,pubmed=0"],
          r"orca: no usable rows left in .*slimorca.jsonl after 12 read \(too_long 12\)"),
-        (["--total_samples", 0], "TOTAL_SAMPLES must be at least 1"),
+        (["--total_samples", 0], "--total_samples must be at least 1"),
     ],
 )
 def test_bad_configuration_and_sources_raise_a_user_error(tmp_path, monkeypatch, flags, message):
