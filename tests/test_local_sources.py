@@ -29,7 +29,7 @@ def test_a_mix_written_into_a_snapshot_folder_is_not_read_back_as_its_rows(tmp_p
     assert inside.returncode == 0, inside.stderr
     again = mix(tmp_path, "orca", "mix.jsonl")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert (f"orca: skipped mix.jsonl, mix.manifest.json in {tmp_path / 'orca'}: written by this toolkit"
+    assert (f"orca: skipped mix.jsonl, mix.jsonl.manifest.json in {tmp_path / 'orca'}: written by this toolkit"
             in again.stdout)
     assert (tmp_path / "mix.jsonl").read_bytes() == (tmp_path / "orca" / "mix.jsonl").read_bytes()
 
