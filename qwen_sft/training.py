@@ -22,7 +22,7 @@ from .artifacts import (
     atomic_directory,
     build_manifest,
     claim_outputs,
-    mark_workdir,
+    write_workdir_manifest,
     sha256_file,
     write_json_atomic,
 )
@@ -196,10 +196,10 @@ def claim_training_outputs(cfg):
     return claim_outputs(inputs, outputs, "train", cfg.overwrite_output, lock=is_main_process())
 
 
-def mark_work_folder(cfg) -> None:
-    """A manifest in OUTPUT_DIR marks it as ours, so that later runs may write (and resume) there."""
+def write_output_dir_manifest(cfg) -> None:
+    """This run's manifest in OUTPUT_DIR marks it as ours, so that later runs may write (and resume) there."""
     if is_main_process():
-        mark_workdir(cfg.output_dir, build_manifest("train", cfg, contents="checkpoints and logs"))
+        write_workdir_manifest(cfg.output_dir, build_manifest("train", cfg, contents="checkpoints and logs"))
 
 
 def sft_trainer_class():
@@ -210,6 +210,9 @@ def sft_trainer_class():
     from trl import SFTTrainer
 
     class PortableSFTTrainer(TokenWeightedAccumulation, SFTTrainer):
+        def create_model_card(self, *args, **kwargs):
+            pass  # TRL writes README.md into OUTPUT_DIR at each checkpoint, over any README.md of the user's there
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss, with the
             # LM head on the answer tokens only where no wrapper (data parallel) needs the full forward.
@@ -518,7 +521,7 @@ def resume_point(cfg, trainer) -> tuple[str | None, bool, bool]:
     """(the checkpoint to resume from or None, it is the run's last step, that step's adapter is already written).
     Also marks OUTPUT_DIR as ours."""
     resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    mark_work_folder(cfg)
+    write_output_dir_manifest(cfg)
     if resume:
         say(f"resuming from {resume}")
     finished, adapter_written = is_finished(trainer, resume, cfg.adapter_dir) if resume else (False, False)

@@ -134,7 +134,7 @@ def test_a_mix_never_replaces_a_users_file_named_like_a_manifest(tmp_path):
 
     (tmp_path / "answers.jsonl.manifest.json").write_text("my notes about answers.jsonl")
     refused = run_script("data_integration.py", *mix_args("answers.jsonl"), cwd=tmp_path)
-    one_line_exit_2(refused, "answers.jsonl.manifest.json: this toolkit's data_integration stage did not write it")
+    one_line_exit_2(refused, "answers.jsonl.manifest.json: this toolkit did not write it about answers.jsonl")
     assert not (tmp_path / "answers.jsonl").exists()
     forced = run_script("data_integration.py", *mix_args("answers.jsonl", "--overwrite_output", "true"), cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-2000:]

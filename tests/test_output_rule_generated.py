@@ -1,6 +1,6 @@
 """Generated attacks on the output rule: random trees of folders, files, symlinks, hard links, FIFOs, manifests of
 each stage, forged manifests and lock-path squatters, claimed and written as each stage does (claim_outputs, then
-atomic_file, atomic_directory, mark_workdir or append_to_file).
+atomic_file, atomic_directory, write_workdir_manifest or append_to_file).
 
 Promised for every tree: the outcome is success or one line (a UserError, exit 2 in a script), and no byte of
 anything the stage did not write changes: a refused run changes nothing; a run that writes replaces only its own
@@ -32,7 +32,7 @@ from qwen_sft.artifacts import (
     atomic_directory,
     atomic_file,
     claim_outputs,
-    mark_workdir,
+    write_workdir_manifest,
     sha256_file,
 )
 from qwen_sft.cli import UserError
@@ -228,7 +228,7 @@ def write_as_stage(stage: str, outputs: list[Output]) -> None:
                     (temporary / name).write_bytes(value)
                 (temporary / output.manifest).write_text(json.dumps({"stage": manifest_stage}))
         elif output.kind == WORKDIR:
-            mark_workdir(output.path, {"stage": manifest_stage}, output.manifest)
+            write_workdir_manifest(output.path, {"stage": manifest_stage}, output.manifest)
         else:
             append_to_file(output.path, "ROW\n")
 
