@@ -315,6 +315,9 @@ class Output:
 # What each claimed output was when it was checked, {target: (st_dev, st_ino) or None}: the writers re-check it just
 # before they rename, so that nothing put there meanwhile (a file, a link) is replaced unchecked.
 _CLAIMED: dict[Path, tuple | None] = {}
+# {the path as the stage named it: its target at the claim}: a writer given that name again (not the target) must
+# still land there, not where a link swapped in meanwhile points.
+_CLAIMED_NAMES: dict[Path, Path] = {}
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -513,13 +516,20 @@ def claim_outputs(inputs: dict[str, str], outputs: list[Output], stage: str, ove
                 _check_ownership(output, target, stage)
             if output.kind in (FILE, FOLDER):
                 _CLAIMED[target] = _identity(target)
+                _CLAIMED_NAMES[_as_named(output.path)] = target
                 held.callback(_CLAIMED.pop, target, None)
+                held.callback(_CLAIMED_NAMES.pop, _as_named(output.path), None)
         yield targets
 
 
+def _as_named(path) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 def _still_as_claimed(path: Path, shown) -> None:
-    """The output is still what claim_outputs checked (the same file or folder, or still nothing)."""
-    if path in _CLAIMED and _identity(path) != _CLAIMED[path]:
+    """The output is still what claim_outputs checked (the same file or folder, or still nothing, and reached by
+    the same links)."""
+    if _CLAIMED_NAMES.get(_as_named(shown), path) != path or (path in _CLAIMED and _identity(path) != _CLAIMED[path]):
         raise UserError(f"{shown}: changed since this run checked it (something was put there or replaced "
                         "meanwhile); nothing was written: check it and run again")
 

@@ -423,7 +423,6 @@ def test_training_keeps_a_users_readme_and_checkpoint_copy_in_output_dir(tmp_pat
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     (outputs / "README.md").write_text("notes")
-    (tmp_path / "run.txt").write_text("")
     first = run_script("Qwen_finetuning.py", *flags, "--max_steps", 2, "--overwrite_output", "true", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (outputs / "README.md").read_text() == "notes"
@@ -629,3 +628,18 @@ def test_export_locks_the_adapter_before_it_reads_the_manifest(tmp_path, monkeyp
     with pytest.raises(UserError, match="stop here"):
         export.export_merged(cfg)
     assert held == [True]
+
+
+def test_a_link_swapped_after_the_claim_is_not_followed(tmp_path):
+    """Defect 3: a stage that names its output again (training's folders) still writes only where it claimed."""
+    (tmp_path / "claimed").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mine.txt").write_text("mine")
+    link = tmp_path / "adapter"
+    link.symlink_to(tmp_path / "claimed")
+    with claim_outputs({}, [Output("--adapter_dir", link, FOLDER)], "train", overwrite=False):
+        link.unlink()
+        link.symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(UserError, match="adapter: changed since this run checked it"):
+            fake_adapter(link)
+    assert sorted(path.name for path in (tmp_path / "elsewhere").iterdir()) == ["mine.txt"]
