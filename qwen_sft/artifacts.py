@@ -500,26 +500,32 @@ def claim_outputs(inputs: dict[str, str], outputs: list[Output], stage: str, ove
     existing output of the user's is written anyway, but nothing of the user's in a folder is removed.
     """
     targets = {output.flag: write_target(output.path, output.flag) for output in outputs}
-    for output in outputs:
-        _check_shape(output, targets[output.flag])
-        _check_no_mount(output, targets[output.flag])
-    _check_apart(outputs, targets, inputs)
     with contextlib.ExitStack() as held:
-        for output in outputs:
-            target = targets[output.flag]
-            if lock and output.kind != APPEND:
-                held.enter_context(folder_lock(target, output.flag))
-            if output.kind == FILE:
-                _finish_interrupted_swap(target)
-            _check_workdir_entries(output, target, stage)
-            if not overwrite:
-                _check_ownership(output, target, stage)
-            if output.kind in (FILE, FOLDER):
-                _CLAIMED[target] = _identity(target)
-                _CLAIMED_NAMES[_as_named(output.path)] = target
-                held.callback(_CLAIMED.pop, target, None)
-                held.callback(_CLAIMED_NAMES.pop, _as_named(output.path), None)
+        try:
+            for output in outputs:
+                _check_shape(output, targets[output.flag])
+                _check_no_mount(output, targets[output.flag])
+            _check_apart(outputs, targets, inputs)
+            for output in outputs:
+                _claim(output, targets[output.flag], stage, overwrite, lock, held)
+        except OSError as error:  # a file of the user's we may not read, a folder we may not list
+            raise path_error(Path(error.filename or "an output"), error) from None
         yield targets
+
+
+def _claim(output: Output, target: Path, stage: str, overwrite: bool, lock: bool, held: contextlib.ExitStack):
+    if lock and output.kind != APPEND:
+        held.enter_context(folder_lock(target, output.flag))
+    if output.kind == FILE:
+        _finish_interrupted_swap(target)
+    _check_workdir_entries(output, target, stage)
+    if not overwrite:
+        _check_ownership(output, target, stage)
+    if output.kind in (FILE, FOLDER):
+        _CLAIMED[target] = _identity(target)
+        _CLAIMED_NAMES[_as_named(output.path)] = target
+        held.callback(_CLAIMED.pop, target, None)
+        held.callback(_CLAIMED_NAMES.pop, _as_named(output.path), None)
 
 
 def _as_named(path) -> Path:

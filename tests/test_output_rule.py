@@ -643,3 +643,17 @@ def test_a_link_swapped_after_the_claim_is_not_followed(tmp_path):
         with pytest.raises(UserError, match="adapter: changed since this run checked it"):
             fake_adapter(link)
     assert sorted(path.name for path in (tmp_path / "elsewhere").iterdir()) == ["mine.txt"]
+
+
+def test_an_output_file_we_may_not_read_is_one_line(tmp_path, monkeypatch):
+    """Defect 11: an OSError while checking (a file of the user's we may not read) is one line, not a traceback."""
+    output = tmp_path / "out.jsonl"
+    claim_and_write(output, "inference", "answers\n")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(artifacts, "sha256_file", unreadable)
+    with pytest.raises(UserError, match=r"out.jsonl: cannot use this path \(permission denied\)"):
+        claim_and_write(output, "inference", "again\n")
+    assert output.read_text() == "answers\n"
