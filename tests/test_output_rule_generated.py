@@ -11,8 +11,8 @@ lock behind. A tree with nothing in the way must succeed, so a rule that refused
 
 import hashlib
 import json
-import re
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -33,8 +33,8 @@ from qwen_sft.artifacts import (
     atomic_directory,
     atomic_file,
     claim_outputs,
-    write_workdir_manifest,
     sha256_file,
+    write_workdir_manifest,
 )
 from qwen_sft.cli import UserError
 
