@@ -3,16 +3,20 @@ and no stage replaces a file or folder it did not write or an input of the same 
 
 The output rule, one for every stage: each stage calls claim_outputs before it writes, then writes through
 atomic_file, atomic_directory or append_to_file.
-- Ours to replace is only what this stage wrote: a folder whose manifest names the same stage, a file whose manifest
-  (`NAME.manifest.json` beside it) names the same stage and records its sha256, and in a folder, the files its
-  manifest lists with the sha256 they still have. Everything else is the user's: an existing output of the user's is
-  refused unless --overwrite_output true, and even then nothing of the user's in a folder is removed (it is carried
-  over into the new folder, as NAME.user where the new output has that name).
-- A manifest path is checked like its output; no two outputs share one.
+- Ours to replace is only what this stage wrote: a folder whose manifest names the same stage (or a truly empty
+  one), a file whose manifest (`NAME.manifest.json` beside it) names the same stage and records its sha256, and in a
+  folder, the files its manifest lists with the sha256 they still have. Everything else is the user's: an existing
+  output of the user's is refused unless --overwrite_output true, and even then nothing of the user's in a folder is
+  removed (it is carried over into the new folder, as NAME.user where the new output has that name).
+- A manifest path is checked like its output; no two outputs share one. A toolkit manifest of any stage about the
+  file is replaced with it; anything else there is the user's (kept as NAME.user).
+- A folder replaced whole never holds a mount point; a WORKDIR never holds a checkpoint-* folder training did not
+  write (the HF Trainer's rotation deletes them), even with --overwrite_output.
 - No output is an input of the same run, sits inside an input folder, or (a folder) holds one.
 - Writes follow a symlink to what it points at; the link is never replaced. Devices, FIFOs and sockets are refused.
   A replaced file or folder keeps its mode. Appending appends in place (links, hard links and mode stay).
-- Every folder a stage writes is locked for the run (qwen_sft/locking.py); export also locks the adapter it reads.
+- Every file and folder a stage writes is locked for the run (qwen_sft/locking.py); export also locks the adapter it
+  reads. The writers re-check at rename time that each output is still what the claim checked.
 """
 
 from __future__ import annotations
