@@ -519,7 +519,10 @@ def claim_outputs(inputs: dict[str, str], outputs: list[Output], stage: str, ove
 
 def _claim(output: Output, target: Path, stage: str, overwrite: bool, lock: bool, held: contextlib.ExitStack):
     if lock and output.kind != APPEND:
-        held.enter_context(folder_lock(target, output.flag))
+        try:
+            held.enter_context(folder_lock(target, output.flag))
+        except OSError as error:  # the lock beside the output cannot be made: neither can the output
+            raise write_error(Path(output.path), error) from None
     if output.kind == FILE:
         _finish_interrupted_swap(target)
     _check_workdir_entries(output, target, stage)

@@ -150,7 +150,7 @@ def _release(path: Path, fd: int) -> None:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, flag: str, shared: bool = False):
     """Hold the lock of `folder` for the block (shared: alongside other readers, but no writer); a UserError naming
-    the owner if another live run holds it."""
+    the owner if another live run holds it; an OSError (a writer's lock) if the lock cannot be made."""
     folder = Path(folder)
     path = lock_path(os.path.realpath(folder))  # one lock for every name of the folder
     try:
@@ -161,7 +161,9 @@ def folder_lock(folder: str | os.PathLike, flag: str, shared: bool = False):
         if shared and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
             yield None  # a folder nobody may write beside: no writer to keep out
             return
-        raise UserError(f"{path}: cannot create the lock of {flag} ({error.strerror or error})") from None
+        if shared:
+            raise UserError(f"{path}: cannot create the lock of {flag} ({error.strerror or error})") from None
+        raise  # claim_outputs names the output that cannot be written (a read-only or full disk)
     try:
         yield path
     finally:
