@@ -147,7 +147,8 @@ class ChatSession:
             rows.append(validate_record(row, "chat"))
             covered += [exchange, *(earlier for earlier in exchange.context if exchange.shows(earlier))]
         with claim_outputs(self.inputs, [Output("/save", path, APPEND)], "chat", overwrite=False) as claimed:
-            append_to_file(claimed["/save"], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reversed(rows)))
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reversed(rows))
+            append_to_file(claimed["/save"], lines)  # a file that does not end in UTF-8 text is refused there
         saved = sum(any(exchange is item for item in covered) for exchange in self.unsaved)
         cut = sum(not exchange.savable for exchange in self.unsaved)
         self.unsaved.clear()

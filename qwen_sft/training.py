@@ -22,9 +22,9 @@ from .artifacts import (
     atomic_directory,
     build_manifest,
     claim_outputs,
-    write_workdir_manifest,
     sha256_file,
     write_json_atomic,
+    write_workdir_manifest,
 )
 from .batching import report_packing, report_padding
 from .cli import UserError, is_main_process, say
