@@ -5,8 +5,9 @@ it does the excluding: the kernel drops that when the owner dies, however it die
 taken over. The file names the owner's PID and host for the message a second run prints.
 
 A lock never writes through a link nor into a file it did not create: the file is written complete under a temporary
-name (O_EXCL|O_NOFOLLOW) and linked into place, and one left by a dead run is removed and created afresh. A symlink, a folder or a FIFO at the lock path, or a file
-that is not a lock of this toolkit, is refused in one line and left as it is.
+name (O_EXCL|O_NOFOLLOW) and linked into place, and one left by a dead run is removed and created afresh. A symlink, a
+folder or a FIFO at the lock path, or a file that is not a lock of this toolkit (an empty one too), is refused in one
+line and left as it is.
 """
 
 from __future__ import annotations

@@ -487,7 +487,8 @@ def test_stages_write_where_they_claimed(tmp_path, monkeypatch, stage, module, f
     adapter = fake_adapter(tmp_path / "A")
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"INSTRUCTION": "q", "INPUT": "", "OUTPUT": "a"}) + "\n")
-    cfg = Config({"ADAPTER_DIR": str(adapter), "OUTPUT_DIR": str(tmp_path / "link"), "OUTPUT_FILE": str(tmp_path / "link"),
+    cfg = Config({"ADAPTER_DIR": str(adapter), "OUTPUT_DIR": str(tmp_path / "link"),
+                  "OUTPUT_FILE": str(tmp_path / "link"),
                   "DATASET_PATH": str(data), "INSTRUCTION_FILE": str(data), "OVERWRITE_OUTPUT": False,
                   "BASE_MODEL": "tiny", "EVAL_BATCH_SIZE": 1, "GEN_BATCH_SIZE": 1, "MAX_NEW_TOKENS": 1,
                   "MAX_SEQ_LENGTH": 8, "FAST_GENERATION": "false", "DTYPE": "float16", "GGUF": "",
