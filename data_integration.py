@@ -40,7 +40,7 @@ def main():
     from qwen_sft.mixing import mix
     from qwen_sft.planning import OPTION_A_REPORT_KEY
 
-    mix(cfg, report_key=OPTION_A_REPORT_KEY, script=__file__)
+    mix(cfg, report_key=OPTION_A_REPORT_KEY)
 
 
 if __name__ == "__main__":

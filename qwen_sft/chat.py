@@ -172,14 +172,8 @@ class ChatSession:
             rows.append(validate_record(row, "chat"))
             covered += [exchange, *(earlier for earlier in exchange.context if exchange.shows(earlier))]
         with claim_outputs(self.inputs, [Output("/save", path, APPEND)], "chat", overwrite=False) as claimed:
-            target = claimed["/save"]
-            try:
-                if target.is_file():
-                    target.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UserError(f"{path} is not UTF-8 text (byte {error.start}), so rows cannot be appended to it; "
-                                "choose another file") from None
-            append_to_file(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reversed(rows)))
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reversed(rows))
+            append_to_file(claimed["/save"], lines)  # a file that does not end in UTF-8 text is refused there
         saved = sum(any(exchange is item for item in covered) for exchange in self.unsaved)
         cut = sum(not exchange.savable for exchange in self.unsaved)
         self.unsaved.clear()

@@ -420,11 +420,11 @@ def evaluate(cfg) -> dict:
     resolve_fast_generation(cfg.fast_generation)
     with claim_outputs({"--adapter_dir": cfg.adapter_dir, "--dataset_path": cfg.dataset_path},
                        [Output("--output_dir", cfg.output_dir, FOLDER, METRICS_FILE)], "evaluate",
-                       cfg.overwrite_output):
-        return _evaluate(cfg)
+                       cfg.overwrite_output) as targets:
+        return _evaluate(cfg, targets["--output_dir"])
 
 
-def _evaluate(cfg) -> dict:
+def _evaluate(cfg, output_dir: Path) -> dict:
     from .fast_generation import generation_path, load_generation_model
     from .modeling import read_adapter_manifest
 
@@ -462,5 +462,5 @@ def _evaluate(cfg) -> dict:
         **grouped_metrics(runs, rows, scorer),
         by_source=metrics_by_source(runs, rows, scorer),
     )
-    write_results(Path(cfg.output_dir), rows, runs, metrics)
+    write_results(output_dir, rows, runs, metrics)
     return metrics

@@ -135,16 +135,18 @@ def check_export_flags(cfg) -> None:
 
 def export_merged(cfg) -> None:
     check_export_flags(cfg)
-    manifest = read_adapter_manifest(cfg.adapter_dir)
-    base_path = chosen_base_path(cfg.adapter_dir, manifest, cfg.base_model)
-    inputs = {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""}
-    # The adapter is locked shared: a training run cannot replace it during the merge (nor start into it).
-    with claim_outputs(inputs, [Output("--output_dir", cfg.output_dir, FOLDER)], "export", cfg.overwrite_output), \
-            folder_lock(cfg.adapter_dir, "--adapter_dir", shared=True):
-        _export(cfg, manifest)
+    # The adapter is locked shared before its manifest is read: a training run cannot replace it meanwhile or during
+    # the merge (nor start into it).
+    with folder_lock(cfg.adapter_dir, "--adapter_dir", shared=True):
+        manifest = read_adapter_manifest(cfg.adapter_dir)
+        base_path = chosen_base_path(cfg.adapter_dir, manifest, cfg.base_model)
+        inputs = {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""}
+        with claim_outputs(inputs, [Output("--output_dir", cfg.output_dir, FOLDER)], "export",
+                           cfg.overwrite_output) as targets:
+            _export(cfg, manifest, targets["--output_dir"])
 
 
-def _export(cfg, manifest: dict) -> None:
+def _export(cfg, manifest: dict, output_dir: Path) -> None:
     backend = choose_backend(cfg.backend)
     if backend == "unsloth" and cfg.base_model != manifest["base_model"]:
         raise UserError(f"--base_model {cfg.base_model}: Unsloth's merge loads the base the adapter names; pass "
@@ -158,7 +160,7 @@ def _export(cfg, manifest: dict) -> None:
     print(f"merging {cfg.adapter_dir} into {cfg.base_model} ({backend}, {cfg.dtype})")
     started = time.time()
     adapter_sha256 = sha256_file(Path(cfg.adapter_dir) / ADAPTER_WEIGHTS)  # of the weights the merge reads
-    with atomic_directory(cfg.output_dir) as folder:
+    with atomic_directory(output_dir) as folder:
         if backend == "unsloth":
             merge_with_unsloth(cfg.adapter_dir, folder, dtype, cfg.max_seq_length, tokenizer)
         else:

@@ -10,6 +10,7 @@ turns before it, and that turn is its "reference".
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .artifacts import Output, atomic_file, build_manifest, claim_outputs, sha256_file
 from .cli import UserError
@@ -104,11 +105,12 @@ def answer_file(cfg) -> None:
     read_adapter_manifest(cfg.adapter_dir)  # a missing adapter is reported before stdin is read
     inputs = {"--adapter_dir": cfg.adapter_dir, "--instruction_file": "" if cfg.instruction_file == "-" else
               cfg.instruction_file}
-    with claim_outputs(inputs, [Output("--output_file", cfg.output_file)], "inference", cfg.overwrite_output):
-        _answer_file(cfg)
+    with claim_outputs(inputs, [Output("--output_file", cfg.output_file)], "inference", cfg.overwrite_output) as \
+            targets:
+        _answer_file(cfg, targets["--output_file"])
 
 
-def _answer_file(cfg) -> None:
+def _answer_file(cfg, output_file: Path) -> None:
     where = "<stdin>" if cfg.instruction_file == "-" else cfg.instruction_file
     numbered = read_prompt_rows(cfg.instruction_file, cfg.dataset_format)
     rows = [row for _, row in numbered]
@@ -139,7 +141,7 @@ def _answer_file(cfg) -> None:
             wall_time_s=round(time.time() - started, 2),
         )
 
-    with atomic_file(cfg.output_file, manifest=describe) as handle:
+    with atomic_file(output_file, manifest=describe) as handle:
         for row, result in zip(rows, results):
             handle.write(json_line(answer_row(row, result)))
     print(f"{len(rows)} answers written to {cfg.output_file} ({cut} cut at max_new_tokens "

@@ -1,12 +1,13 @@
-"""A lock file beside a folder that a run writes (or, shared, reads), so that a second run into it is refused.
+"""A lock file beside a folder or file that a run writes (or, shared, reads), so that a second run into it is refused.
 
-The lock is `.<folder>.lock`, next to the folder (the folder itself is replaced whole when written). An flock(2) on
+The lock is `.<name>.lock`, next to the output (which is replaced whole when written). An flock(2) on
 it does the excluding: the kernel drops that when the owner dies, however it dies, so a lock left by a dead run is
 taken over. The file names the owner's PID and host for the message a second run prints.
 
-A lock never writes through a link nor into a file it did not create: the file is created with O_EXCL|O_NOFOLLOW,
-and one left by a dead run is removed and created afresh. A symlink, a folder or a FIFO at the lock path, or a file
-that is not a lock of this toolkit, is refused in one line and left as it is.
+A lock never writes through a link nor into a file it did not create: the file is written complete under a temporary
+name (O_EXCL|O_NOFOLLOW) and linked into place, and one left by a dead run is removed and created afresh. A symlink, a
+folder or a FIFO at the lock path, or a file that is not a lock of this toolkit (an empty one too), is refused in one
+line and left as it is.
 """
 
 from __future__ import annotations
@@ -30,11 +31,8 @@ def lock_path(folder: str | os.PathLike) -> Path:
 
 
 def _owner(fd: int) -> dict | None:
-    """The owner a lock file names; {} for an empty one (its creator has not written yet); None if it is not a lock
-    file of this toolkit."""
+    """The owner a lock file names; None if it is not a lock file of this toolkit (one is never empty: see _create)."""
     text = os.pread(fd, 4096, 0)
-    if not text:
-        return {}
     with contextlib.suppress(ValueError):
         owner = json.loads(text)
         if isinstance(owner, dict) and {"pid", "host", "started"} <= owner.keys():
@@ -47,10 +45,31 @@ def _describe(owner: dict | None) -> str:
     return f"PID {owner.get('pid', '?')} on host {owner.get('host', '?')}, started {owner.get('started', '?')}"
 
 
+def _create(path: Path) -> int | None:
+    """A new lock file at `path`, already holding its owner and locked, or None if a file is there: it is written
+    and flocked under a temporary name, then linked into place (link never replaces), so a lock file is never seen
+    empty, and an empty file at the path is never ours."""
+    temporary = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        os.link(temporary, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        os.unlink(temporary)
+    return fd
+
+
 def _open(path: Path, flag: str) -> tuple[int, bool]:
     """(fd, created): a new lock file, or the regular file already at the path, never followed through a link."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), True
+        return _create(path), True
     except FileExistsError:
         pass
     try:  # O_NONBLOCK: a FIFO there must not block the open
@@ -103,18 +122,15 @@ def _acquire(path: Path, flag: str, folder: Path, shared: bool) -> int:
         if not exclusive:
             return fd  # shared with other readers: the first of them wrote the file
         if not created:  # held by nobody: left by a run that is gone
-            owner = _owner(fd) if os.fstat(fd).st_nlink == 1 else None  # ours are made by O_EXCL: one name
+            owner = _owner(fd) if os.fstat(fd).st_nlink == 1 else None  # ours have one name once in place
             if owner is None:
                 os.close(fd)
                 raise UserError(f"{path}: the lock path of {flag} holds a file that is not a lock of this toolkit; "
                                 "move it away or choose another folder")
-            if owner:
-                say(f"taking over the lock {path} left by a run that is gone ({_describe(owner)})")
+            say(f"taking over the lock {path} left by a run that is gone ({_describe(owner)})")
             os.unlink(path)  # never written into: a hard link to another file keeps that file's bytes
             os.close(fd)
             continue
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
         if shared and not _try_flock(fd, fcntl.LOCK_SH):
             os.close(fd)
             raise UserError(f"{flag} {folder} was taken by another run just now (lock file {path}); try again")
@@ -135,17 +151,20 @@ def _release(path: Path, fd: int) -> None:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, flag: str, shared: bool = False):
     """Hold the lock of `folder` for the block (shared: alongside other readers, but no writer); a UserError naming
-    the owner if another live run holds it."""
+    the owner if another live run holds it; an OSError (a writer's lock) if the lock cannot be made."""
     folder = Path(folder)
     path = lock_path(os.path.realpath(folder))  # one lock for every name of the folder
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not shared:  # a reader's folder exists already; a missing one is reported by the reader
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path, flag, folder, shared)
     except OSError as error:
-        if shared and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if shared and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
             yield None  # a folder nobody may write beside: no writer to keep out
             return
-        raise UserError(f"{path}: cannot create the lock of {flag} ({error.strerror or error})") from None
+        if shared:
+            raise UserError(f"{path}: cannot create the lock of {flag} ({error.strerror or error})") from None
+        raise  # claim_outputs names the output that cannot be written (a read-only or full disk)
     try:
         yield path
     finally:

@@ -43,7 +43,7 @@ from .artifacts import (
     sha256_file,
 )
 from .cli import UserError, note_interrupt, raise_if_interrupted
-from .planning import MixPlan, plan_mix
+from .planning import OPTION_A_REPORT_KEY, OPTION_B_REPORT_KEY, MixPlan, plan_mix
 from .preparation import (
     cyclic_gc_paused,
     prepared_chunks,
@@ -582,22 +582,26 @@ def _source_identity(file_hashes: dict | None, hub: dict | None) -> dict:
     return {"files": file_hashes}
 
 
-def mix(cfg, *, report_key: str, script: str) -> Path:
+# The stage each report key's script is, named in the manifest whatever the script's file is called.
+MIX_STAGE = {OPTION_A_REPORT_KEY: "data_integration", OPTION_B_REPORT_KEY: "data_set_generation"}
+
+
+def mix(cfg, *, report_key: str) -> Path:
     """Build the mixed dataset described by the stage's config; returns the output path."""
     with sigterm_interrupts(), contextlib.ExitStack() as claimed:
-        return _mix(cfg, report_key, script, claimed)
+        return _mix(cfg, report_key, MIX_STAGE[report_key], claimed)
 
 
-def _mix(cfg, report_key: str, script: str, claimed: contextlib.ExitStack) -> Path:
+def _mix(cfg, report_key: str, stage: str, claimed: contextlib.ExitStack) -> Path:
     started = time.perf_counter()
     plan = plan_mix(cfg, report_key)
-    output_file = claimed.enter_context(claim_mix_output(cfg, plan, Path(script).stem))["--output_file"]
+    output_file = claimed.enter_context(claim_mix_output(cfg, plan, stage))["--output_file"]
     report = _check_inputs(cfg, plan, report_key)
     mixer, hub_sources, file_hashes = _draw_in_parallel(cfg, plan)
     shortfalls = _report_shortfalls(cfg, plan, mixer.stats)
 
     def describe(output_sha256: str) -> dict:  # the manifest, once the file's sha256 is known
-        return _manifest(cfg, script, plan, mixer, output={
+        return _manifest(cfg, stage, plan, mixer, output={
             "path": str(output_file), "rows": len(mixer.lines), "sha256": output_sha256,
         }, shortfalls=shortfalls, file_hashes=file_hashes, hub_sources=hub_sources, started=started,
             report=report.report())
@@ -673,7 +677,7 @@ def _report_shortfalls(cfg, plan: MixPlan, stats: dict[str, SourceStats]) -> dic
     return shortfalls
 
 
-def _manifest(cfg, script: str, plan: MixPlan, mixer: Mixer, *, output: dict, shortfalls: dict,
+def _manifest(cfg, stage: str, plan: MixPlan, mixer: Mixer, *, output: dict, shortfalls: dict,
               file_hashes: dict, hub_sources: dict, started: float, report: dict) -> dict:
     """The mix's manifest: its buckets, what each source was and what became of every row read."""
     sources = {
@@ -688,7 +692,7 @@ def _manifest(cfg, script: str, plan: MixPlan, mixer: Mixer, *, output: dict, sh
         for source in plan.sources
     }
     return build_manifest(
-        Path(script).stem,
+        stage,
         cfg,
         seed=cfg.SEED,
         output=output,

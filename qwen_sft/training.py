@@ -23,10 +23,10 @@ from .artifacts import (
     atomic_directory,
     build_manifest,
     claim_outputs,
-    mark_workdir,
     is_disk_full,
     sha256_file,
     write_json_atomic,
+    write_workdir_manifest,
 )
 from .batching import (AUTO, BATCH_FLAGS, BatchChoice, BatchShape, Rows, allocated_gpu_gib, choose_batch, free_gpu_gib,
                        model_size, report_packing, report_padding, step_down)
@@ -181,10 +181,10 @@ def claim_training_outputs(cfg):
     return claim_outputs(inputs, outputs, "train", cfg.overwrite_output, lock=is_main_process())
 
 
-def mark_work_folder(cfg) -> None:
-    """A manifest in OUTPUT_DIR marks it as ours, so that later runs may write (and resume) there."""
+def write_output_dir_manifest(cfg) -> None:
+    """This run's manifest in OUTPUT_DIR marks it as ours, so that later runs may write (and resume) there."""
     if is_main_process():
-        mark_workdir(cfg.output_dir, build_manifest("train", cfg, contents="checkpoints and logs"))
+        write_workdir_manifest(cfg.output_dir, build_manifest("train", cfg, contents="checkpoints and logs"))
 
 
 def sft_trainer_class():
@@ -195,6 +195,9 @@ def sft_trainer_class():
     from trl import SFTTrainer
 
     class PortableSFTTrainer(TokenWeightedAccumulation, SFTTrainer):
+        def create_model_card(self, *args, **kwargs):
+            pass  # TRL writes README.md into OUTPUT_DIR at each checkpoint, over any README.md of the user's there
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             num_items_in_batch = self.loss_token_count(inputs, num_items_in_batch)  # every loss token-weighted
             # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss, with the
@@ -542,7 +545,7 @@ def resume_point(cfg, trainer) -> tuple[str | None, bool, bool]:
     """(the checkpoint to resume from or None, it is the run's last step, that step's adapter is already written).
     Also marks OUTPUT_DIR as ours."""
     resume = find_resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    mark_work_folder(cfg)
+    write_output_dir_manifest(cfg)
     if resume:
         say(f"resuming from {resume}")
     finished, adapter_written = is_finished(trainer, resume, cfg.adapter_dir) if resume else (False, False)

@@ -140,7 +140,7 @@ def test_an_output_file_we_did_not_write_or_that_was_changed_is_refused(tmp_path
     with atomic_file(output, manifest=lambda written: {"stage": "t", "output": {"sha256": sha256_file(written)}}) as f:
         f.write("ours\n")
     claim([output_file], stage="t")
-    with pytest.raises(UserError, match="did not write"):  # ours, but another stage's
+    with pytest.raises(UserError, match=r"written by another stage \(t, says its manifest\), not by inference"):
         claim([output_file], stage="inference")
     output.write_text("ours, edited by hand\n", encoding="utf-8")
     with pytest.raises(UserError, match="or it was changed since"):
@@ -181,8 +181,10 @@ def test_file_and_manifest_are_one_unit_when_the_manifest_or_a_rename_fails(tmp_
             handle.write("new\n")
     monkeypatch.undo()
     assert output.read_text() == "new\n"
-    assert not manifest_path_for(output).exists()  # never the old manifest beside the new file
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["mix.jsonl"]
+    assert manifest_path_for(output).read_bytes() == old_manifest  # the old file kept it up to its last moment
+    claim([Output("--output_file", output, FILE)], stage="t")  # the next run completes the swap, then claims
+    assert json.loads(manifest_path_for(output).read_text())["output"]["sha256"] == sha256_file(output)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mix.jsonl", "mix.jsonl.manifest.json"]
 
 
 def test_readers_say_when_a_file_does_not_match_its_manifest(tmp_path, capsys):

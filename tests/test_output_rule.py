@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, run_script
 
-from qwen_sft import export
+from qwen_sft import artifacts, export
 from qwen_sft.artifacts import (
     FOLDER,
+    WORKDIR,
     Output,
     append_to_file,
     atomic_directory,
@@ -24,6 +25,7 @@ from qwen_sft.artifacts import (
     manifest_path_for,
     sha256_file,
     warn_if_manifest_differs,
+    write_workdir_manifest,
 )
 from qwen_sft.cli import Config, UserError
 from qwen_sft.locking import folder_lock, lock_path
@@ -134,7 +136,7 @@ def test_a_mix_never_replaces_a_users_file_named_like_a_manifest(tmp_path):
 
     (tmp_path / "answers.jsonl.manifest.json").write_text("my notes about answers.jsonl")
     refused = run_script("data_integration.py", *mix_args("answers.jsonl"), cwd=tmp_path)
-    one_line_exit_2(refused, "answers.jsonl.manifest.json: this toolkit's data_integration stage did not write it")
+    one_line_exit_2(refused, "answers.jsonl.manifest.json: this toolkit did not write it about answers.jsonl")
     assert not (tmp_path / "answers.jsonl").exists()
     forced = run_script("data_integration.py", *mix_args("answers.jsonl", "--overwrite_output", "true"), cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-2000:]
@@ -363,3 +365,296 @@ def test_export_refuses_an_adapter_in_training_and_one_that_changes_during_the_m
         export.export_merged(cfg)
     assert snapshot(tmp_path / "merged") == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["A", "merged"]  # no lock or temporary left
+
+
+# ---------------------------------------------------------------------------------------------------- review round 2
+
+
+def claim_and_write(path: Path, stage: str, text: str, overwrite: bool = False) -> None:
+    """What a stage with a file output does: claim it, then write it with its manifest."""
+    def manifest(written):
+        return {"stage": stage, "output": {"path": str(path), "sha256": sha256_file(written)}}
+
+    with claim_outputs({}, [Output("--output_file", path)], stage, overwrite) as targets:
+        with atomic_file(targets["--output_file"], manifest=manifest) as handle:
+            handle.write(text)
+
+
+def test_the_trainers_checkpoint_rotation_never_meets_a_users_checkpoint_folder(tmp_path):
+    """Defect 1: the HF Trainer deletes every checkpoint-* folder beyond --save_total_limit; refused even with
+    --overwrite_output, since that never removes the user's files."""
+    outputs = tmp_path / "outputs"
+    ours = {"stage": "train"}
+    outputs.mkdir()
+    write_workdir_manifest(outputs, ours)
+    (outputs / "checkpoint-1").mkdir()  # the trainer's: ours in a folder our training marked
+    with claim_outputs({}, [Output("--output_dir", outputs, WORKDIR)], "train", overwrite=False):
+        pass
+    (outputs / "checkpoint-1-good").mkdir()
+    (outputs / "checkpoint-1-good" / "MYNOTES.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"--output_dir .*outputs holds checkpoint-1-good, which training did not "
+                                            r"write there; the trainer's checkpoint rotation deletes"):
+            with claim_outputs({}, [Output("--output_dir", outputs, WORKDIR)], "train", overwrite):
+                pass
+    userrun = tmp_path / "userrun"
+    (userrun / "checkpoint-1-best").mkdir(parents=True)
+    (userrun / "checkpoint-1-best" / "notes.txt").write_text("best")
+    with pytest.raises(UserError, match="userrun holds checkpoint-1-best, which training did not write"):
+        with claim_outputs({}, [Output("--output_dir", userrun, WORKDIR)], "train", overwrite=True):
+            pass
+    assert (userrun / "checkpoint-1-best" / "notes.txt").read_text() == "best"
+
+
+def test_the_work_folder_manifest_is_this_runs(tmp_path):
+    """Defect 1: each run records its own config in OUTPUT_DIR's manifest (not the first run's forever)."""
+    write_workdir_manifest(tmp_path, {"stage": "train", "config": {"MAX_STEPS": 4}})
+    write_workdir_manifest(tmp_path, {"stage": "train", "config": {"MAX_STEPS": 6}})
+    assert json.loads((tmp_path / "manifest.json").read_text())["config"] == {"MAX_STEPS": 6}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json"]
+
+
+@pytest.mark.slow
+def test_training_keeps_a_users_readme_and_checkpoint_copy_in_output_dir(tmp_path):
+    """Defect 1 end to end: TRL's model card never lands in OUTPUT_DIR, and a user's checkpoint copy is refused in one
+    line before the trainer's rotation could delete it."""
+    flags = ["--base_model", "tiny", "--dataset_path", FIXTURES / "learning_20.jsonl", "--max_seq_length", 128,
+             "--per_device_train_batch_size", 2, "--eval_steps", 1, "--save_steps", 1, "--save_total_limit", 1]
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "README.md").write_text("notes")
+    first = run_script("Qwen_finetuning.py", *flags, "--max_steps", 2, "--overwrite_output", "true", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (outputs / "README.md").read_text() == "notes"
+    shutil.copytree(outputs / "checkpoint-2", outputs / "checkpoint-2-good")
+    (outputs / "checkpoint-2-good" / "MYNOTES.txt").write_text("keep")
+    before = snapshot(outputs)
+    second = run_script("Qwen_finetuning.py", *flags, "--max_steps", 3, cwd=tmp_path)
+    one_line_exit_2(second, "outputs holds checkpoint-2-good, which training did not write there")
+    assert snapshot(outputs) == before
+
+
+def test_a_folder_with_a_filesystem_mounted_inside_is_refused(tmp_path, monkeypatch):
+    """Defect 2: a folder replaced whole would copy across a mount, then delete into it with the old folder."""
+    merged = fake_export(tmp_path / "merged")
+    (merged / "bigdisk").mkdir()
+    (merged / "bigdisk" / "data.bin").write_bytes(b"on another disk")
+    monkeypatch.setattr(artifacts, "_mount_points", lambda: {merged / "bigdisk"})
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"merged: .*bigdisk is a mount point inside it"):
+        with claim_outputs({}, [Output("--output_dir", merged, FOLDER)], "export", overwrite=True):
+            pass
+    with pytest.raises(UserError, match="bigdisk is a mount point inside it"):
+        fake_export(merged)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_file_put_at_a_claimed_output_meanwhile_is_not_replaced(tmp_path):
+    """Defect 3: the writer re-checks at rename time that the output is still what the claim checked."""
+    output = tmp_path / "answers.jsonl"
+    with claim_outputs({}, [Output("--output_file", output)], "inference", overwrite=False) as targets:
+        output.write_text("the user's, written just now")
+        with pytest.raises(UserError, match="answers.jsonl: changed since this run checked it"):
+            with atomic_file(targets["--output_file"]) as handle:
+                handle.write("ours")
+    assert output.read_text() == "the user's, written just now"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["answers.jsonl"]
+
+
+def test_a_file_output_is_locked_for_the_run(tmp_path):
+    """Defect 3: two runs into one file (two mixes) cannot interleave their file and manifest."""
+    output = tmp_path / "mix.jsonl"
+    with claim_outputs({}, [Output("--output_file", output)], "data_integration", overwrite=False):
+        assert lock_path(output).is_file()
+        with pytest.raises(UserError, match="--output_file .*mix.jsonl is in use by another run"):
+            with claim_outputs({}, [Output("--output_file", output)], "data_integration", overwrite=False):
+                pass
+    assert not lock_path(output).exists()
+
+
+@pytest.mark.parametrize("stage, module, function", [("inference", "inference", "_answer_file"),
+                                                     ("evaluate", "evaluation", "_evaluate"),
+                                                     ("export", "export", "_export")])
+def test_stages_write_where_they_claimed(tmp_path, monkeypatch, stage, module, function):
+    """Defect 3: each stage gets the claimed target (links followed once, at the claim), not its flag again."""
+    import importlib
+
+    stage_module = importlib.import_module(f"qwen_sft.{module}")
+    seen = []
+    monkeypatch.setattr(stage_module, function, lambda *args: seen.append(args[-1]))
+    real = tmp_path / "real"
+    (tmp_path / "link").symlink_to(real)
+    adapter = fake_adapter(tmp_path / "A")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"INSTRUCTION": "q", "INPUT": "", "OUTPUT": "a"}) + "\n")
+    cfg = Config({"ADAPTER_DIR": str(adapter), "OUTPUT_DIR": str(tmp_path / "link"),
+                  "OUTPUT_FILE": str(tmp_path / "link"),
+                  "DATASET_PATH": str(data), "INSTRUCTION_FILE": str(data), "OVERWRITE_OUTPUT": False,
+                  "BASE_MODEL": "tiny", "EVAL_BATCH_SIZE": 1, "GEN_BATCH_SIZE": 1, "MAX_NEW_TOKENS": 1,
+                  "MAX_SEQ_LENGTH": 8, "FAST_GENERATION": "false", "DTYPE": "float16", "GGUF": "",
+                  "OLLAMA_MODELFILE": False, "SYSTEM_PROMPT": "", "LLAMA_CPP_DIR": ""})
+    if stage == "inference":
+        stage_module.answer_file(cfg)
+    elif stage == "evaluate":
+        stage_module.evaluate(cfg)
+    else:
+        stage_module.export_merged(cfg)
+    assert seen == [real]
+
+
+def test_a_folder_of_hidden_entries_is_not_empty(tmp_path):
+    """Defect 5: `.git/` and `.env` are the user's; only a truly empty folder is free."""
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / ".env").write_text("SECRET=1")
+    with pytest.raises(UserError, match="project: the folder exists and this toolkit did not write it"):
+        with claim_outputs({}, [Output("--output_dir", project, FOLDER)], "export", overwrite=False):
+            pass
+    (tmp_path / "empty").mkdir()
+    with claim_outputs({}, [Output("--output_dir", tmp_path / "empty", FOLDER)], "export", overwrite=False):
+        pass
+
+
+def test_a_copied_mix_script_writes_its_stage_name(tmp_path):
+    """Defect 6: the stage comes from the stage, not from the script's file name, so a rerun of the original
+    script may replace the copy's mix."""
+    from conftest import ROOT
+
+    shutil.copy(ROOT / "data_integration.py", ROOT / "my_copy_of_data_integration.py")
+    try:
+        copied = run_script("my_copy_of_data_integration.py", *mix_args("mix.jsonl"), cwd=tmp_path)
+    finally:
+        (ROOT / "my_copy_of_data_integration.py").unlink()
+    assert copied.returncode == 0, copied.stderr[-2000:]
+    assert json.loads(manifest_path_for(tmp_path / "mix.jsonl").read_text())["stage"] == "data_integration"
+    rerun = run_script("data_integration.py", *mix_args("mix.jsonl"), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+
+def test_a_file_of_another_stage_is_named_as_such(tmp_path):
+    """Defect 6: not "this toolkit did not write it" for a file another stage of the toolkit wrote."""
+    output = tmp_path / "out.jsonl"
+    claim_and_write(output, "inference", "answers\n")
+    with pytest.raises(UserError, match=r"out.jsonl: the file was written by another stage \(inference, says its "
+                                        r"manifest\), not by data_integration"):
+        claim_and_write(output, "data_integration", "rows\n")
+
+
+def test_alternating_stages_replace_each_others_manifest(tmp_path):
+    """Defect 7: a toolkit manifest about the file being replaced goes with it; no .user pile-up."""
+    output = tmp_path / "out.jsonl"
+    for stage in ("inference", "data_integration", "inference", "data_integration"):
+        claim_and_write(output, stage, f"{stage}\n", overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.manifest.json"]
+    assert json.loads(manifest_path_for(output).read_text())["stage"] == "data_integration"
+
+
+def test_a_legacy_manifest_of_another_file_is_not_this_outputs(tmp_path):
+    """Defect 8a: `data.manifest.json` is the legacy manifest of `data.jsonl`, not of a mix into `data`."""
+    (tmp_path / "data.jsonl").write_text("rows\n")
+    legacy = tmp_path / "data.manifest.json"
+    legacy.write_text(json.dumps({"stage": "data_integration", "output": {
+        "path": "data.jsonl", "sha256": sha256_file(tmp_path / "data.jsonl")}}))
+    kept = legacy.read_bytes()
+    with pytest.raises(UserError, match="data.manifest.json: this toolkit did not write it about data"):
+        claim_and_write(tmp_path / "data", "data_integration", "new\n")
+    assert legacy.read_bytes() == kept
+    claim_and_write(tmp_path / "data", "data_integration", "new\n", overwrite=True)
+    assert (tmp_path / "data.manifest.json.user").read_bytes() == kept
+
+
+def test_a_legacy_list_of_names_is_ours_where_the_new_folder_writes_them(tmp_path):
+    """Defect 8b: an export folder of an older version (a list of names, no sha256) is replaced, not kept as
+    model.safetensors.user at each upgrade; a listed name the new export does not write stays."""
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "model.safetensors").write_bytes(b"old weights")
+    (merged / "model-q4_0.gguf").write_bytes(b"old gguf")
+    (merged / "manifest.json").write_text(json.dumps({"stage": "export", "files": ["model.safetensors",
+                                                                                  "model-q4_0.gguf"]}))
+    with claim_outputs({}, [Output("--output_dir", merged, FOLDER)], "export", overwrite=False):
+        fake_export(merged)
+    names = sorted(path.name for path in merged.iterdir())
+    assert names == ["Modelfile", "manifest.json", "model-q4_0.gguf", "model-q8_0.gguf", "model.safetensors"]
+    assert (merged / "model.safetensors").read_bytes() != b"old weights"
+
+
+def test_a_private_output_is_never_readable_while_it_is_written(tmp_path):
+    """Defect 10: the temporaries have the final mode from the start."""
+    private = tmp_path / "private.jsonl"
+    private.write_text("old")
+    private.chmod(0o600)
+    with atomic_file(private) as handle:
+        assert stat.S_IMODE(os.fstat(handle.fileno()).st_mode) == 0o600
+        handle.write("new")
+    folder = tmp_path / "merged"
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o700)
+    (folder / "manifest.json").write_text(json.dumps({"stage": "export"}))
+    with atomic_directory(folder) as temporary:
+        assert stat.S_IMODE(temporary.stat().st_mode) == 0o700
+        (temporary / "manifest.json").write_text(json.dumps({"stage": "export"}))
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("length", [240, 300])
+def test_a_name_too_long_is_one_line(tmp_path, length):
+    """Defect 11: a name the file system cannot hold (or whose manifest's name it cannot) is refused before work."""
+    result = run_script("data_integration.py", *mix_args("a" * length + ".jsonl"), cwd=tmp_path)
+    one_line_exit_2(result, "the name is too long")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_users_file_at_the_lock_path_is_kept(tmp_path):
+    """Defect 13: a lock file of ours is never empty, so an empty file there is the user's."""
+    lock_path(tmp_path / "outputs").write_bytes(b"")
+    with pytest.raises(UserError, match="holds a file that is not a lock of this toolkit"):
+        with folder_lock(tmp_path / "outputs", "--output_dir"):
+            pass
+    assert lock_path(tmp_path / "outputs").read_bytes() == b""
+
+
+def test_export_locks_the_adapter_before_it_reads_the_manifest(tmp_path, monkeypatch):
+    """Defect 14: the manifest export reads is the one of the adapter it then merges."""
+    adapter = fake_adapter(tmp_path / "A")
+    held = []
+
+    def read(folder):
+        held.append(lock_path(adapter).exists())
+        raise UserError("stop here")
+
+    monkeypatch.setattr(export, "read_adapter_manifest", read)
+    cfg = Config({"ADAPTER_DIR": str(adapter), "OUTPUT_DIR": str(tmp_path / "merged"), "DTYPE": "float16",
+                  "GGUF": "", "OLLAMA_MODELFILE": False, "LLAMA_CPP_DIR": "", "SYSTEM_PROMPT": ""})
+    with pytest.raises(UserError, match="stop here"):
+        export.export_merged(cfg)
+    assert held == [True]
+
+
+def test_a_link_swapped_after_the_claim_is_not_followed(tmp_path):
+    """Defect 3: a stage that names its output again (training's folders) still writes only where it claimed."""
+    (tmp_path / "claimed").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mine.txt").write_text("mine")
+    link = tmp_path / "adapter"
+    link.symlink_to(tmp_path / "claimed")
+    with claim_outputs({}, [Output("--adapter_dir", link, FOLDER)], "train", overwrite=False):
+        link.unlink()
+        link.symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(UserError, match="adapter: changed since this run checked it"):
+            fake_adapter(link)
+    assert sorted(path.name for path in (tmp_path / "elsewhere").iterdir()) == ["mine.txt"]
+
+
+def test_an_output_file_we_may_not_read_is_one_line(tmp_path, monkeypatch):
+    """Defect 11: an OSError while checking (a file of the user's we may not read) is one line, not a traceback."""
+    output = tmp_path / "out.jsonl"
+    claim_and_write(output, "inference", "answers\n")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(artifacts, "sha256_file", unreadable)
+    with pytest.raises(UserError, match=r"out.jsonl: cannot use this path \(permission denied\)"):
+        claim_and_write(output, "inference", "again\n")
+    assert output.read_text() == "answers\n"

@@ -1,6 +1,6 @@
 """Generated attacks on the output rule: random trees of folders, files, symlinks, hard links, FIFOs, manifests of
 each stage, forged manifests and lock-path squatters, claimed and written as each stage does (claim_outputs, then
-atomic_file, atomic_directory, mark_workdir or append_to_file).
+atomic_file, atomic_directory, write_workdir_manifest or append_to_file).
 
 Promised for every tree: the outcome is success or one line (a UserError, exit 2 in a script), and no byte of
 anything the stage did not write changes: a refused run changes nothing; a run that writes replaces only its own
@@ -12,6 +12,7 @@ lock behind. A tree with nothing in the way must succeed, so a rule that refused
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -32,8 +33,8 @@ from qwen_sft.artifacts import (
     atomic_directory,
     atomic_file,
     claim_outputs,
-    mark_workdir,
     sha256_file,
+    write_workdir_manifest,
 )
 from qwen_sft.cli import UserError
 
@@ -53,7 +54,9 @@ STAGES = {
 }
 MANIFEST_STAGES = ["data_integration", "data_set_generation", "inference", "evaluate", "export", "train", "chat"]
 SLOTS = ["out", "out2", "in", "indir", "other"]
-ENTRY_NAMES = ["model.safetensors", "notes.txt", "manifest.json", "metrics.json", "sub"]
+# .git: a folder of hidden entries is not empty; checkpoint-*: what the trainer's rotation deletes in a WORKDIR
+ENTRY_NAMES = ["model.safetensors", "notes.txt", "manifest.json", "metrics.json", "sub", ".git", "checkpoint-1",
+               "checkpoint-1-good"]
 NEW_FOLDER_FILES = {"model.safetensors": b"NEW WEIGHTS", "config.json": b"{}"}
 STALE_LOCK = json.dumps({"pid": 999999999, "host": "gone", "started": "x"}).encode()
 
@@ -79,7 +82,7 @@ slots = st.one_of(
     folders,
 )
 squatters = st.one_of(st.just("missing"), st.sampled_from(["user file", "forged manifest", "symlink", "folder",
-                                                             "fifo", "stale lock", "hard link"]))
+                                                             "fifo", "stale lock", "hard link", "empty file"]))
 # The inputs are mostly plain (a file, a folder), so that trees with nothing in the way come up often.
 layouts = st.fixed_dictionaries({"out": slots, "out2": slots, "in": st.one_of(files, slots),
                                  "indir": st.one_of(folders, slots), "other": slots})
@@ -100,8 +103,8 @@ def make_file(path: Path, content: bytes, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def file_manifest(stage: str):
-    return lambda written: {"stage": stage, "output": {"path": "x", "sha256": sha256_file(written)}}
+def file_manifest(stage: str, path: Path):
+    return lambda written: {"stage": stage, "output": {"path": str(path), "sha256": sha256_file(written)}}
 
 
 def build_folder(tree: Tree, slot: str, spec: dict) -> None:
@@ -146,7 +149,7 @@ def build(root: Path, layout: dict, manifest_squatter: str, lock_squatters: dict
         path = root / slot
         if spec["kind"] == "file":
             if spec["ours"]:
-                with atomic_file(path, "wb", manifest=file_manifest(spec["ours"])) as handle:
+                with atomic_file(path, "wb", manifest=file_manifest(spec["ours"], path)) as handle:
                     handle.write(spec["data"])
             else:
                 make_file(path, spec["data"])
@@ -173,6 +176,8 @@ def squat(tree: Tree, path: Path, squatter: str) -> None:
         path.unlink()  # a manifest of ours that build wrote: the squatter takes its place
     if squatter == "user file":
         path.write_bytes(b"the user's")
+    elif squatter == "empty file":
+        path.write_bytes(b"")
     elif squatter == "forged manifest":
         path.write_text(json.dumps({"stage": "export", "output": {"sha256": "0" * 64}}))
     elif squatter == "symlink":
@@ -220,7 +225,7 @@ def write_as_stage(stage: str, outputs: list[Output]) -> None:
     manifest_stage = STAGES[stage][0]
     for output in outputs:
         if output.kind == FILE:
-            with atomic_file(output.path, "wb", manifest=file_manifest(manifest_stage)) as handle:
+            with atomic_file(output.path, "wb", manifest=file_manifest(manifest_stage, output.path)) as handle:
                 handle.write(b"NEW")
         elif output.kind == FOLDER:
             with atomic_directory(output.path, output.manifest) as temporary:
@@ -228,9 +233,17 @@ def write_as_stage(stage: str, outputs: list[Output]) -> None:
                     (temporary / name).write_bytes(value)
                 (temporary / output.manifest).write_text(json.dumps({"stage": manifest_stage}))
         elif output.kind == WORKDIR:
-            mark_workdir(output.path, {"stage": manifest_stage}, output.manifest)
+            write_workdir_manifest(output.path, {"stage": manifest_stage}, output.manifest)
         else:
             append_to_file(output.path, "ROW\n")
+
+
+def utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def relative_target(root: Path, slot: str) -> str | None:
@@ -259,11 +272,35 @@ def names_stage(entry, stage: str) -> dict | None:
     return manifest if isinstance(manifest, dict) and same(manifest.get("stage"), stage) else None
 
 
+def about(entry, target: str) -> bool:
+    """Whether a snapshot entry is a manifest of this toolkit (any stage) about the output `target`: replaced with
+    it; anything else at the manifest path is the user's."""
+    if entry is None or entry[0] != "file":
+        return False
+    try:
+        manifest = json.loads(entry[1])
+    except ValueError:
+        return False
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("stage"), str)):
+        return False
+    output = manifest.get("output")
+    path = output.get("path") if isinstance(output, dict) else None
+    return Path(path).name == Path(target).name if isinstance(path, str) else True
+
+
 def file_is_ours(before: dict, target: str, stage: str) -> bool:
     manifest = names_stage(before.get(target + ".manifest.json"), stage)
     entry = before.get(target)
-    return bool(manifest and entry and entry[0] == "file"
+    return bool(manifest and entry and entry[0] == "file" and about(before[target + ".manifest.json"], target)
                 and manifest.get("output", {}).get("sha256") == hashlib.sha256(entry[1]).hexdigest())
+
+
+def foreign_checkpoints(before: dict, target: str, manifest_name: str) -> list:
+    """The checkpoint-* folders of a WORKDIR that training did not write: all of them unless our training marked
+    the folder, else those not named checkpoint-N."""
+    ours = names_stage(before.get(f"{target}/{manifest_name}"), "train")
+    return [key for key, value in before.items() if key.startswith(target + "/checkpoint-") and value[0] == "dir"
+            and "/" not in key[len(target) + 1:] and not (ours and re.fullmatch(r"checkpoint-\d+", Path(key).name))]
 
 
 def nothing_in_the_way(tree: Tree, before: dict, layout, stage, lock_squatters, moved) -> bool:
@@ -278,12 +315,14 @@ def nothing_in_the_way(tree: Tree, before: dict, layout, stage, lock_squatters, 
         if kind == FILE:
             clean = (spec["kind"] == "missing" and slot + ".manifest.json" not in before) or \
                 (spec["kind"] == "file" and file_is_ours(before, slot, manifest_stage))
-        elif kind == APPEND:
-            clean = spec["kind"] in ("missing", "file")
+        elif kind == APPEND:  # a file that ends in UTF-8 text, which rows may follow
+            clean = spec["kind"] == "missing" or (spec["kind"] == "file" and utf8(spec["data"]))
         else:
             stage_written, pristine = tree.ours_entries.get(slot, (None, set()))
             clean = spec["kind"] == "missing" or (spec["kind"] == "folder" and same(stage_written, manifest_stage)
-                                                  and manifest_name in pristine)
+                                                  and manifest_name in pristine
+                                                  and not (kind == WORKDIR and foreign_checkpoints(
+                                                      before, slot, manifest_name)))
         if not clean:
             return False
     return True
@@ -315,15 +354,17 @@ def must_refuse(tree: Tree, before: dict, stage: str, inputs: dict, overwrite: b
         if manifest and manifest[0] != "file":
             return "a manifest path that is not a file"
         lock = before.get(str(Path(target).with_name(f".{Path(target).name}.lock")))
-        if kind in (FOLDER, WORKDIR) and lock and not (lock[0] == "file" and lock[1] == STALE_LOCK):
-            return "a lock path taken"
+        if kind != APPEND and lock and not (lock[0] == "file" and lock[1] == STALE_LOCK):
+            return "a lock path taken (an empty file too: never ours)"
+        if kind == WORKDIR and foreign_checkpoints(before, target, manifest_name):
+            return "checkpoint folders the trainer would delete (even with --overwrite_output)"
         if overwrite:
             continue
         if kind == FILE and ((entry and not file_is_ours(before, target, manifest_stage))
-                             or (manifest and not names_stage(manifest, manifest_stage))):
+                             or (manifest and not about(manifest, target))):
             return "the user's file or manifest"
         children = [key for key in before if key.startswith(target + "/") and "/" not in key[len(target) + 1:]]
-        if kind in (FOLDER, WORKDIR) and any(not Path(key).name.startswith(".") for key in children) and \
+        if kind in (FOLDER, WORKDIR) and children and \
                 not names_stage(before.get(f"{target}/{manifest_name}"), manifest_stage):
             return "the user's folder or another stage's"
     return None
@@ -347,7 +388,7 @@ def check_written(tree: Tree, before: dict, after: dict, stage: str, overwrite: 
             assert old is None or overwrite or file_is_ours(before, target, manifest_stage), "replaced a user's file"
             assert after[target][1] == b"NEW" and (old is None or after[target][2] == old[2])  # its mode kept
             manifest = target + ".manifest.json"
-            if manifest in before and not names_stage(before[manifest], manifest_stage):
+            if manifest in before and not about(before[manifest], target):
                 kept = [key for key in after if key.startswith(manifest + ".user")]
                 assert any(content(after[key]) == content(before[manifest]) for key in kept), "lost a manifest"
             changed |= {target, manifest}
@@ -375,8 +416,8 @@ def check_folder(tree, before, after, slot, target, kind, manifest_name, manifes
     if names_stage(before.get(f"{target}/{manifest_name}"), manifest_stage):
         ours = ours | {manifest_name}  # a manifest naming this stage is ours (an older version's or a forger's)
     for name in {key.split("/")[0] for key in old_entries}:
-        if kind == FOLDER and name in ours:
-            continue  # ours: replaced
+        if name in ours and (kind == FOLDER or name == manifest_name):
+            continue  # ours: replaced (a WORKDIR's manifest by this run's)
         may_move = kind == FOLDER or name == manifest_name
         candidates = [name + ".user" * count for count in range(4)] if may_move else [name]
         assert any(entry_tree(old_entries, name) == entry_tree(new_entries, kept) for kept in candidates), \
@@ -446,7 +487,7 @@ def test_the_mix_script_against_random_trees(tmp_path, layout, manifest_squatter
     target = relative_target(root, "out")
     manifest = json.loads(after[target + ".manifest.json"][1])
     assert manifest["output"]["sha256"] == hashlib.sha256(after[target][1]).hexdigest()
-    if before.get(target + ".manifest.json") and not names_stage(before[target + ".manifest.json"], "data_integration"):
+    if before.get(target + ".manifest.json") and not about(before[target + ".manifest.json"], target):
         assert content(after[target + ".manifest.json.user"]) == content(before[target + ".manifest.json"])
     for key, value in before.items():
         if key not in (target, target + ".manifest.json"):
