@@ -94,16 +94,16 @@ def test_lora_target_modules_the_model_lacks_are_one_line_before_training(tmp_pa
 
 @pytest.mark.parametrize("files", [5, "notes.txt", [1], {"a": 1}])
 def test_an_output_folder_manifest_with_a_malformed_file_list_claims_nothing(tmp_path, files):
-    from qwen_sft.artifacts import atomic_directory, check_output_folder
+    """A file list that is not what this toolkit writes makes no file ours: the rerun keeps the user's file."""
+    from qwen_sft.artifacts import FOLDER, Output, atomic_directory, claim_outputs
 
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "manifest.json").write_text(json.dumps({"stage": "export", "files": files}), encoding="utf-8")
     (merged / "notes.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(UserError, match="the folder exists and this toolkit did not write it"):
-        check_output_folder(merged, "--output_dir", overwrite=False)
-    with atomic_directory(merged) as folder:  # as --overwrite_output writes it: the user's file is carried over
-        (folder / "model.safetensors").write_bytes(b"weights")
-        (folder / "manifest.json").write_text('{"stage": "export"}', encoding="utf-8")
+    with claim_outputs({}, [Output("--output_dir", merged, FOLDER)], "export", overwrite=False) as targets:
+        with atomic_directory(targets["--output_dir"]) as folder:
+            (folder / "model.safetensors").write_bytes(b"weights")
+            (folder / "manifest.json").write_text('{"stage": "export"}', encoding="utf-8")
     assert (merged / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert (merged / "model.safetensors").read_bytes() == b"weights"

@@ -52,7 +52,7 @@ def test_adapter_folder_is_complete(learned_adapter):
     import hashlib
 
     assert manifest["dataset"] == {"path": str(dataset), "sha256": hashlib.sha256(dataset.read_bytes()).hexdigest(),
-                                   "rows": 20}
+                                   "rows": 20, "formats": {"alpaca": 20}, "ignored_fields": {}}
     assert manifest["config"]["MAX_STEPS"] == 300 and manifest["config"]["LEARNING_RATE"] == 3e-3
     assert manifest["global_step"] == 300 and manifest["wall_time_s"] > 0
     assert manifest["tokens"]["real_tokens"] > 0 and 0 < manifest["tokens"]["real_token_share"] <= 1
@@ -214,7 +214,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     [
         (None, "data.jsonl: file not found"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\n', "data.jsonl:2: malformed JSON"),
-        ('{"instruction": "a", "output": "b"}\n{"output": "b"}\n', 'data.jsonl:2: field "instruction" is missing'),
+        ('{"instruction": "a", "output": "b"}\n{"output": "b"}\n', "data.jsonl:2: a row of unknown shape (keys 'output')"),
         ('{"instruction": "a", "output": "b"}\n', "1 training rows (after the split and length limit) are fewer than one batch"),
     ],
 )
