@@ -24,11 +24,11 @@ LORA_R = 16  # LoRA rank
 LORA_ALPHA = 32  # LoRA scaling numerator (alpha / r)
 LORA_DROPOUT = 0.0  # dropout on the LoRA path
 LORA_TARGET_MODULES = LORA_TARGET_MODULES  # projections that get adapters
-GRADIENT_CHECKPOINTING = True  # trade compute for memory (Unsloth's own mode on that backend)
+GRADIENT_CHECKPOINTING = "auto"  # recompute activations (Unsloth's mode): auto = only where memory needs it
 NUM_TRAIN_EPOCHS = 3  # passes over the training split (ignored when MAX_STEPS > 0)
 MAX_STEPS = -1  # optimizer steps; -1 = use NUM_TRAIN_EPOCHS (0 is refused)
-PER_DEVICE_TRAIN_BATCH_SIZE = 2  # rows per device per micro-batch
-GRADIENT_ACCUMULATION_STEPS = 4  # micro-batches per optimizer step
+PER_DEVICE_TRAIN_BATCH_SIZE = "auto"  # rows per micro-batch: auto = the largest that fits the GPU (CPU: 2), or N
+GRADIENT_ACCUMULATION_STEPS = "auto"  # micro-batches per step: auto = 8 rows a step over all processes, or N
 LEARNING_RATE = 2e-4  # peak learning rate
 LR_SCHEDULER_TYPE = "linear"  # learning-rate schedule after warm-up
 WARMUP_STEPS = 5  # linear warm-up steps
@@ -50,7 +50,7 @@ RESUME_FROM_CHECKPOINT = "false"  # false, a checkpoint folder, or auto (latest 
 OUTPUT_DIR = "outputs"  # checkpoints and TensorBoard logs
 ADAPTER_DIR = "Qwen_finetuning_model"  # final adapter + tokenizer + manifest + loss curve
 TOKENIZER_DIR = "Qwen_finetuning_tokenizer"  # tokenizer copy, as the seed project had it
-OVERWRITE_OUTPUT = False  # write into output folders this toolkit did not create (files of the same name replaced)
+OVERWRITE_OUTPUT = False  # write into folders this toolkit did not create (your files kept; OUTPUT_DIR in place)
 
 
 def main():

@@ -18,7 +18,7 @@ ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py;
 BASE_MODEL = "auto"  # base model the adapter is applied to: auto (as trained), a hub id, a local folder, or tiny
 DATASET_PATH = "auto"  # the dataset whose eval split is evaluated; auto = the one training used
 OUTPUT_DIR = "evaluation_results"  # metrics.json and predictions.jsonl are written here
-OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (files of the same name replaced)
+OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (your files kept, as NAME.user)
 SYSTEM_PROMPT = "auto"  # system message of every example; auto = as trained
 MAX_SEQ_LENGTH = "auto"  # tokens per example (longer prompts are cut from the left); auto = as trained
 EVAL_RATIO = "auto"  # share of rows held out; auto = as trained (the same seeded split)

@@ -17,7 +17,7 @@ from qwen_sft.inherit import inherit_from_adapter
 ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 BASE_MODEL = "auto"  # base model the adapter is merged into: auto (as trained), a hub id, a local folder, or tiny
 OUTPUT_DIR = "Qwen_finetuning_merged"  # the merged model folder (replaced only once complete)
-OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (files of the same name replaced)
+OVERWRITE_OUTPUT = False  # write into an OUTPUT_DIR this toolkit did not create (your files kept, as NAME.user)
 DTYPE = "bfloat16"  # weight type of the merged model: bfloat16, float16, or float32 (exact, twice the size)
 OLLAMA_MODELFILE = True  # also write OUTPUT_DIR/Modelfile (ChatML template, SYSTEM_PROMPT, stop tokens)
 SYSTEM_PROMPT = "auto"  # the Modelfile's system prompt; auto = as trained

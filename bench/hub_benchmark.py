@@ -97,7 +97,7 @@ def main():
         if result.returncode != 0:
             sys.exit(f"data_set_generation.py failed:\n{result.stderr[-3000:]}")
         requests, bytes_sent = len(hub.sent), hub.bytes_sent
-    manifest = json.loads(output.with_name(f"{output.stem}.manifest.json").read_text())
+    manifest = json.loads(output.with_name(f"{output.name}.manifest.json").read_text())
     se = manifest["sources"]["stackexchange"]
     read_from = {}
     for path in hub.sent:

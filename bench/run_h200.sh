@@ -6,6 +6,9 @@
 #                                             # and the packed-vs-padded loss check
 #   bash bench/run_h200.sh speed LOG_DIR      # training throughput: bare Unsloth (a), the packed stage 4 x 2
 #                                             # (c_current), --preset h200_fast (c): c/a, loss parity, peak memory
+#   bash bench/run_h200.sh default LOG_DIR    # the default (unpacked) path: the seed's 2 x 4 against auto, with
+#                                             # the whole card and under 24 GB and 16 GB caps: ratios, loss parity
+#                                             # (add --padding_free: also auto with padding-free batches)
 #   bash bench/run_h200.sh two_gpus LOG_DIR   # (2 GPUs) the fast stage on 1 vs 2 GPUs: scaling efficiency
 #   bash bench/run_h200.sh grad LOG_DIR       # token-weighted accumulation on the GPU: LoRA gradients of (B, 1)
 #                                             # vs (B/k, k), unpacked and packed (bench/accumulation_check.py)
@@ -16,7 +19,7 @@
 #   bash bench/run_h200.sh generation_old LOG_DIR  # the same in two commands (the machine must stay warm between
 #   bash bench/run_h200.sh generation_new LOG_DIR  # them): setup + the old path, then the new path + the report
 set -uo pipefail
-usage="usage: run_h200.sh pipeline|speed|two_gpus|grad|gpu_tests|profile|generation|generation_old|generation_new LOG_DIR"
+usage="usage: run_h200.sh pipeline|speed|default|two_gpus|grad|gpu_tests|profile|generation|generation_old|generation_new LOG_DIR"
 part=${1:?$usage}
 logs=${2:?$usage}
 logs=$(mkdir -p "$logs" && cd "$logs" && pwd)
@@ -34,7 +37,7 @@ run() {  # run NAME TIMEOUT COMMAND...: log to LOG_DIR/NAME.log, keep going when
   local started=$SECONDS
   (cd "$work" && timeout "$limit" "$@") > "$logs/$name.log" 2>&1
   echo "=== $name: exit $? after $((SECONDS - started)) s"
-  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|padding:|preset|GPU busy|efficiency|relative difference|passed|^=== |FAILED|^(bs1|eval|peak|agreement)" | tail -15
+  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|padding:|preset|GPU busy|efficiency|relative difference|passed|^=== |FAILED|^(bs1|eval|peak|agreement)|^batch:|/seed|out-of-memory" | tail -20
 }
 
 prepare() {  # the random 7B-shaped model, and the data stage's own mix from hub-schema sources of realistic shape
@@ -65,6 +68,11 @@ speed)
   prepare
   run train_throughput 500 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
     --out "$logs/train_throughput.json"
+  ;;
+default)
+  prepare
+  run train_default_path 540 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
+    --default_path --out "$logs/train_default_path.json" "${@:3}"   # e.g. --padding_free
   ;;
 two_gpus)
   prepare

@@ -17,8 +17,16 @@ Prints c/a (target >= 1.35), the loss parity over --stage_steps steps, and wheth
 Two GPUs (--two_gpus): the fast setting (c) on one GPU, then data-parallel on two with torchrun; the scaling
 efficiency is the two-GPU rate over twice the one-GPU rate (target >= 90%).
 
+The default path (--default_path): `Qwen_finetuning.py` with no batch flags, unpacked, as most users run it, in one
+invocation: (seed) the seed's explicit 2 x 4 with gradient checkpointing; (auto) the `auto` batch shape with the
+whole card; (auto_24gb) and (auto_16gb) `auto` under torch.cuda.set_per_process_memory_fraction caps. Every run
+takes the same 8 rows per optimizer step in the same order. Prints auto/seed (target >= 3.0, >= 2.5 under the 24 GB
+cap), the largest relative loss difference of each auto run against seed over the logged steps (target <= 1%),
+whether any run ran out of memory or stepped down, what auto chose, and its estimate against the measured peak.
+
   python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl
   python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl --two_gpus
+  python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl --default_path
 """
 
 import argparse
@@ -152,6 +160,161 @@ def training_stage(model_path: str, mix: str, steps: int, extra: list[str], work
     }
 
 
+# The caps, in GiB the allocator may reserve: a 24 GB (16 GB) card's memory less its CUDA context and driver share.
+CAPS_GIB = {"auto_24gb": 22.5, "auto_16gb": 14.5}
+SEED_FLAGS = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4", "--gradient_checkpointing",
+              "true"]
+UNSLOTH_WARNING = "could not be counted"
+# torch's error and the stage's own line; not "out of memory" alone, which Unsloth's advice for runs without
+# gradient checkpointing contains ("If you run out of memory, use ...": the recorded run of 2026-12-06 flagged it)
+OUT_OF_MEMORY_ERRORS = ("CUDA out of memory", "OutOfMemoryError")
+
+
+def stage_launcher(cap_gib: float | None, padding_free: bool) -> list[str]:
+    """The command before the stage's flags: its entry point, under a memory cap set before the stage starts, or
+    (padding_free) this script's in-process run of the stage with TRL's padding-free batches."""
+    stage = str(ROOT / "Qwen_finetuning.py")
+    if padding_free:
+        return [sys.executable, __file__, "--padding_free_stage"]
+    if cap_gib is None:
+        return [sys.executable, stage]
+    capped = ("import runpy, sys, torch; total = torch.cuda.get_device_properties(0).total_memory; "
+              f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / total); "
+              "sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", capped, stage]
+
+
+def padding_free_stage(stage_flags: list[str]) -> None:
+    """Qwen_finetuning.py as its main() runs it, but with TRL's padding-free batches and no packing: a micro-batch's
+    rows concatenated into one sequence, each attending within itself through the varlen path packing uses. It
+    goes through train()'s trainer_class hook; the rows are already cut to --max_seq_length, so TRL need not."""
+    import Qwen_finetuning as stage
+    from qwen_sft.cli import parse_config, run_stage, say
+    from qwen_sft.presets import with_preset
+
+    def padding_free_trainer_class():
+        from qwen_sft.packed_attention import enable_varlen_packed_attention
+        from qwen_sft.training import sft_trainer_class
+
+        say(f"padding-free batches, unpacked; attention: {enable_varlen_packed_attention()}")
+
+        class PaddingFree(sft_trainer_class()):
+            def __init__(self, *args, **kwargs):
+                kwargs["args"].padding_free, kwargs["args"].max_length = True, None
+                super().__init__(*args, **kwargs)
+
+        return PaddingFree
+
+    def main():
+        from qwen_sft.training import train
+
+        train(parse_config(vars(stage), stage_flags, resolve=with_preset("training")), stage.__file__,
+              trainer_class=padding_free_trainer_class)
+
+    run_stage(main)
+
+
+def default_stage(name: str, model_path: str, mix: str, steps: int, extra: list[str], cap_gib: float | None,
+                  workdir: Path, padding_free: bool = False) -> dict:
+    """One run of the stage's default (unpacked) path on GPU 0 (see stage_launcher); its output is streamed and
+    kept for the lines auto and Unsloth print."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    flags = ["--base_model", model_path, "--dataset_path", mix, "--max_steps", str(steps), "--save_steps", "100000",
+             "--logging_steps", "5", "--backend", "unsloth", *extra]
+    command = [*stage_launcher(cap_gib, padding_free), *flags]
+    print(f"$ ({name}) " + " ".join(command[-len(flags) - 1:]) + (f"   [cap {cap_gib} GiB]" if cap_gib else "")
+          + ("   [padding-free]" if padding_free else ""), flush=True)
+    lines = []
+    with subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", TORCH_LOGS="recompiles")) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+    output = "".join(lines).replace("\r", "\n")
+    result = {"what": " ".join(flags[2:]), "cap_gib": cap_gib, "exit_code": process.returncode,
+              "out_of_memory": any(error in output for error in OUT_OF_MEMORY_ERRORS),
+              "stepped_down": "stepping down" in output,
+              "unsloth_could_not_count_warning": UNSLOTH_WARNING in output,
+              "recompilations": output.count("Recompiling function"),
+              "batch_line": next((line.strip() for line in output.splitlines() if line.startswith("batch: ")), None),
+              "interval_tokens_per_s": [float(part.split()[0].replace(",", "")) for line in output.splitlines()
+                                        if line.startswith("step ") for part in line.split(" | ") if "tok/s" in part]}
+    if process.returncode != 0:
+        return result
+    manifest = json.loads((workdir / "Qwen_finetuning_model" / "manifest.json").read_text())
+    throughput = manifest["throughput"]
+    result.update({
+        "real_tokens_per_s": throughput["steady_state"]["real_tokens_per_s"],
+        "token_slots_per_s": throughput["steady_state"]["token_slots_per_s"],
+        "measured_steps": throughput["steady_state"]["measured_steps"],
+        "real_token_share": manifest["tokens"]["real_token_share"],
+        "peak_gpu_memory_gib": throughput["peak_gpu_memory_gib"],
+        "peak_gpu_memory_reserved_gib": throughput.get("peak_gpu_memory_reserved_gib"),
+        "time_to_first_step_s": throughput["time_to_first_step_s"],
+        "batch_choice": manifest.get("batch_choice"),
+        "effective_batch_size": manifest["effective_batch_size"],
+        "loss_weighting": manifest.get("loss_weighting"),
+        "final_eval_loss": manifest.get("final_eval_loss"),
+        "wall_time_s": manifest["wall_time_s"],
+        "loss_curve": [[row["step"], row["loss"]] for row in manifest["log_history"] if "loss" in row],
+    })
+    return result
+
+
+def default_path(args, mix: str, write) -> dict:
+    """The seed's explicit 2 x 4 against `auto`, with the whole card and under the caps; written after each run."""
+    runs = {"seed": (SEED_FLAGS, None), "auto": ([], None), **{name: ([], cap) for name, cap in CAPS_GIB.items()}}
+    results, record = {}, {}
+    for name, (flags, cap) in runs.items():
+        results[name] = default_stage(name, args.model, mix, args.stage_steps, flags, cap,
+                                      Path(f"/tmp/bench_default_{name}"))
+        record = default_summary(results, args.default_tolerance)
+        write(record)
+    if args.padding_free:  # for the record: auto's split with padding-free batches instead of grouped padding
+        results["auto_padding_free"] = default_stage("auto_padding_free", args.model, mix, args.stage_steps, [], None,
+                                                     Path("/tmp/bench_default_padding_free"), padding_free=True)
+        record = default_summary(results, args.default_tolerance)
+        write(record)
+    print_default(record)
+    return record
+
+
+def default_summary(results: dict, tolerance: float) -> dict:
+    """Ratios over the seed, loss parity, and the targets, from the runs done so far."""
+    seed = results["seed"]
+    record = {"results": results, "targets": {"auto_over_seed": 3.0, "auto_24gb_over_seed": 2.5,
+                                              "max_relative_loss_difference": tolerance}}
+    for name, run in results.items():
+        if name == "seed" or "real_tokens_per_s" not in run or "real_tokens_per_s" not in seed:
+            continue
+        record[f"ratio_{name}_over_seed"] = round(run["real_tokens_per_s"] / seed["real_tokens_per_s"], 3)
+        record[f"loss_parity_{name}_vs_seed"] = loss_parity(seed, run, tolerance)
+    required = [run for name, run in results.items() if name != "auto_padding_free"]
+    record["no_out_of_memory"] = not any(run["out_of_memory"] or run["exit_code"] for run in required)
+    record["unsloth_warning_seen"] = any(run["unsloth_could_not_count_warning"] for run in results.values())
+    return record
+
+
+def print_default(record: dict) -> None:
+    for name, run in record["results"].items():
+        if "real_tokens_per_s" not in run:
+            print(f"({name}) failed with exit code {run['exit_code']}; out of memory: {run['out_of_memory']}")
+            continue
+        choice = run["batch_choice"] or {}
+        print(f"({name}) {run['real_tokens_per_s']:>9,.0f} real tok/s  peak {run['peak_gpu_memory_gib']} GiB "
+              f"({run['peak_gpu_memory_reserved_gib']} reserved)  cap {run['cap_gib']}  estimate "
+              f"{choice.get('need_gib')} GiB of {choice.get('free_gib')} free  {run['batch_line']}"
+              f"{'  STEPPED DOWN' if run['stepped_down'] else ''}")
+    for name in ("auto", "auto_24gb", "auto_16gb", "auto_padding_free"):
+        if f"ratio_{name}_over_seed" in record:
+            parity = record[f"loss_parity_{name}_vs_seed"]
+            print(f"{name}/seed = {record[f'ratio_{name}_over_seed']}   loss: max relative difference "
+                  f"{parity['max_relative_difference']} over {parity['steps']} logged steps")
+    print(f"no out-of-memory: {record['no_out_of_memory']}   Unsloth's 'could not be counted' warning seen: "
+          f"{record['unsloth_warning_seen']}", flush=True)
+
+
 def loss_parity(reference: dict, candidate: dict, tolerance: float) -> dict:
     """Per-step training loss of two runs over the same optimizer steps (same rows per step, same order)."""
     ref, cand = dict(reference["loss_curve"]), dict(candidate["loss_curve"])
@@ -258,6 +421,9 @@ def two_gpus(args, mix: str, write) -> dict:
 
 
 def main():
+    if sys.argv[1:2] == ["--padding_free_stage"]:  # internal: one padding-free run of the stage, in this process
+        padding_free_stage(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/qwen7b-random", help="model folder; built (random 7B) if missing")
     parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"), help="the data stage's output")
@@ -276,6 +442,12 @@ def main():
                         help="largest relative per-step loss difference of c vs c_current that counts as bf16 noise")
     parser.add_argument("--with_hf", action="store_true", help="also run (b), the bare transformers + PEFT loop")
     parser.add_argument("--two_gpus", action="store_true", help="measure 1 vs 2 GPUs (data parallel) instead")
+    parser.add_argument("--default_path", action="store_true",
+                        help="measure the default path instead: the seed's 2 x 4 against auto, whole card and capped")
+    parser.add_argument("--padding_free", action="store_true",
+                        help="--default_path: also auto with padding-free batches (TRL's padding_free, unpacked)")
+    parser.add_argument("--default_tolerance", type=float, default=0.01,
+                        help="largest relative per-step loss difference of auto vs the seed's split (--default_path)")
     parser.add_argument("--only", choices=["a", "b"], help="internal: run one bare loop and print its JSON")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     args = parser.parse_args()
@@ -299,6 +471,7 @@ def main():
                 "date": time.strftime("%Y-%m-%d"),
                 "gpu": torch.cuda.get_device_name(0),
                 "gpus_used": 2 if args.two_gpus else 1,
+                "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "model": "random-weight Qwen2.5-7B-Instruct shape, NF4 4-bit, LoRA r16 on 7 projections",
                 "versions": versions(),
@@ -307,7 +480,7 @@ def main():
         Path(args.out).write_text(json.dumps({**header, **measured}, indent=2) + "\n")
         print(f"wrote {args.out}", flush=True)
 
-    (two_gpus if args.two_gpus else one_gpu)(args, mix, write)
+    (two_gpus if args.two_gpus else default_path if args.default_path else one_gpu)(args, mix, write)
 
 
 if __name__ == "__main__":

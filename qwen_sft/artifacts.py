@@ -1,12 +1,18 @@
-"""Atomic writes, manifests and the output policy: an output appears under its final name only once it is complete,
+"""Atomic writes, manifests and the output rule: an output appears under its final name only once it is complete,
 and no stage replaces a file or folder it did not write or an input of the same run.
 
-The output policy, one rule for every stage:
-- an output that is an input of the same run (the same path, or a folder holding an input) is refused;
-- two outputs of one run may not be the same or nested folders;
-- an existing output folder without a manifest of ours is refused unless the user passes --overwrite_output true;
-- a folder we wrote is replaced only as a whole, atomically; the files in it that its manifest does not list (a GGUF
-  file, notes) are carried over into the new folder, by hard link where the file system allows it.
+The output rule, one for every stage: each stage calls claim_outputs before it writes, then writes through
+atomic_file, atomic_directory or append_to_file.
+- Ours to replace is only what this stage wrote: a folder whose manifest names the same stage, a file whose manifest
+  (`NAME.manifest.json` beside it) names the same stage and records its sha256, and in a folder, the files its
+  manifest lists with the sha256 they still have. Everything else is the user's: an existing output of the user's is
+  refused unless --overwrite_output true, and even then nothing of the user's in a folder is removed (it is carried
+  over into the new folder, as NAME.user where the new output has that name).
+- A manifest path is checked like its output; no two outputs share one.
+- No output is an input of the same run, sits inside an input folder, or (a folder) holds one.
+- Writes follow a symlink to what it points at; the link is never replaced. Devices, FIFOs and sockets are refused.
+  A replaced file or folder keeps its mode. Appending appends in place (links, hard links and mode stay).
+- Every folder a stage writes is locked for the run (qwen_sft/locking.py); export also locks the adapter it reads.
 """
 
 from __future__ import annotations
@@ -20,15 +26,26 @@ import os
 import platform
 import re
 import shutil
+import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import UserError
+from .locking import folder_lock
 
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth")
 FOLDER_MANIFEST = "manifest.json"
-OVERWRITE_HINT = "pass --overwrite_output true to write into it anyway (files of the same name are replaced)"
+MANIFEST_SUFFIX = ".manifest.json"
+OVERWRITE_HINT = "pass --overwrite_output true to write into it anyway (nothing of yours in it is removed)"
+# The two data stages write the same kind of output, a mix: either may replace the other's.
+MIX_STAGES = frozenset({"data_integration", "data_set_generation"})
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+
+FILE = "file"  # replaced whole by atomic_file; its manifest beside it
+FOLDER = "folder"  # replaced whole by atomic_directory; its manifest inside
+WORKDIR = "workdir"  # a folder written into in place (training's checkpoints); its manifest inside
+APPEND = "append"  # a file appended to (chat's /save): nothing in it is replaced, so anyone's file may be named
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -88,17 +105,310 @@ def write_error(path: Path, error: OSError) -> UserError:
     return UserError(f"{path}: cannot write ({reason}); the previous output, if any, is unchanged")
 
 
+# ---------------------------------------------------------------------------------------------------- where writes go
+
+
+def write_target(path: str | os.PathLike, flag: str = "") -> Path:
+    """Where writing `path` lands: symlinks followed to what they point at, so that the link itself stays."""
+    path = Path(path).expanduser()
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: a loop of symlinks (Python 3.11)
+        raise UserError(f"{flag + ' ' if flag else ''}{path}: a loop of symbolic links; fix or remove it") from None
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def _special(mode: int) -> str | None:
+    """What a path that is neither a regular file nor a folder is, for the message refusing it."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return None
+
+
+def _require_file(target: Path, shown: str) -> None:
+    """A file output: nothing there yet, or a regular file (never a folder, a device, a FIFO or a socket)."""
+    status = _lstat(target)
+    if status is None or stat.S_ISREG(status.st_mode):
+        return
+    if stat.S_ISDIR(status.st_mode):
+        raise UserError(f"{shown}: is a folder; choose a file name for the output")
+    raise UserError(f"{shown}: is {_special(status.st_mode)}, not a regular file; outputs are written to regular files "
+                    "only: choose another file name")
+
+
+def _require_folder(target: Path, shown: str) -> None:
+    status = _lstat(target)
+    if status is not None and not stat.S_ISDIR(status.st_mode):
+        what = "a file" if stat.S_ISREG(status.st_mode) else _special(status.st_mode)
+        raise UserError(f"{shown}: is {what}, not a folder; choose a folder name")
+
+
+# ---------------------------------------------------------------------------------------------------- manifests
+
+
+def manifest_path_for(output_file: str | os.PathLike) -> Path:
+    """`data.jsonl` -> `data.jsonl.manifest.json`, next to it: each output file has a manifest name of its own."""
+    output_file = Path(output_file)
+    return output_file.with_name(output_file.name + MANIFEST_SUFFIX)
+
+
+def legacy_manifest_path_for(output_file: str | os.PathLike) -> Path:
+    """The name earlier versions gave the manifest (`data.manifest.json`), which `data.json` shared."""
+    output_file = Path(output_file)
+    return output_file.with_name(output_file.stem + MANIFEST_SUFFIX)
+
+
+def same_stage(recorded, stage: str) -> bool:
+    return isinstance(recorded, str) and (recorded == stage or {recorded, stage} <= MIX_STAGES)
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """A manifest of this toolkit at `path`: a regular file (not a link) holding a JSON object that names a stage."""
+    status = _lstat(path)
+    if status is None or not stat.S_ISREG(status.st_mode):
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("stage"), str) else None
+
+
+def read_our_manifest(folder: Path, manifest_name: str = FOLDER_MANIFEST) -> dict | None:
+    """The folder's manifest when this toolkit wrote it (a JSON object naming its stage), else None."""
+    return _read_manifest(Path(folder) / manifest_name)
+
+
+def _describes(manifest: dict | None, output_file: Path) -> bool:
+    """Whether a file manifest is about `output_file` (a legacy name was shared by `x.json` and `x.jsonl`)."""
+    output = (manifest or {}).get("output")
+    return isinstance(output, dict) and isinstance(output.get("path"), str) and Path(output["path"]).name == \
+        output_file.name
+
+
+def find_manifest(output_file: str | os.PathLike) -> Path | None:
+    """The manifest of an output file: its own name, or the name earlier versions used when that one describes this
+    file; None if there is neither."""
+    target = write_target(output_file)
+    own = manifest_path_for(target)
+    if _lstat(own) is not None:
+        return own
+    legacy = legacy_manifest_path_for(target)
+    return legacy if _describes(_read_manifest(legacy), target) else None
+
+
+def _recorded_sha256(manifest: dict | None):
+    with contextlib.suppress(AttributeError, TypeError):
+        return manifest["output"]["sha256"]
+    return None
+
+
+def _file_is_ours(target: Path, stage: str) -> bool:
+    """A file is ours if a manifest of the same stage beside it records the sha256 it still has."""
+    manifest_file = find_manifest(target)
+    manifest = _read_manifest(manifest_file) if manifest_file else None
+    return (manifest is not None and same_stage(manifest["stage"], stage)
+            and _recorded_sha256(manifest) == sha256_file(target))
+
+
+def _digest(path: Path) -> str | None:
+    """sha256 of a regular file, or of a folder's names and digests; None for a link or a special file (we write
+    neither, so those are never ours)."""
+    status = _lstat(path)
+    if status is not None and stat.S_ISREG(status.st_mode):
+        return sha256_file(path)
+    if status is None or not stat.S_ISDIR(status.st_mode):
+        return None
+    parts = {entry.name: _digest(entry) for entry in sorted(path.iterdir())}
+    if None in parts.values():
+        return None
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _set_aside(path: Path) -> None:
+    """Keep the user's file at `path` as NAME.user (NAME.user.user, ...), out of the way of ours."""
+    kept = path
+    while _lstat(kept) is not None:
+        kept = kept.with_name(kept.name + ".user")
+    os.rename(path, kept)
+    print(f"kept {path.name} (not written by this stage) as {kept.name}")
+
+
+def _clear_manifests(target: Path, stage: str) -> None:
+    """Before a file is replaced: its old manifest goes if ours (and the legacy-named one if it describes this
+    file), so that no manifest is ever left describing another file; the user's file of that name is set aside."""
+    own = manifest_path_for(target)
+    if _lstat(own) is not None:
+        manifest = _read_manifest(own)
+        if manifest is not None and same_stage(manifest["stage"], stage):
+            own.unlink()
+        else:
+            _set_aside(own)
+    legacy = legacy_manifest_path_for(target)
+    manifest = _read_manifest(legacy)
+    if manifest is not None and same_stage(manifest["stage"], stage) and _describes(manifest, target):
+        legacy.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------- the claim
+
+
+@dataclass(frozen=True)
+class Output:
+    """One thing a stage writes: `flag` names it in messages, `kind` says how it is written (FILE, FOLDER, WORKDIR
+    or APPEND), `manifest` is the manifest's name inside a folder."""
+
+    flag: str
+    path: str | os.PathLike
+    kind: str = FILE
+    manifest: str = FOLDER_MANIFEST
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return a == b or os.path.samefile(a, b)
+    return a == b
+
+
+def _check_apart(outputs: list[Output], targets: dict[str, Path], inputs: dict[str, str]) -> None:
+    """No output is an input, sits inside an input folder, or (a folder replaced whole) holds an input; no two
+    outputs are the same or nested."""
+    sources = {flag: write_target(path, flag) for flag, path in inputs.items() if path}
+    for output in outputs:
+        target = targets[output.flag]
+        written = [target, manifest_path_for(target)] if output.kind == FILE else [target]
+        for in_flag, source in sources.items():
+            problem = (
+                "is" if any(_same_file(path, source) for path in written)
+                else "is inside" if source.is_dir() and any(_is_within(path, source) for path in written)
+                else "holds" if output.kind == FOLDER and _is_within(source, target) else None
+            )
+            if problem:
+                raise UserError(
+                    f"{output.flag} {output.path} {problem} the input {in_flag} {inputs[in_flag]}; writing it would "
+                    f"destroy that input: choose another {output.flag}"
+                )
+    for position, first in enumerate(outputs):
+        for second in outputs[position + 1:]:
+            a, b = targets[first.flag], targets[second.flag]
+            if _is_within(a, b) or _is_within(b, a):
+                raise UserError(
+                    f"{first.flag} {first.path} and {second.flag} {second.path} are the same or nested folders; "
+                    "give each output its own folder"
+                )
+
+
+def _check_shape(output: Output, target: Path) -> None:
+    """A file output is a regular file (its manifest too), a folder output a folder, or nothing yet."""
+    shown = f"{output.flag} {output.path}"
+    if output.kind in (FOLDER, WORKDIR):
+        _require_folder(target, shown)
+        return
+    _require_file(target, shown)
+    if output.kind == FILE:
+        manifest_file = manifest_path_for(target)
+        status = _lstat(manifest_file)
+        if status is not None and not stat.S_ISREG(status.st_mode):
+            what = "a folder" if stat.S_ISDIR(status.st_mode) else _special(status.st_mode)
+            raise UserError(f"{manifest_file}: the manifest path of {shown} is {what}; a manifest is written only "
+                            "as a regular file: move it away, or choose another file name")
+
+
+def _check_ownership(output: Output, target: Path, stage: str) -> None:
+    """Refuse an existing output that this stage did not write (the caller skips this with --overwrite_output)."""
+    shown = f"{output.flag} {output.path}"
+    if output.kind == APPEND or _lstat(target) is None:
+        if output.kind == FILE:
+            _check_manifest_path(output, target, stage)
+        return
+    if output.kind == FILE:
+        if not _file_is_ours(target, stage):
+            raise UserError(
+                f"{shown}: the file exists and this toolkit did not write it (or it was changed since: no matching "
+                f"{manifest_path_for(target).name}); choose another file name, or pass --overwrite_output true to "
+                "replace it"
+            )
+        _check_manifest_path(output, target, stage)
+        return
+    if all(entry.name.startswith(".") for entry in target.iterdir()):
+        return  # empty, or only hidden entries (a killed run's temporaries): nothing in it is removed anyway
+    manifest = read_our_manifest(target, output.manifest)
+    if manifest is None:
+        raise UserError(f"{shown}: the folder exists and this toolkit did not write it (no {output.manifest} of "
+                        f"ours); choose another folder, or {OVERWRITE_HINT}")
+    if not same_stage(manifest["stage"], stage):
+        raise UserError(f"{shown}: the folder was written by another stage ({manifest['stage']}, says its "
+                        f"{output.manifest}), not by {stage}; choose another folder, or {OVERWRITE_HINT}")
+
+
+def _check_manifest_path(output: Output, target: Path, stage: str) -> None:
+    manifest_file = manifest_path_for(target)
+    manifest = _read_manifest(manifest_file)
+    if _lstat(manifest_file) is not None and (manifest is None or not same_stage(manifest["stage"], stage)):
+        raise UserError(
+            f"{manifest_file}: this toolkit's {stage} stage did not write it, and it is the manifest path of "
+            f"{output.flag} {output.path}; move it away, or pass --overwrite_output true (it is then kept as "
+            f"{manifest_file.name}.user)"
+        )
+
+
+@contextlib.contextmanager
+def claim_outputs(inputs: dict[str, str], outputs: list[Output], stage: str, overwrite: bool, lock: bool = True):
+    """The output rule (see the module docstring), for every stage before it writes: yields {flag: the path to write,
+    links followed}. The folders are locked for the block (`lock` False: another process of the run holds them).
+
+    `inputs` maps a flag to a path the run reads (empty: none); with `overwrite` (--overwrite_output true) an
+    existing output of the user's is written anyway, but nothing of the user's in a folder is removed.
+    """
+    targets = {output.flag: write_target(output.path, output.flag) for output in outputs}
+    for output in outputs:
+        _check_shape(output, targets[output.flag])
+    _check_apart(outputs, targets, inputs)
+    with contextlib.ExitStack() as locks:
+        if lock:
+            for output in outputs:
+                if output.kind in (FOLDER, WORKDIR):
+                    locks.enter_context(folder_lock(targets[output.flag], output.flag))
+        if not overwrite:
+            for output in outputs:
+                _check_ownership(output, targets[output.flag], stage)
+        yield targets
+
+
+# ---------------------------------------------------------------------------------------------------- writers
+
+
+def _mode_of(path: Path) -> int | None:
+    status = _lstat(path)
+    return stat.S_IMODE(status.st_mode) if status is not None else None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", manifest=None):
-    """Open a temporary sibling of `path` for writing; rename it over `path` only if the block succeeds.
+    """Open a temporary sibling of `path` (its link target, if a link) for writing; rename it over the file only if
+    the block succeeds, with the old file's mode.
 
     With `manifest`, a function of the finished temporary file's path that returns the manifest, the file and its
     manifest (`manifest_path_for(path)`) are one unit: both are complete before either is renamed, and the old
     manifest is removed first, so an interruption or a full disk never leaves a manifest describing another file.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; choose a file name for the output")
+    shown = Path(path)
+    path = write_target(path)
+    _require_file(path, str(shown))
     manifest_file = manifest_path_for(path)
     clean_leftovers(path)
     if manifest is not None:
@@ -111,18 +421,23 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", manifest=None):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        kept_mode = _mode_of(path)
+        if kept_mode is not None:
+            os.chmod(temporary, kept_mode)
         if manifest is not None:
-            text = json.dumps(manifest(temporary), ensure_ascii=False, indent=2, default=str) + "\n"
+            record = manifest(temporary)
+            text = json.dumps(record, ensure_ascii=False, indent=2, default=str) + "\n"
             with open(manifest_temporary, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            manifest_file.unlink(missing_ok=True)
+            os.chmod(manifest_temporary, _mode_of(temporary))  # a private output keeps a private manifest
+            _clear_manifests(path, record["stage"])
         os.replace(temporary, path)
         if manifest is not None:
             os.replace(manifest_temporary, manifest_file)
     except OSError as error:
-        raise write_error(path, error) from None
+        raise write_error(shown, error) from None
     finally:
         _remove_quietly(temporary)
         _remove_quietly(manifest_temporary)
@@ -137,80 +452,66 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
-def read_our_manifest(folder: Path, manifest_name: str = FOLDER_MANIFEST) -> dict | None:
-    """The folder's manifest when this toolkit wrote it (a JSON object naming its stage), else None."""
+def append_to_file(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to the file at `path` (its link target, if a link) in place, so that its links, hard links and
+    mode stay; a line is started first if the file does not end with one. A failed write is cut back off, so the
+    file never keeps half of it. Only regular files: a FIFO, a device or a folder is refused in one line."""
+    shown = Path(path)
+    target = write_target(path)
+    _require_file(target, str(shown))
     try:
-        manifest = json.loads((folder / manifest_name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("stage"), str) else None
-
-
-def check_output_folder(path: str | os.PathLike, flag: str, overwrite: bool,
-                        manifest_name: str = FOLDER_MANIFEST) -> None:
-    """Refuse a file at the path, and a non-empty folder this toolkit did not write unless `overwrite`."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path}: is a file, not a folder; choose a folder name")
-    # Hidden entries (a lock file, a killed run's temporaries) do not make a folder the user's; nothing in it is
-    # removed anyway.
-    if not path.is_dir() or overwrite or all(entry.name.startswith(".") for entry in path.iterdir()):
-        return
-    if read_our_manifest(path, manifest_name) is None:
-        raise UserError(
-            f"{flag} {path}: the folder exists and this toolkit did not write it (no {manifest_name} of ours); "
-            f"choose another folder, or {OVERWRITE_HINT}"
-        )
-
-
-def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
-    """Refuse a folder at the path, and an existing file that this toolkit did not write (no manifest of ours
-    beside it, or one whose sha256 it no longer matches: the user changed it) unless `overwrite`."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; choose a file name for the output")
-    if not path.exists() or overwrite:
-        return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # O_NONBLOCK: a FIFO put there after the check must not block the open; it is refused below.
+        fd = os.open(target, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        raise write_error(shown, error) from None
     try:
-        claimed = json.loads(manifest_path_for(path).read_text(encoding="utf-8"))["output"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        claimed = None
-    if claimed is None or claimed != sha256_file(path):
-        raise UserError(
-            f"{flag} {path}: the file exists and this toolkit did not write it (or it was changed since: no "
-            f"matching {manifest_path_for(path).name}); choose another file name, or pass --overwrite_output true "
-            "to replace it"
-        )
+        _require_file_fd(fd, shown)
+        size = os.fstat(fd).st_size
+        data = text.encode("utf-8")
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise write_error(shown, error) from None
+    finally:
+        os.close(fd)
 
 
-def _is_within(inner: Path, outer: Path) -> bool:
-    return inner == outer or outer in inner.parents
+def _require_file_fd(fd: int, shown: Path) -> None:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{shown}: is {_special(mode) or 'a folder'}, not a regular file; choose another file name")
 
 
-def check_outputs_apart(outputs: dict[str, str], inputs: dict[str, str], folders: set[str] = frozenset()) -> None:
-    """Refuse an output that is an input of the same run (or a folder holding one), and outputs that are the same
-    or nested folders. `outputs` and `inputs` map a flag to a path; `folders` names the output flags that are
-    folders (an input inside one would be replaced with it)."""
-    resolved_inputs = {flag: Path(path).expanduser().resolve() for flag, path in inputs.items() if path}
-    resolved_outputs = {flag: Path(path).expanduser().resolve() for flag, path in outputs.items() if path}
-    for out_flag, output in resolved_outputs.items():
-        for in_flag, source in resolved_inputs.items():
-            same = output == source or (output.exists() and source.exists() and os.path.samefile(output, source))
-            if same or (out_flag in folders and _is_within(source, output)):
-                where = "is" if same else "holds"
-                raise UserError(
-                    f"{out_flag} {outputs[out_flag]} {where} the input {in_flag} {inputs[in_flag]}; writing it would "
-                    f"destroy that input: choose another {out_flag}"
-                )
-    flags = list(resolved_outputs)
-    for position, first in enumerate(flags):
-        for second in flags[position + 1:]:
-            a, b = resolved_outputs[first], resolved_outputs[second]
-            if _is_within(a, b) or _is_within(b, a):
-                raise UserError(
-                    f"{first} {outputs[first]} and {second} {outputs[second]} are the same or nested folders; "
-                    "give each output its own folder"
-                )
+def mark_workdir(folder: str | os.PathLike, manifest: dict, manifest_name: str = FOLDER_MANIFEST) -> None:
+    """Mark a folder written in place (WORKDIR) as the stage's, so that later runs may write (and resume) there; a
+    file of the user's under the manifest's name is kept as NAME.user."""
+    manifest_file = write_target(folder) / manifest_name
+    existing = _read_manifest(manifest_file)
+    if existing is not None and same_stage(existing["stage"], manifest["stage"]):
+        return
+    if _lstat(manifest_file) is not None:
+        _set_aside(manifest_file)
+    write_json_atomic(manifest_file, manifest)
+
+
+def _list_files_in_manifest(folder: Path, manifest_name: str) -> str:
+    """Record in the new folder's manifest which entries this toolkit wrote, with their sha256, so that a later run
+    can tell them from the user's (a name alone could be forged or the file changed since); returns its stage."""
+    manifest_file = folder / manifest_name
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    entries = sorted(entry for entry in folder.iterdir()
+                     if entry.name != manifest_name and not _LEFTOVER.fullmatch(entry.name))
+    manifest["files"] = {entry.name: _digest(entry) for entry in entries}
+    write_json_atomic(manifest_file, manifest)
+    return manifest["stage"]
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -220,48 +521,56 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def _carry_over(previous: Path, folder: Path, manifest_name: str) -> list[str]:
-    """Link the entries of `previous` that its manifest does not list (the user's) into `folder`; returns them.
+def _ours_in(previous: Path, manifest_name: str, stage: str) -> set[str]:
+    """The entries of the old folder that this stage wrote: listed in a manifest of the same stage, with the sha256
+    they still have (a list of names alone, as an older version or a forger wrote, proves nothing)."""
+    manifest = read_our_manifest(previous, manifest_name)
+    if manifest is None or not same_stage(manifest["stage"], stage):
+        return set()
+    listed = manifest.get("files")
+    listed = listed if isinstance(listed, dict) else {}
+    ours = {manifest_name}
+    for entry in previous.iterdir():
+        recorded = listed.get(entry.name)
+        if isinstance(recorded, str) and _digest(entry) == recorded:
+            ours.add(entry.name)
+    return ours
 
-    One whose name the new output also has is kept as NAME.user. Without a file list (a folder of an older toolkit,
-    or one written into with --overwrite_output) an entry of a name the new output has counts as replaced.
-    """
-    listed = (read_our_manifest(previous, manifest_name) or {}).get("files")
-    ours = set(listed or []) | {manifest_name}
+
+def _carry_over(previous: Path, folder: Path, manifest_name: str, stage: str) -> list[str]:
+    """Link the entries of `previous` that this stage did not write (the user's) into `folder`; returns them.
+    One whose name the new output also has is kept as NAME.user."""
+    ours = _ours_in(previous, manifest_name, stage)
     carried = []
     for entry in sorted(previous.iterdir()):
-        target = folder / entry.name
-        if entry.name in ours or (target.exists() and listed is None):
+        if entry.name in ours:
             continue
-        while target.exists():
+        target = folder / entry.name
+        while _lstat(target) is not None:
             target = target.with_name(f"{target.name}.user")
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
         elif entry.is_symlink():
             os.symlink(os.readlink(entry), target)
-        else:
+        elif entry.is_file():
             _link_or_copy(str(entry), str(target))
+        else:  # a FIFO or device node of the user's: linked, never opened
+            os.link(entry, target)
         carried.append(entry.name if target.name == entry.name else f"{entry.name} (as {target.name})")
     return carried
 
 
-def _list_files_in_manifest(folder: Path, manifest_name: str) -> None:
-    """Record in the new folder's manifest which entries this toolkit wrote, so a later run can tell them from the
-    user's."""
-    manifest_file = folder / manifest_name
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    manifest["files"] = sorted(entry.name for entry in folder.iterdir() if not _LEFTOVER.fullmatch(entry.name))
-    write_json_atomic(manifest_file, manifest)
-
-
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, manifest_name: str = FOLDER_MANIFEST):
-    """Yield a temporary folder; on success it replaces `path` as a whole (see the output policy above).
+    """Yield a temporary folder; on success it replaces `path` (its link target, if a link) as a whole.
 
-    The block must write `manifest_name` into the folder. The caller has checked `path` with check_output_folder.
-    Entries of the old folder that its manifest does not list are carried over; nothing is lost on failure.
+    The block must write `manifest_name`, naming the stage, into the folder; the caller has claimed `path`
+    (claim_outputs). Entries of the old folder that this stage did not write are carried over; the new folder takes
+    the old one's mode; nothing is lost on failure.
     """
-    path = Path(path)
+    shown = Path(path)
+    path = write_target(path)
+    _require_folder(path, str(shown))
     clean_leftovers(path)
     temporary = _temporary_sibling(path)
     previous = _temporary_sibling(path, "old")
@@ -270,15 +579,16 @@ def atomic_directory(path: str | os.PathLike, manifest_name: str = FOLDER_MANIFE
         _remove_quietly(temporary)
         temporary.mkdir()
         yield temporary
-        _list_files_in_manifest(temporary, manifest_name)
-        carried = _carry_over(path, temporary, manifest_name) if path.is_dir() else []
-        if path.exists():
+        stage = _list_files_in_manifest(temporary, manifest_name)
+        carried = _carry_over(path, temporary, manifest_name, stage) if path.is_dir() else []
+        if path.is_dir():
+            os.chmod(temporary, _mode_of(path))
             os.replace(path, previous)
         os.replace(temporary, path)
         if carried:
-            print(f"kept in {path}/ the entries this toolkit did not write: {', '.join(carried)}")
+            print(f"kept in {shown}/ the entries this toolkit did not write: {', '.join(carried)}")
     except OSError as error:
-        raise write_error(path, error) from None
+        raise write_error(shown, error) from None
     finally:
         _remove_quietly(temporary)
         if previous.exists() and not path.exists():  # the swap failed half-way: the old folder goes back
@@ -291,8 +601,8 @@ def warn_if_manifest_differs(path: str | os.PathLike) -> None:
     """A file and its manifest are one unit: say so in one line when the manifest beside `path` describes another
     file (edited by hand, or written by an interrupted older run)."""
     path = Path(path)
-    manifest_file = manifest_path_for(path)
-    if not manifest_file.is_file():
+    manifest_file = find_manifest(path)
+    if manifest_file is None or not manifest_file.is_file():
         return
     try:
         claimed = json.loads(manifest_file.read_text(encoding="utf-8"))["output"]["sha256"]
@@ -310,12 +620,6 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
     return versions
-
-
-def manifest_path_for(output_file: str | os.PathLike) -> Path:
-    """`data.jsonl` -> `data.manifest.json`, next to it."""
-    output_file = Path(output_file)
-    return output_file.with_name(f"{output_file.stem}.manifest.json")
 
 
 def build_manifest(stage: str, config: dict, **fields) -> dict:

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import atomic_file
+from .artifacts import APPEND, Output, append_to_file, claim_outputs
 from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, warm_up
 from .generation import decoding_settings, stream_reply
@@ -88,8 +88,10 @@ class SaveResult:
 class ChatSession:
     """The conversation: system prompt, the exchanges still sent, and those not saved yet."""
 
-    def __init__(self, tokenizer, system_prompt: str, max_context_tokens: int, max_new_tokens: int):
+    def __init__(self, tokenizer, system_prompt: str, max_context_tokens: int, max_new_tokens: int,
+                 inputs: dict[str, str] | None = None):
         self.tokenizer = tokenizer
+        self.inputs = inputs or {}  # what the session reads (the adapter): /save may not write there
         self.system_prompt = system_prompt
         self.prompt_budget = max_context_tokens - max_new_tokens
         self.history: list[Exchange] = []
@@ -130,10 +132,10 @@ class ChatSession:
         """Append the unsaved exchanges to the JSONL file `path` as conversation rows (see the module docstring).
 
         The newest exchange's conversation is a row, covering the earlier unsaved exchanges it shows; then the
-        newest exchange not covered yet, and so on. The file is rewritten through a temporary copy, so an
-        interrupted save never leaves half a row.
+        newest exchange not covered yet, and so on. The rows are appended in place under the output rule
+        (qwen_sft/artifacts.py): a link is followed, a hard link and the file's mode stay, a FIFO or device (even
+        /dev/null) is refused, and a failed write is cut back off, so the file never keeps half a row.
         """
-        target = Path(path).expanduser()
         rows, covered, after_cut = [], [], 0
         for exchange in reversed(self.unsaved):
             if not exchange.savable or any(exchange is item for item in covered):
@@ -144,17 +146,15 @@ class ChatSession:
             row = {"messages": exchange.conversation(), "source": SAVED_SOURCE}
             rows.append(validate_record(row, "chat"))
             covered += [exchange, *(earlier for earlier in exchange.context if exchange.shows(earlier))]
-        try:
-            existing = target.read_text(encoding="utf-8") if target.is_file() else ""
-        except UnicodeDecodeError as error:
-            raise UserError(f"{path} is not UTF-8 text (byte {error.start}), so rows cannot be appended to it; "
-                            "choose another file") from None
-        if existing and not existing.endswith("\n"):
-            existing += "\n"
-        with atomic_file(target) as handle:
-            handle.write(existing)
-            for row in reversed(rows):
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with claim_outputs(self.inputs, [Output("/save", path, APPEND)], "chat", overwrite=False) as claimed:
+            target = claimed["/save"]
+            try:
+                if target.is_file():
+                    target.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path} is not UTF-8 text (byte {error.start}), so rows cannot be appended to it; "
+                                "choose another file") from None
+            append_to_file(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reversed(rows)))
         saved = sum(any(exchange is item for item in covered) for exchange in self.unsaved)
         cut = sum(not exchange.savable for exchange in self.unsaved)
         self.unsaved.clear()
@@ -254,7 +254,8 @@ def run_chat(cfg) -> None:
                                                        max_cache_len=cfg.max_context_tokens,
                                                        base_model=cfg.base_model)
     warm_up_seconds = warm_up(model, tokenizer)
-    session = ChatSession(tokenizer, cfg.system_prompt, cfg.max_context_tokens, cfg.max_new_tokens)
+    session = ChatSession(tokenizer, cfg.system_prompt, cfg.max_context_tokens, cfg.max_new_tokens,
+                          inputs={"--adapter_dir": cfg.adapter_dir})
     if sys.stdin.isatty():
         enable_line_editing(cfg.history_file)
     print(f"chatting with {cfg.adapter_dir} (base model {manifest['base_model']}, "

@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 
 from .artifacts import (
+    FOLDER,
+    Output,
     atomic_directory,
     atomic_file,
     build_manifest,
-    check_output_folder,
-    check_outputs_apart,
+    claim_outputs,
     sha256_file,
     write_json_atomic,
 )
@@ -410,17 +411,23 @@ def write_results(output_dir: Path, rows: EvalRows, runs: dict, metrics: dict) -
 
 def evaluate(cfg) -> dict:
     """Run the whole stage and write OUTPUT_DIR/metrics.json and predictions.jsonl; returns the metrics."""
-    from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
-    from .modeling import read_adapter_manifest
+    from .fast_generation import resolve_fast_generation
 
     # Every check that needs no model comes first, so bad input fails in a second.
     for name in ("eval_batch_size", "gen_batch_size", "max_new_tokens", "max_seq_length"):
         if cfg[name.upper()] < 1:
             raise UserError(f"--{name} must be at least 1, got {cfg[name.upper()]}")
     resolve_fast_generation(cfg.fast_generation)
-    check_outputs_apart({"--output_dir": cfg.output_dir},
-                        {"--adapter_dir": cfg.adapter_dir, "--dataset_path": cfg.dataset_path}, folders={"--output_dir"})
-    check_output_folder(cfg.output_dir, "--output_dir", cfg.overwrite_output, manifest_name=METRICS_FILE)
+    with claim_outputs({"--adapter_dir": cfg.adapter_dir, "--dataset_path": cfg.dataset_path},
+                       [Output("--output_dir", cfg.output_dir, FOLDER, METRICS_FILE)], "evaluate",
+                       cfg.overwrite_output):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg) -> dict:
+    from .fast_generation import generation_path, load_generation_model
+    from .modeling import read_adapter_manifest
+
     scorer = rouge_scorer() if cfg.rouge else None
     adapter_manifest = read_adapter_manifest(cfg.adapter_dir)
     records, eval_records = evaluation_split(cfg)

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from .artifacts import (
+    FOLDER,
+    Output,
     atomic_directory,
     build_manifest,
-    check_output_folder,
-    check_outputs_apart,
+    claim_outputs,
     sha256_file,
     write_json_atomic,
     write_text_atomic,
@@ -25,6 +26,7 @@ from .cli import UserError
 from .families import family
 from .qwen_tokenizer_build import write_portable_tokenizer_config
 from .generation import stop_token_ids
+from .locking import folder_lock
 from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir, gguf_summary
 from .modeling import (
     ADAPTER_MANIFEST,
@@ -135,10 +137,14 @@ def export_merged(cfg) -> None:
     check_export_flags(cfg)
     manifest = read_adapter_manifest(cfg.adapter_dir)
     base_path = chosen_base_path(cfg.adapter_dir, manifest, cfg.base_model)
-    check_outputs_apart({"--output_dir": cfg.output_dir},
-                        {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""},
-                        folders={"--output_dir"})
-    check_output_folder(cfg.output_dir, "--output_dir", cfg.overwrite_output)
+    inputs = {"--adapter_dir": cfg.adapter_dir, "base model": base_path if Path(base_path).exists() else ""}
+    # The adapter is locked shared: a training run cannot replace it during the merge (nor start into it).
+    with claim_outputs(inputs, [Output("--output_dir", cfg.output_dir, FOLDER)], "export", cfg.overwrite_output), \
+            folder_lock(cfg.adapter_dir, "--adapter_dir", shared=True):
+        _export(cfg, manifest)
+
+
+def _export(cfg, manifest: dict) -> None:
     backend = choose_backend(cfg.backend)
     if backend == "unsloth" and cfg.base_model != manifest["base_model"]:
         raise UserError(f"--base_model {cfg.base_model}: Unsloth's merge loads the base the adapter names; pass "
@@ -151,6 +157,7 @@ def export_merged(cfg) -> None:
     dtype = getattr(torch, cfg.dtype)
     print(f"merging {cfg.adapter_dir} into {cfg.base_model} ({backend}, {cfg.dtype})")
     started = time.time()
+    adapter_sha256 = sha256_file(Path(cfg.adapter_dir) / ADAPTER_WEIGHTS)  # of the weights the merge reads
     with atomic_directory(cfg.output_dir) as folder:
         if backend == "unsloth":
             merge_with_unsloth(cfg.adapter_dir, folder, dtype, cfg.max_seq_length, tokenizer)
@@ -164,11 +171,14 @@ def export_merged(cfg) -> None:
         if cfg.ollama_modelfile:
             modelfile = ollama_modelfile(cfg, stops, cfg.max_seq_length, gguf["file"] if gguf else "")
             write_text_atomic(folder / MODELFILE, modelfile)
+        if sha256_file(Path(cfg.adapter_dir) / ADAPTER_WEIGHTS) != adapter_sha256:
+            raise UserError(f"{cfg.adapter_dir}/{ADAPTER_WEIGHTS} changed during the merge (another program wrote "
+                            f"it); the previous {cfg.output_dir} is unchanged: run the export again")
         write_json_atomic(
             folder / ADAPTER_MANIFEST,
             build_manifest(
                 "export", cfg, base_model=cfg.base_model, backend=backend, dtype=cfg.dtype,
-                adapter={"path": cfg.adapter_dir, "sha256": sha256_file(Path(cfg.adapter_dir) / ADAPTER_WEIGHTS),
+                adapter={"path": cfg.adapter_dir, "sha256": adapter_sha256,
                          "trained": manifest.get("created"), "dataset": manifest.get("dataset")},
                 stop_tokens=stops, gguf=gguf, wall_time_s=round(time.time() - started, 2),
             ),

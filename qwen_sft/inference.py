@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from .artifacts import atomic_file, build_manifest, check_output_file, check_outputs_apart, sha256_file
+from .artifacts import Output, atomic_file, build_manifest, claim_outputs, sha256_file
 from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
 from .generation import decoding_settings, generate_batch, stream_reply
@@ -99,8 +99,11 @@ def answer_file(cfg) -> None:
     read_adapter_manifest(cfg.adapter_dir)  # a missing adapter is reported before stdin is read
     inputs = {"--adapter_dir": cfg.adapter_dir, "--instruction_file": "" if cfg.instruction_file == "-" else
               cfg.instruction_file}
-    check_outputs_apart({"--output_file": cfg.output_file}, inputs)
-    check_output_file(cfg.output_file, "--output_file", cfg.overwrite_output)
+    with claim_outputs(inputs, [Output("--output_file", cfg.output_file)], "inference", cfg.overwrite_output):
+        _answer_file(cfg)
+
+
+def _answer_file(cfg) -> None:
     where = "<stdin>" if cfg.instruction_file == "-" else cfg.instruction_file
     numbered = read_prompt_rows(cfg.instruction_file)
     rows = [row for _, row in numbered]

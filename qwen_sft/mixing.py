@@ -35,10 +35,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .artifacts import (
+    Output,
     atomic_file,
     build_manifest,
-    check_output_file,
-    check_outputs_apart,
+    claim_outputs,
     manifest_path_for,
     sha256_file,
 )
@@ -379,19 +379,16 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
 
 
-def check_mix_output(cfg, plan: MixPlan) -> Path:
-    """The output policy (qwen_sft/artifacts.py): never over an input, nor over a file this toolkit did not write."""
-    output_file = Path(cfg.OUTPUT_FILE)
+def claim_mix_output(cfg, plan: MixPlan, stage: str):
+    """The output rule (qwen_sft/artifacts.py) for the mix: never over an input, nor over a file this stage did not
+    write; yields {"--output_file": the path to write (a link's target)}."""
     inputs = {"--my_report_data_path": cfg.MY_REPORT_DATA_PATH}
     for source in plan.sources:  # every file a folder or glob resolves to, e.g. a mix written beside its sources
         if not source.is_hub:
             count = len(source.files)
             inputs.update({f"--sources {source.key}" + (f" file {number} of {count}" if count > 1 else ""): str(path)
                            for number, path in enumerate(source.files, 1)})
-    outputs = {"--output_file": str(output_file), "its manifest": str(manifest_path_for(output_file))}
-    check_outputs_apart(outputs, inputs)
-    check_output_file(output_file, "--output_file", cfg.OVERWRITE_OUTPUT)
-    return output_file
+    return claim_outputs(inputs, [Output("--output_file", cfg.OUTPUT_FILE)], stage, cfg.OVERWRITE_OUTPUT)
 
 
 class WorkFolder:
@@ -491,14 +488,14 @@ def _source_identity(file_hashes: dict | None, hub: dict | None) -> dict:
 
 def mix(cfg, *, report_key: str, script: str) -> Path:
     """Build the mixed dataset described by the stage's config; returns the output path."""
-    with sigterm_interrupts():
-        return _mix(cfg, report_key, script)
+    with sigterm_interrupts(), contextlib.ExitStack() as claimed:
+        return _mix(cfg, report_key, script, claimed)
 
 
-def _mix(cfg, report_key: str, script: str) -> Path:
+def _mix(cfg, report_key: str, script: str, claimed: contextlib.ExitStack) -> Path:
     started = time.perf_counter()
     plan = plan_mix(cfg, report_key)
-    output_file = check_mix_output(cfg, plan)
+    output_file = claimed.enter_context(claim_mix_output(cfg, plan, Path(script).stem))["--output_file"]
     _check_inputs(cfg, plan, report_key)
     mixer, hub_sources, file_hashes = _draw_in_parallel(cfg, plan)
     shortfalls = _report_shortfalls(cfg, plan, mixer.stats)

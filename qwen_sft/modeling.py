@@ -152,6 +152,16 @@ def add_lora(model, backend: str, rank: int, alpha: int, dropout: float, target_
     return get_peft_model(model, lora)
 
 
+def enable_recomputation(model, backend: str) -> None:
+    """Gradient checkpointing switched on for a model that already has its adapters (add_lora's mode)."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_training(model, use_gradient_checkpointing="unsloth")
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def read_adapter_manifest(adapter_dir: str) -> dict:
     """The training manifest of an adapter folder; a missing or incomplete folder is a UserError."""
     folder = Path(adapter_dir)

@@ -9,27 +9,29 @@ import os
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .accumulation import TokenWeightedAccumulation
 from .artifacts import (
+    FOLDER,
     FOLDER_MANIFEST,
+    WORKDIR,
+    Output,
     atomic_directory,
     build_manifest,
-    check_output_folder,
-    check_outputs_apart,
-    read_our_manifest,
+    claim_outputs,
+    mark_workdir,
     sha256_file,
     write_json_atomic,
 )
-from .batching import report_packing, report_padding
+from .batching import (AUTO, BATCH_FLAGS, BatchChoice, BatchShape, Rows, allocated_gpu_gib, choose_batch, free_gpu_gib,
+                       model_size, report_packing, report_padding, step_down)
 from .cli import UserError, is_main_process, say
 from .data import TokenizedRecords, split_records, tokenize_records
 from .families import family
-from .locking import folder_lock
-from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, load_base_model
+from .modeling import ADAPTER_MANIFEST, add_lora, choose_backend, cuda_available, enable_recomputation, load_base_model
 from .neftune import per_example_neftune
 from .records import read_records
 
@@ -45,7 +47,9 @@ CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
 
 
 def require_one_batch(cfg, train_rows: int, world_size: int) -> None:
-    if train_rows < cfg.per_device_train_batch_size * world_size:
+    """`auto` can go down to one row per device."""
+    micro_batch = 1 if cfg.per_device_train_batch_size == AUTO else cfg.per_device_train_batch_size
+    if train_rows < micro_batch * world_size:
         raise UserError(
             f"{cfg.dataset_path}: {train_rows} training rows (after the split and length limit) are fewer than one "
             f"batch ({cfg.per_device_train_batch_size} per device x {world_size} devices); add rows or lower "
@@ -170,7 +174,7 @@ POSITIVE_INTEGER_FLAGS = ("lora_r", "lora_alpha", "eval_steps", "save_steps", "l
 def check_training_flags(cfg) -> None:
     """Every out-of-range number in one line, before it becomes a traceback deep in PEFT or transformers."""
     errors = [f"--{name} must be at least 1, got {cfg[name.upper()]}" for name in POSITIVE_INTEGER_FLAGS
-              if cfg[name.upper()] < 1]
+              if cfg[name.upper()] != AUTO and cfg[name.upper()] < 1]
     if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
         errors.append(f"--learning_rate must be a number above 0, got {cfg.learning_rate}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -183,23 +187,22 @@ def check_training_flags(cfg) -> None:
         raise UserError("; ".join(errors))
 
 
-def check_output_folders(cfg) -> None:
-    """The output policy (qwen_sft/artifacts.py) for the three folders training writes, before anything slow."""
-    outputs = {"--output_dir": cfg.output_dir, "--adapter_dir": cfg.adapter_dir, "--tokenizer_dir": cfg.tokenizer_dir}
+def claim_training_outputs(cfg):
+    """The output rule (qwen_sft/artifacts.py) for the three folders training writes, checked before anything slow
+    and locked for the run. OUTPUT_DIR is written in place and may hold the checkpoint a run resumes from."""
+    outputs = [Output("--output_dir", cfg.output_dir, WORKDIR), Output("--adapter_dir", cfg.adapter_dir, FOLDER),
+               Output("--tokenizer_dir", cfg.tokenizer_dir, FOLDER)]
     resume = cfg.resume_from_checkpoint
     inputs = {"--dataset_path": cfg.dataset_path,
               "--base_model": cfg.base_model if Path(cfg.base_model).expanduser().exists() else "",
               "--resume_from_checkpoint": "" if resume.lower() in ("auto", *RESUME_OFF) else resume}
-    check_outputs_apart(outputs, inputs, folders={"--adapter_dir", "--tokenizer_dir"})
-    for flag, folder in outputs.items():
-        check_output_folder(folder, flag, cfg.overwrite_output)
+    return claim_outputs(inputs, outputs, "train", cfg.overwrite_output, lock=is_main_process())
 
 
 def mark_work_folder(cfg) -> None:
     """A manifest in OUTPUT_DIR marks it as ours, so that later runs may write (and resume) there."""
-    work = Path(cfg.output_dir)
-    if is_main_process() and read_our_manifest(work) is None:
-        write_json_atomic(work / FOLDER_MANIFEST, build_manifest("train", cfg, contents="checkpoints and logs"))
+    if is_main_process():
+        mark_workdir(cfg.output_dir, build_manifest("train", cfg, contents="checkpoints and logs"))
 
 
 def sft_trainer_class():
@@ -211,6 +214,7 @@ def sft_trainer_class():
 
     class PortableSFTTrainer(TokenWeightedAccumulation, SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            num_items_in_batch = self.loss_token_count(inputs, num_items_in_batch)  # every loss token-weighted
             # TRL 1.15's fused loss is a Triton kernel (CUDA/XPU only); elsewhere use the model's own loss, with the
             # LM head on the answer tokens only where no wrapper (data parallel) needs the full forward.
             if self.args.device.type in ("cuda", "xpu"):
@@ -344,28 +348,27 @@ def train(cfg, script_name: str, callbacks: Sequence = (), trainer_class: Callab
     once the backend is loaded, because Unsloth must patch TRL before TRL is imported.
     """
     with contextlib.ExitStack() as locks:  # released however the stage ends
-        backend = check_stage(cfg)
+        backend = check_stage(cfg, locks)
         records, train_records, eval_records = read_and_split(cfg)  # before the (slow) model load
-        if is_main_process():
-            for flag, folder in (("--output_dir", cfg.output_dir), ("--adapter_dir", cfg.adapter_dir)):
-                locks.enter_context(folder_lock(folder, flag))
         model, tokenizer = load_model(cfg, backend)
         rows = prepare_rows(cfg, tokenizer, len(records), train_records, eval_records)
+        choice = settle_batch(cfg, model, rows)
         model = add_adapter(cfg, model, backend)
         run = build_trainer(cfg, model, tokenizer, rows, callbacks, trainer_class)
         resume, finished, adapter_written = resume_point(cfg, run.trainer)
         if adapter_written:
             return run.trainer
-        wall_time = run_training(cfg, run, resume, finished, script_name)
+        wall_time, choice = run_training(cfg, run, resume, finished, script_name, choice, backend)
         outcome = measure(run, wall_time, has_eval=bool(rows.eval.rows))  # collectives: every process takes part
         if run.trainer.is_world_process_zero():
-            manifest = training_manifest(cfg, backend, rows, run.trainer, resume, outcome)
+            manifest = training_manifest(cfg, backend, rows, run.trainer, resume, outcome, choice)
             save_outputs(cfg, run.trainer, tokenizer, manifest)
         return run.trainer
 
 
-def check_stage(cfg) -> str:
-    """The flags and output folders, checked before anything slow; returns the backend to load."""
+def check_stage(cfg, locks: contextlib.ExitStack) -> str:
+    """The flags and output folders (claimed for as long as `locks` holds), checked before anything slow; returns
+    the backend to load."""
     check_step_limit(cfg)
     backend = choose_backend(cfg.backend)
     if cfg.packing and backend != "unsloth":
@@ -374,7 +377,7 @@ def check_stage(cfg) -> str:
             "sdpa attention, packed examples would attend across their boundaries; use --packing false"
         )
     check_training_flags(cfg)
-    check_output_folders(cfg)
+    locks.enter_context(claim_training_outputs(cfg))
     return backend
 
 
@@ -412,14 +415,48 @@ def prepare_rows(cfg, tokenizer, dataset_rows: int, train_records: list[dict], e
                 f"exchanges; {stats['dropped_last_exchange_too_long']} conversations dropped (last exchange alone "
                 "too long)"
             )
+    return rows
+
+
+def settle_batch(cfg, model, rows: StageRows) -> BatchChoice:
+    """The batch settings left `auto`, chosen for the GPU found (batching.choose_batch) and written into `cfg`;
+    then the lines on the choice, the padding and the effective batch."""
+    lengths = [len(row["input_ids"]) for row in rows.train.rows]
+    # Packed rows are filled up to --max_seq_length (about 3.4 examples each on the data stage's mix).
+    seen = (Rows(cfg.max_seq_length, cfg.max_seq_length, True) if cfg.packing
+            else Rows(max(lengths, default=1), sum(lengths) / max(len(lengths), 1), False))
+    size = model_size(model.config, cfg.lora_r, cfg.lora_target_modules)
+    settings = {name: cfg[name] for name in BATCH_FLAGS}
+    choice = choose_batch(settings, launched_processes(), len(lengths), seen, size, least_free_gpu_gib())
+    choice = replace(choice, loaded_gib=allocated_gpu_gib())
+    use_shape(cfg, choice.shape)
+    say(choice.line())
     if not cfg.packing:
-        report_padding(cfg, [len(row["input_ids"]) for row in rows.train.rows])
+        report_padding(cfg, lengths)
     say(
         f"effective batch size: {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} "
         f"accumulation x {launched_processes()} processes = {effective_batch_size(cfg)} rows per step"
     )
-    require_one_batch(cfg, len(rows.train.rows), launched_processes())
-    return rows
+    require_one_batch(cfg, len(lengths), launched_processes())
+    return choice
+
+
+def least_free_gpu_gib() -> float | None:
+    """The free GPU memory of the process with the least: every process must train with the same shape."""
+    free = free_gpu_gib()
+    if free is None or launched_processes() == 1:
+        return free
+    import torch
+    from accelerate import PartialState  # sets up the process group, as the trainer's arguments would next
+
+    value = torch.tensor([free], device=PartialState().device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return float(value)
+
+
+def use_shape(cfg, shape: BatchShape) -> None:
+    cfg.update(PER_DEVICE_TRAIN_BATCH_SIZE=shape.micro_batch, GRADIENT_ACCUMULATION_STEPS=shape.accumulation,
+               GRADIENT_CHECKPOINTING=shape.recompute)
 
 
 def add_adapter(cfg, model, backend: str):
@@ -527,9 +564,11 @@ def resume_point(cfg, trainer) -> tuple[str | None, bool, bool]:
     return resume, finished, adapter_written
 
 
-def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, script_name: str) -> float:
-    """Train (or restore a finished run) with the signal handler and NEFTune installed; returns the wall time.
-    A signal, a second signal and CUDA out of memory each end the stage with one line on how to go on."""
+def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, script_name: str, choice: BatchChoice,
+                 backend: str) -> tuple[float, BatchChoice]:
+    """Train (or restore a finished run) with the signal handler and NEFTune installed; returns the wall time and
+    the batch shape trained with. A signal, a second signal and CUDA out of memory (past `auto`'s one step down)
+    each end the stage with one line on how to go on."""
     import torch
 
     trainer, stop_on_signal = run.trainer, run.stop_on_signal
@@ -539,7 +578,7 @@ def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, scri
             if finished:
                 restore_finished_run(trainer, resume)
             else:
-                trainer.train(resume_from_checkpoint=resume)
+                choice = train_stepping_down(cfg, run, resume, choice, backend)
     except KeyboardInterrupt:
         if not stop_on_signal.received:  # Ctrl-C outside the handler's reach keeps its traceback
             raise
@@ -561,7 +600,51 @@ def run_training(cfg, run: TrainingRun, resume: str | None, finished: bool, scri
             f"Resume with: python {os.path.basename(script_name)} --resume_from_checkpoint auto (and the same flags)"
         )
         raise SystemExit(130)
-    return wall_time
+    return wall_time, choice
+
+
+def train_stepping_down(cfg, run: TrainingRun, resume: str | None, choice: BatchChoice, backend: str) -> BatchChoice:
+    """trainer.train(); where `auto` chose the batch shape and the first step runs out of memory (the first
+    batch holds the longest row), once more one step down (batching.step_down). Returns the shape trained with.
+    A single process only: the other processes of a data-parallel run would wait for the failed one."""
+    import torch
+
+    try:
+        run.trainer.train(resume_from_checkpoint=resume)
+        return choice
+    except torch.cuda.OutOfMemoryError:
+        first_step = run.progress.first_step_s is None
+        smaller = step_down(choice) if first_step and launched_processes() == 1 else None
+        if smaller is None:
+            raise
+    # Outside the except block, so that the failed step's tensors, held by the traceback, are freed.
+    say(f"CUDA out of memory in the first step with {choice.shape}: stepping down to {smaller.shape}")
+    restart_with_shape(cfg, run, smaller.shape, backend)
+    run.trainer.train(resume_from_checkpoint=resume)
+    return smaller
+
+
+def restart_with_shape(cfg, run: TrainingRun, shape: BatchShape, backend: str) -> None:
+    """Set the trainer up to start again with `shape`: its batch settings, recomputation, a fresh optimizer and
+    schedule (the failed first step updated no weight), the token counts from zero, the GPU memory released."""
+    import gc
+
+    import torch
+
+    trainer = run.trainer
+    if shape.recompute and not cfg.gradient_checkpointing:
+        enable_recomputation(trainer.model, backend)
+    use_shape(cfg, shape)
+    trainer.args.per_device_train_batch_size = trainer.args.per_device_eval_batch_size = shape.micro_batch
+    trainer.args.gradient_accumulation_steps = shape.accumulation
+    trainer._train_batch_size = trainer.args.train_batch_size
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.model.zero_grad(set_to_none=True)
+    counter = run.token_counter
+    counter.real_tokens = counter.token_slots = counter.batches = 0
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def out_of_memory_message(cfg, step: int) -> str:
@@ -582,7 +665,8 @@ def measure(run: TrainingRun, wall_time: float, has_eval: bool) -> dict:
             "tokens": run.token_counter.summary(accelerator), "throughput": run.progress.summary(accelerator)}
 
 
-def training_manifest(cfg, backend: str, rows: StageRows, trainer, resume: str | None, outcome: dict) -> dict:
+def training_manifest(cfg, backend: str, rows: StageRows, trainer, resume: str | None, outcome: dict,
+                      choice: BatchChoice) -> dict:
     """The adapter's manifest: the config, the data, and what the run did (see `measure`)."""
     final_eval = outcome["final_eval"]
     return build_manifest(
@@ -596,6 +680,7 @@ def training_manifest(cfg, backend: str, rows: StageRows, trainer, resume: str |
               "eval_stats": rows.eval.stats},
         world_size=launched_processes(),
         effective_batch_size=effective_batch_size(cfg),
+        batch_choice=choice.record(),
         resumed_from=resume,
         global_step=trainer.state.global_step,
         best_checkpoint=trainer.state.best_model_checkpoint,

@@ -59,3 +59,19 @@ def test_missing_token_count_is_supplied():
     assert int(count) == 3 + 4 and trainer.steps_counted_here == 1
     Trainer.model_accepts_loss_kwargs = False  # the loss ignores a count: leave it to training_step's division
     assert trainer.get_batch_samples(iter(batches), 2)[1] is None
+
+
+def test_every_loss_gets_a_token_count_evaluation_batches_too():
+    """TRL's prediction_step asks for an evaluation batch's loss without a count, and Unsloth then warns that "each
+    micro-batch loss is a mean". The stage's compute_loss counts that batch's loss tokens instead (the same mean)."""
+
+    class Trainer(TokenWeightedAccumulation):
+        model_accepts_loss_kwargs = True
+        args = SimpleNamespace(device=torch.device("cpu"), average_tokens_across_devices=True, world_size=1)
+
+    batch = {"labels": torch.tensor([[-100, 5, 6, -100], [7, -100, -100, 8]])}
+    assert int(Trainer().loss_token_count(batch, None)) == 2 + 1  # labels shifted by one, -100 excluded
+    assert Trainer().loss_token_count(batch, 11) == 11  # the trainer's own count (a training step's) stays
+    assert Trainer().loss_token_count({"input_ids": batch["labels"]}, None) is None  # no labels: no loss to weigh
+    Trainer.model_accepts_loss_kwargs = False  # a loss that ignores the count gets none
+    assert Trainer().loss_token_count(batch, None) is None

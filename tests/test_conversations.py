@@ -230,7 +230,7 @@ def test_data_stage_keeps_conversations_whole_and_counts_each_as_one_row(tmp_pat
     ])))
     namespace["main"]()
     rows = read_records(tmp_path / "mix.jsonl")  # every row valid for training
-    manifest = json.loads((tmp_path / "mix.manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((tmp_path / "mix.jsonl.manifest.json").read_text(encoding="utf-8"))
     orca_rows = [row for row in rows if row["source"] == "orca"]
     assert len(orca_rows) == 10 and manifest["sources"]["orca"]["kept"] == {"orca": 10}  # one chat = one row
     conversations = [row["messages"] for row in orca_rows if "messages" in row]

@@ -171,7 +171,7 @@ def test_a_killed_mix_leaves_the_old_output_and_no_process_and_reruns(tmp_path, 
 
     rerun = run_script("data_integration.py", *args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert sorted(path.name for path in output.parent.iterdir()) == ["mix.jsonl", "mix.manifest.json"]  # cleaned
+    assert sorted(path.name for path in output.parent.iterdir()) == ["mix.jsonl", "mix.jsonl.manifest.json"]  # cleaned
     manifest = json.loads(manifest_path_for(output).read_text(encoding="utf-8"))
     assert manifest["output"]["rows"] == BIG_ROWS - 1000
 

@@ -95,7 +95,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     message = str(refused.value)
-    assert f"--adapter_dir {tmp_path / 'adapter'} is in use by another training run (PID {holder.pid}" in message
+    assert f"--adapter_dir {tmp_path / 'adapter'} is in use by another run (PID {holder.pid}" in message
     assert "\n" not in message
     assert not (tmp_path / "outputs").exists()  # refused before anything was written
     assert not lock_path(tmp_path / "outputs").exists()  # the lock it took first is given back

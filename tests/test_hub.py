@@ -74,7 +74,7 @@ def run_online(script, *args, hub, tmp_path, timeout=180):
 
 
 def manifest_of(output: Path) -> dict:
-    return json.loads(output.with_name(f"{output.stem}.manifest.json").read_text(encoding="utf-8"))
+    return json.loads(output.with_name(f"{output.name}.manifest.json").read_text(encoding="utf-8"))
 
 
 def option_b(tmp_path, hub, name="mix.jsonl", *args):

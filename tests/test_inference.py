@@ -60,7 +60,7 @@ def test_jsonl_from_stdin_is_answered_in_batches(adapter, tmp_path):
     assert [row["output"] for row in answered] == [row["output"] for row in ROWS]
     assert all(row["stopped"] and 0 < row["tokens"] < 40 for row in answered)
     assert answered[3]["reference"] == "a reference answer" and "reference" not in answered[2]
-    manifest = json.loads((tmp_path / "answers.manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((tmp_path / "answers.jsonl.manifest.json").read_text(encoding="utf-8"))
     assert manifest["stage"] == "inference" and manifest["rows"] == 20 and manifest["cut_at_max_new_tokens"] == 0
     assert manifest["config"]["BATCH_SIZE"] == 8 and manifest["backend"] == "hf"
     assert "20 answers written" in result.stdout

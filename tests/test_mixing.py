@@ -62,7 +62,7 @@ def option_b(tmp_path, monkeypatch, *args):
 
 def read_mix(path: Path):
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    manifest = json.loads(path.with_name(f"{path.stem}.manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads(path.with_name(f"{path.name}.manifest.json").read_text(encoding="utf-8"))
     return rows, manifest
 
 

@@ -15,11 +15,12 @@ from conftest import FIXTURES, ROOT, run_script
 
 from qwen_sft import artifacts
 from qwen_sft.artifacts import (
+    FILE,
+    FOLDER,
+    Output,
     atomic_directory,
     atomic_file,
-    check_output_file,
-    check_output_folder,
-    check_outputs_apart,
+    claim_outputs,
     clean_leftovers,
     manifest_path_for,
     sha256_file,
@@ -40,6 +41,12 @@ def one_line_error(result, *fragments) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def claim(outputs: list[Output], inputs: dict | None = None, stage: str = "export", overwrite: bool = False) -> dict:
+    """claim_outputs for the outputs, released at once; returns where each would be written."""
+    with claim_outputs(inputs or {}, outputs, stage, overwrite) as targets:
+        return targets
 
 
 def write_ours(folder: Path, files: dict[str, str]) -> None:
@@ -65,7 +72,8 @@ def test_a_folder_we_wrote_is_replaced_whole_and_the_users_files_are_carried_ove
     assert not (merged / "Modelfile").exists()  # ours, and not written this time: gone with the old folder
     assert (merged / "model-q4_k_m.gguf").read_bytes() == gguf
     assert (merged / "notes" / "todo.txt").read_text() == "mine"
-    assert json.loads((merged / "manifest.json").read_text())["files"] == ["manifest.json", "model.safetensors"]
+    assert json.loads((merged / "manifest.json").read_text())["files"] == {"model.safetensors": sha256_file(
+        merged / "model.safetensors")}
     assert "did not write: model-q4_k_m.gguf, notes" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["Qwen_finetuning_merged"]  # no leftovers
 
@@ -79,43 +87,44 @@ def test_a_folder_we_did_not_write_is_refused_unless_overwrite(tmp_path):
     mywork = tmp_path / "mywork"
     mywork.mkdir()
     (mywork / "dataset.jsonl").write_text(json.dumps(ROW) + "\n", encoding="utf-8")
+    adapter_dir = Output("--adapter_dir", mywork, FOLDER)
     with pytest.raises(UserError, match=r"--adapter_dir .*mywork: the folder exists and this toolkit did not write it "
                                         r"\(no manifest.json of ours\); .*--overwrite_output true"):
-        check_output_folder(mywork, "--adapter_dir", overwrite=False)
-    check_output_folder(mywork, "--adapter_dir", overwrite=True)
-    check_output_folder(tmp_path / "new", "--adapter_dir", overwrite=False)  # missing: fine
+        claim([adapter_dir], stage="train")
+    claim([adapter_dir], stage="train", overwrite=True)
+    claim([Output("--adapter_dir", tmp_path / "new", FOLDER)], stage="train")  # missing: fine
     (tmp_path / "empty").mkdir()
-    check_output_folder(tmp_path / "empty", "--adapter_dir", overwrite=False)
+    claim([Output("--adapter_dir", tmp_path / "empty", FOLDER)], stage="train")
     (mywork / "manifest.json").write_text("{}", encoding="utf-8")  # not ours: no stage
     with pytest.raises(UserError):
-        check_output_folder(mywork, "--adapter_dir", overwrite=False)
+        claim([adapter_dir], stage="train")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        check_output_folder(mywork / "dataset.jsonl", "--output_dir", overwrite=True)
+        claim([Output("--output_dir", mywork / "dataset.jsonl", FOLDER)], stage="train", overwrite=True)
 
     with atomic_directory(mywork) as folder:  # with --overwrite_output: the user's files stay
         (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
         (folder / "manifest.json").write_text('{"stage": "train"}', encoding="utf-8")
     assert (mywork / "dataset.jsonl").read_text(encoding="utf-8") == json.dumps(ROW) + "\n"
+    assert (mywork / "manifest.json.user").read_text(encoding="utf-8") == "{}"  # the user's manifest.json, kept
 
 
 def test_outputs_may_not_be_inputs_or_each_other(tmp_path):
     work = tmp_path / "work"
     (work / "adapter").mkdir(parents=True)
+    output_dir = Output("--output_dir", work, FOLDER)
     with pytest.raises(UserError, match="--output_dir .*work is the input --adapter_dir"):
-        check_outputs_apart({"--output_dir": str(work)}, {"--adapter_dir": str(work)}, folders={"--output_dir"})
+        claim([output_dir], {"--adapter_dir": str(work)})
     with pytest.raises(UserError, match="--output_dir .*work holds the input --adapter_dir"):
-        check_outputs_apart({"--output_dir": str(work)}, {"--adapter_dir": str(work / "adapter")},
-                            folders={"--output_dir"})
+        claim([output_dir], {"--adapter_dir": str(work / "adapter")})
     with pytest.raises(UserError, match="--adapter_dir .*x and --tokenizer_dir .*x are the same or nested"):
-        check_outputs_apart({"--adapter_dir": str(tmp_path / "x"), "--tokenizer_dir": str(tmp_path / "x")}, {})
+        claim([Output("--adapter_dir", tmp_path / "x", FOLDER), Output("--tokenizer_dir", tmp_path / "x", FOLDER)])
     with pytest.raises(UserError, match="the same or nested"):
-        check_outputs_apart({"--adapter_dir": str(tmp_path / "x"), "--tokenizer_dir": str(tmp_path / "x/t")}, {})
+        claim([Output("--adapter_dir", tmp_path / "x", FOLDER), Output("--tokenizer_dir", tmp_path / "x/t", FOLDER)])
     link = tmp_path / "link.json"
     link.symlink_to(REPORTS)
     with pytest.raises(UserError, match="is the input"):  # another name for the same file
-        check_outputs_apart({"--output_file": str(link)}, {"--my_report_data_path": str(REPORTS)})
-    check_outputs_apart({"--output_dir": str(tmp_path / "a")}, {"--adapter_dir": str(tmp_path / "b")},
-                        folders={"--output_dir"})
+        claim([Output("--output_file", link)], {"--my_report_data_path": str(REPORTS)})
+    claim([Output("--output_dir", tmp_path / "a", FOLDER)], {"--adapter_dir": str(tmp_path / "b")})
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -123,18 +132,21 @@ def test_outputs_may_not_be_inputs_or_each_other(tmp_path):
 
 def test_an_output_file_we_did_not_write_or_that_was_changed_is_refused(tmp_path):
     output = tmp_path / "mix.jsonl"
+    output_file = Output("--output_file", output, FILE)
     output.write_text("the user's own rows\n", encoding="utf-8")
     with pytest.raises(UserError, match="--output_file .*mix.jsonl: the file exists and this toolkit did not write"):
-        check_output_file(output, "--output_file", overwrite=False)
-    check_output_file(output, "--output_file", overwrite=True)
+        claim([output_file], stage="t")
+    claim([output_file], stage="t", overwrite=True)
     with atomic_file(output, manifest=lambda written: {"stage": "t", "output": {"sha256": sha256_file(written)}}) as f:
         f.write("ours\n")
-    check_output_file(output, "--output_file", overwrite=False)
+    claim([output_file], stage="t")
+    with pytest.raises(UserError, match="did not write"):  # ours, but another stage's
+        claim([output_file], stage="inference")
     output.write_text("ours, edited by hand\n", encoding="utf-8")
     with pytest.raises(UserError, match="or it was changed since"):
-        check_output_file(output, "--output_file", overwrite=False)
+        claim([output_file], stage="t")
     with pytest.raises(UserError, match="is a folder"):
-        check_output_file(tmp_path, "--output_file", overwrite=True)
+        claim([Output("--output_file", tmp_path, FILE)], stage="t", overwrite=True)
 
 
 def describe(written):

@@ -71,4 +71,4 @@ def test_atomic_directory_keeps_old_until_complete(tmp_path):
             raise RuntimeError("crash")
     assert (target / "a.txt").read_text() == "v1"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
-    assert manifest_path_for(tmp_path / "mix.jsonl").name == "mix.manifest.json"
+    assert manifest_path_for(tmp_path / "mix.jsonl").name == "mix.jsonl.manifest.json"  # not shared with mix.json

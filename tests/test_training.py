@@ -221,7 +221,8 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 def test_bad_dataset_exits_2_with_one_line_and_writes_nothing(tmp_path, content, message):
     if content is not None:
         (tmp_path / "data.jsonl").write_text(content, encoding="utf-8")
-    result = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--dataset_path", "data.jsonl", cwd=tmp_path)
+    result = run_script("Qwen_finetuning.py", "--base_model", "tiny", "--dataset_path", "data.jsonl",
+                        "--per_device_train_batch_size", "2", cwd=tmp_path)  # `auto` would train on one row
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert "Traceback" not in result.stderr
