@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qwen_sft.batching import (AUTO, BATCH_FLAGS, BatchShape, MemoryModel, ModelSize, Rows, choose_batch,
+from qwen_sft.batching import (AUTO, BATCH_FLAGS, MemoryModel, ModelSize, Rows, choose_batch,
                                model_size, parse_batch_flags, step_down)
 from qwen_sft.cli import UserError
 from qwen_sft.presets import PRESETS
