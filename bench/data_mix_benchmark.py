@@ -21,10 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # qwen_sft, when run as a script from anywhere
-
-from qwen_sft.cli import parse_config, run_stage  # noqa: E402
-from synthetic_sources import write_sources  # noqa: E402
+from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.localhub.synthetic import write_sources
 
 TOTAL_SAMPLES = 240000  # rows in the benchmarked mix
 RATIOS = {"my_reports": 0.05, "orca": 0.45, "bio": 0.2, "ai": 0.15, "ic": 0.15}  # Option B's default shares

@@ -39,9 +39,8 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for qwen_sft
 
-from qwen_sft.cli import UserError, format_value, parse_config, run_stage  # noqa: E402
+from qwen_sft.cli import UserError, format_value, parse_config, run_stage
 
 PARTS = ["setup", "old", "new", "report"]  # which parts run, in this order (several: each in its own process)
 SMOKE = False  # the tiny model on CPU with small sizes: a quick check of the whole benchmark

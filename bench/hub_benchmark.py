@@ -1,5 +1,5 @@
-"""Benchmark of Option B against a hub: replicas of the three datasets with their real repo layouts (hub_replicas.py)
-served on loopback by the test hub server (tests/hub_server.py), and data_set_generation.py run against it with
+"""Benchmark of Option B against a hub: replicas of the three datasets with their real repo layouts (qwen_sft/localhub)
+served on loopback by its hub server, and data_set_generation.py run against it with
 HF_ENDPOINT set, as a user runs it. Prints and records the rows and bytes read and the rows/s drawn from
 StackExchange; `--snapshot true` builds the same mix from the replica folders instead (no network).
 
@@ -19,14 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from data_mix_benchmark import reference_loop_seconds
+
+from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.localhub.replicas import write_pubmedqa, write_slimorca, write_stackexchange
+from qwen_sft.localhub.server import HubServer
+
 repo_root = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(repo_root), str(repo_root / "tests"), str(repo_root / "bench")]
-
-from data_mix_benchmark import reference_loop_seconds  # noqa: E402
-from hub_replicas import write_pubmedqa, write_slimorca, write_stackexchange  # noqa: E402
-from hub_server import HubServer  # noqa: E402
-
-from qwen_sft.cli import parse_config, run_stage  # noqa: E402
 
 TOTAL_SAMPLES = 240000  # rows in the benchmarked mix (Option B's default)
 DATA_DIR = "/tmp/hub_benchmark"  # where the replicas are written (and reused if present)

@@ -15,12 +15,10 @@ llama.cpp runs through llama-cpp-python (which builds llama.cpp itself) in its o
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen_sft.families import family  # noqa: E402
+from qwen_sft.families import family
 
 NEW_TOKENS = 16
 CONVERSATIONS = [

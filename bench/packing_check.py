@@ -11,11 +11,9 @@ import argparse
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")  # the check needs logits, not only Unsloth's fused loss
 
 

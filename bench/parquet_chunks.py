@@ -9,14 +9,12 @@ Reads the default sites of the hub benchmark's replica (written by `bench/hub_be
 
 import pickle
 import runpy
-import sys
 import time
 from pathlib import Path
 
 repo_root = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(repo_root))
 
-from qwen_sft.cli import parse_config, run_stage  # noqa: E402
+from qwen_sft.cli import parse_config, run_stage
 
 DATA_DIR = "/tmp/hub_benchmark"  # the hub benchmark's replicas
 SEED = 42  # the shuffle seed (data_set_generation.py's default)

@@ -14,6 +14,7 @@ the top GPU kernels and host operations. A GPU busy share well below 1 means the
 
 import argparse
 import json
+import runpy
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 class ProfileWindow:
@@ -96,11 +96,10 @@ def profile_bare_loop(model_path: str, start: int, count: int):
 
 def stage_config(stage_flags: list[str]):
     """Qwen_finetuning.py's config for these flags, resolved as its main() resolves it (presets included)."""
-    import Qwen_finetuning as stage
     from qwen_sft.cli import parse_config
     from qwen_sft.presets import with_preset
 
-    return parse_config(vars(stage), stage_flags, resolve=with_preset("training"))
+    return parse_config(runpy.run_path(str(ROOT / "Qwen_finetuning.py")), stage_flags, resolve=with_preset("training"))
 
 
 def profile_stage(stage_flags: list[str], start: int, count: int):

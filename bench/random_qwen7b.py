@@ -9,14 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# Qwen/Qwen2.5-7B-Instruct's config.json
-QWEN2_5_7B_SHAPE = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-    tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False,
-)
+from qwen_sft.families import family
 
 
 def build(path: str) -> str:
@@ -26,14 +19,13 @@ def build(path: str) -> str:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from qwen_sft.families import family
     from qwen_sft.qwen_tokenizer_build import write_portable_tokenizer_config
     from qwen_sft.tiny import tiny_path
 
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(tiny_path())
     end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids([family.END_OF_TURN, family.END_OF_TEXT])
-    config = Qwen2Config(**QWEN2_5_7B_SHAPE, eos_token_id=end_of_turn, pad_token_id=end_of_text, bos_token_id=None,
+    config = Qwen2Config(**family.SHAPE_7B, eos_token_id=end_of_turn, pad_token_id=end_of_text, bos_token_id=None,
                          dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -28,6 +28,8 @@ model=/tmp/qwen7b-random
 work=/tmp/h200_run
 mkdir -p "$logs" "$work"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# qwen_sft for the benchmarks, where it is not pip-installed (pip install -e . elsewhere)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 # One GPU unless a part asks for more (train_throughput.py --two_gpus sets its own): a single process that sees two
 # GPUs would train with DataParallel.
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}

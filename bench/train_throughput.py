@@ -31,6 +31,7 @@ whether any run ran out of memory or stepped down, what auto chose, and its esti
 
 import argparse
 import json
+import runpy
 import os
 import subprocess
 import sys
@@ -38,7 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FITS_80GB_GIB = 78.0  # an 80 GB GPU has 79.6 GiB; leave room for the CUDA context
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -180,7 +180,7 @@ def stage_launcher(cap_gib: float | None, padding_free: bool) -> list[str]:
         return [sys.executable, stage]
     capped = ("import runpy, sys, torch; total = torch.cuda.get_device_properties(0).total_memory; "
               f"torch.cuda.set_per_process_memory_fraction({cap_gib} * 2**30 / total); "
-              "sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); "
+              "sys.argv = sys.argv[1:]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
     return [sys.executable, "-c", capped, stage]
 
@@ -189,7 +189,6 @@ def padding_free_stage(stage_flags: list[str]) -> None:
     """Qwen_finetuning.py as its main() runs it, but with TRL's padding-free batches and no packing: a micro-batch's
     rows concatenated into one sequence, each attending within itself through the varlen path packing uses. It
     goes through train()'s trainer_class hook; the rows are already cut to --max_seq_length, so TRL need not."""
-    import Qwen_finetuning as stage
     from qwen_sft.cli import parse_config, run_stage, say
     from qwen_sft.presets import with_preset
 
@@ -209,7 +208,8 @@ def padding_free_stage(stage_flags: list[str]) -> None:
     def main():
         from qwen_sft.training import train
 
-        train(parse_config(vars(stage), stage_flags, resolve=with_preset("training")), stage.__file__,
+        stage = str(ROOT / "Qwen_finetuning.py")
+        train(parse_config(runpy.run_path(stage), stage_flags, resolve=with_preset("training")), stage,
               trainer_class=padding_free_trainer_class)
 
     run_stage(main)

@@ -15,7 +15,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("QWEN_SFT_CACHE", str(ROOT / ".pytest_cache" / "qwen_sft"))
-sys.path.insert(0, str(ROOT))
 
 # Generated cases are derandomized: the same cases on every run, so a generated test can never flake in CI.
 settings.register_profile(

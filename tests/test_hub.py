@@ -1,4 +1,4 @@
-"""The data stages against a hub: a local server (tests/hub_server.py) that speaks the hub API and serves replicas
+"""The data stages against a hub: a local server (qwen_sft/localhub/server.py) that speaks the hub API and serves replicas
 with the real repos' layouts, reached through huggingface_hub and datasets exactly as huggingface.co would be.
 
 Each stage runs in a subprocess with HF_ENDPOINT set and the offline switches of the test session removed (the hub
@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_script
 
-sys.path.insert(0, str(ROOT / "bench"))
-from hub_replicas import ORCA_FILE, write_pubmedqa, write_slimorca, write_stackexchange  # noqa: E402
-from hub_server import HubServer  # noqa: E402
 
-from qwen_sft.cli import UserError  # noqa: E402
+from qwen_sft.cli import UserError
+from qwen_sft.localhub.replicas import ORCA_FILE, write_pubmedqa, write_slimorca, write_stackexchange
+from qwen_sft.localhub.server import HubServer
 
 REPORTS = Path(__file__).resolve().parent / "fixtures" / "hub" / "reports.json"
 ORCA, PUBMED, STACKEXCHANGE = "Open-Orca/SlimOrca", "qiaojin/PubMedQA", "HuggingFaceH4/stack-exchange-preferences"

@@ -118,19 +118,6 @@ def test_benchmarks_hook_in_through_callbacks_and_a_trainer_class(tmp_path):
     assert type(trainer).__name__ == "CountingTrainer" and trainer.state.global_step == 2
 
 
-def test_the_profiler_resolves_the_stage_config_as_the_stage_does():
-    """bench/profile_training.py calls train() itself, so it resolves the flags (and a preset) as the stage's main()
-    does; this fails when the stage's config resolution moves and the profiler's does not follow."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("profile_training", ROOT / "bench" / "profile_training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    cfg = bench.stage_config(["--preset", "h200_fast", "--gradient_accumulation_steps", "1", "--max_steps", "3"])
-    assert (cfg.packing, cfg.gradient_checkpointing, cfg.per_device_train_batch_size) == (True, False, 4)
-    assert (cfg.gradient_accumulation_steps, cfg.max_steps, cfg.base_model) == (1, 3, "Qwen/Qwen2.5-7B-Instruct")
-
-
 def _adapter_weights(folder: Path) -> dict:
     return load_file(folder / "adapter_model.safetensors")
 

@@ -20,6 +20,12 @@ ADDED_NOT_SPECIAL = [  # ids 151657-151664: added (never split) but not special 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # around the JSON of each call an assistant makes
 TOKENIZER_CLASS = "Qwen2Tokenizer"  # as the hub's tokenizer_config.json names it (transformers 4.x loads it)
 VOCAB_SIZE = 151936  # embedding rows of the 0.5B-7B models: the 151,665 tokens padded to a multiple of 128
+# Qwen/Qwen2.5-7B-Instruct's config.json: the shape the GPU benchmarks build with random weights
+SHAPE_7B = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False,
+)
 
 # The data stage's length estimate, measured by bench/bytes_per_token.py. The tokenizer averages about 4 UTF-8 bytes
 # per token on English prose and on Chinese alike (code: ~3.5); 3 over-counts tokens, so a row under the byte

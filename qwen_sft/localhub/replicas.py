@@ -1,5 +1,5 @@
-"""Replicas of the three hub datasets with their real repo layouts, filled with synthetic rows (synthetic_sources.py),
-for the local hub server (tests/hub_server.py) and the hub benchmark:
+"""Replicas of the three hub datasets with their real repo layouts, filled with synthetic rows (synthetic.py),
+for the local hub server (server.py) and the hub benchmark:
 
 - Open-Orca/SlimOrca: one `oo-labeled_correct.gpt4.sharegpt.jsonl`, no configs.
 - qiaojin/PubMedQA: parquet per config, declared in the README YAML (`data_files: pqa_X/train-*`).
@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from synthetic_sources import pubmedqa_row, slimorca_row, stackexchange_row
+from .synthetic import pubmedqa_row, slimorca_row, stackexchange_row
 
 ORCA_FILE = "oo-labeled_correct.gpt4.sharegpt.jsonl"
 PUBMED_README = """---
