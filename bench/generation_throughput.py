@@ -223,7 +223,7 @@ def bs1_reused_cache(model, tokenizer, prompts: list[list[int]], new_tokens: int
     import torch
     from transformers import StaticCache
 
-    from qwen_sft.fast_generation import generation_worker
+    from qwen_sft.generation import generation_worker
 
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     configured = model.generation_config.cache_implementation

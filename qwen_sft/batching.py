@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from .cli import say
+from .values import parse_scalar
 
 PADDING_HINT_SHARE = 0.2  # above this share of padded token slots, the start-up line suggests a fix
 
@@ -69,13 +70,11 @@ BUSY_TOKENS = 8192
 
 def parse_batch_flags(values: dict) -> None:
     """The three batch settings as `auto`, or as the integer / boolean given (a flag arrives as text)."""
-    from .cli import _parse_scalar
-
     for name, like in BATCH_FLAGS.items():
         value = values[name]
         if isinstance(value, str):
             word = value.strip().lower()
-            values[name] = AUTO if word == AUTO else _parse_scalar(word, like, f"--{name.lower()} (or auto)")
+            values[name] = AUTO if word == AUTO else parse_scalar(word, like, f"--{name.lower()} (or auto)")
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 from .cli import UserError
+from .generation import compiled_generation, decoding_kwargs, model_device, start_in_generation_thread
+from .template import prompt_ids
 
 FAST_GENERATION_CHOICES = ("auto", "true", "false")
 MEMORY_MARGIN_GIB = 4.0  # KV cache, activations and the compiled graphs' pools, beside the weights
@@ -229,24 +231,10 @@ def generation_path(manifest: dict, warm_up_seconds: float = 0.0) -> str:
     return f"fast generation: merged {chosen['dtype']}, static cache, {compiled}{warmed} ({chosen['reason']})"
 
 
-def generation_worker(model) -> ThreadPoolExecutor:
-    """The one thread that runs this model's streamed generate() calls. CUDA-graph trees are per thread, so a
-    fresh thread per reply would record the graphs again; one long-lived thread records them once (at warm-up)."""
-    worker = getattr(model, "generation_executor", None)
-    if worker is None:
-        worker = model.generation_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-    return worker
-
-
 def warm_up(model, tokenizer) -> float:
     """Generate a few tokens in the streaming path's thread, so the first user message pays neither compilation
     nor CUDA-graph recording. Returns the seconds it took (0 when nothing is compiled)."""
-    import time
-
     import torch
-
-    from .generation import (compiled_generation, decoding_kwargs, model_device, start_in_generation_thread)
-    from .template import prompt_ids
 
     if not compiled_generation(model):
         return 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .families import family
@@ -170,12 +171,19 @@ def _flag_criterion(flag):
     return StopWhenFlagged()
 
 
+def generation_worker(model) -> ThreadPoolExecutor:
+    """The one thread that runs this model's streamed generate() calls. CUDA-graph trees are per thread, so a
+    fresh thread per reply would record the graphs again; one long-lived thread records them once (at warm-up)."""
+    worker = getattr(model, "generation_executor", None)
+    if worker is None:
+        worker = model.generation_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+    return worker
+
+
 def start_in_generation_thread(model, work):
     """Run `work` in a worker thread; returns the call that waits for it. A model whose decoding step is
     compiled into CUDA graphs keeps one long-lived worker (the graphs are recorded per thread)."""
     if compiled_generation(model):
-        from .fast_generation import generation_worker
-
         return generation_worker(model).submit(work).result
     worker = threading.Thread(target=work, daemon=True)
     worker.start()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import UserError, _parse_value, format_value
+from .adapter_manifest import ADAPTER_MANIFEST, read_adapter_manifest
+from .errors import UserError
 from .template import DEFAULT_SYSTEM_PROMPT
+from .values import format_value, parse_value
 
 AUTO = "auto"
 # Qwen_finetuning.py's defaults: what a manifest written before training recorded a setting stands for.
@@ -88,8 +90,6 @@ def inherit_from_adapter(values: dict, notes: dict) -> list[str]:
     values["ADAPTER_DIR"]'s manifest, parse explicit ones with the type training's default has, and note where each
     came from in `notes`. Returns the lines to print under the config: overrides, and settings an older manifest
     does not record (they take today's defaults)."""
-    from .modeling import ADAPTER_MANIFEST, read_adapter_manifest  # modeling's loaders use this module
-
     adapter_dir = values["ADAPTER_DIR"]
     manifest = read_adapter_manifest(adapter_dir)
     manifest_file = Path(adapter_dir) / ADAPTER_MANIFEST
@@ -100,7 +100,7 @@ def inherit_from_adapter(values: dict, notes: dict) -> list[str]:
         if values[name] != AUTO:
             if isinstance(values[name], str) and not isinstance(default, str):
                 try:
-                    values[name] = _parse_value(values[name], default, f"--{name.lower()}")
+                    values[name] = parse_value(values[name], default, f"--{name.lower()}")
                 except UserError as error:
                     raise UserError(f"{error} (or auto: as the adapter was trained)") from None
             continue

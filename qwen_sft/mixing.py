@@ -70,6 +70,7 @@ from .sources import (
     Source,
     StreamLost,
     check_local_file,
+    numbered_local_rows,
     open_rows,
     read_span,
 )
@@ -143,11 +144,9 @@ def fatal_bad_row(source: Source, number: int, what: str) -> UserError:
 def first_bad_row(source: Source) -> None:
     """With --fatal_bad_rows, every row of a local source is checked before mixing, in file order: which rows the
     seeded shuffle draws must not decide whether the run fails. A source of several files names the file."""
-    from .sources import _numbered_local_rows
-
     for path in source.files:
         with open(path, "rb") as handle:
-            for number, row, span in _numbered_local_rows(path):
+            for number, row, span in numbered_local_rows(path):
                 item, _ = convert_row(source.schema, row, read_span(handle, span) if span else None)
                 if not isinstance(item[0], int) or item[0] not in (MALFORMED, WRONG_SCHEMA):
                     continue  # a usable row (its first item is text, a conversation or a record) or a rejected one

@@ -8,16 +8,17 @@ imports transformers at module level.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
+from .adapter_manifest import ADAPTER_MANIFEST, read_adapter_manifest
 from .cli import UserError
+from .inherit import trained_or_default
+from .template import require_chat_template
 from .tiny import TINY_NAME, tiny_path
 
 BACKENDS = ("auto", "unsloth", "hf")
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTER_MANIFEST = "manifest.json"
 
 
 def cuda_available() -> bool:
@@ -178,40 +179,6 @@ def check_target_modules(model, target_modules: list[str]) -> None:
                         f"layers are {', '.join(linear)} (or pass all-linear)")
 
 
-def read_adapter_manifest(adapter_dir: str) -> dict:
-    """The training manifest of an adapter folder; a missing or incomplete folder is a UserError."""
-    folder = Path(adapter_dir)
-    if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"{folder}: no LoRA adapter there; run Qwen_finetuning.py first (or pass --adapter_dir)")
-    manifest_file = folder / ADAPTER_MANIFEST
-    if manifest_file.is_file():
-        manifest = _read_json_object(manifest_file)
-        if not isinstance(manifest.get("base_model"), str) or not manifest["base_model"]:
-            raise UserError(f"{manifest_file}: names no base_model; restore the file from training (or delete it to "
-                            "fall back on adapter_config.json), or re-run Qwen_finetuning.py")
-        for key in ("config", "dataset"):  # the later stages read settings and the dataset's sha256 from these
-            if key in manifest and not isinstance(manifest[key], dict):
-                raise UserError(f"{manifest_file}: {key} is {json.dumps(manifest[key])[:40]}, not a JSON object; "
-                                "restore the file from training, or re-run Qwen_finetuning.py")
-        return manifest
-    adapter_config = _read_json_object(folder / "adapter_config.json")
-    if not isinstance(adapter_config.get("base_model_name_or_path"), str):
-        raise UserError(f"{folder / 'adapter_config.json'}: names no base_model_name_or_path; re-run "
-                        "Qwen_finetuning.py")
-    return {"base_model": adapter_config["base_model_name_or_path"]}
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        message = f"{path}: not valid JSON ({error}); restore it from training or re-run Qwen_finetuning.py"
-        raise UserError(message) from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object; restore it from training or re-run Qwen_finetuning.py")
-    return value
-
-
 def adapter_base_path(adapter_dir: str, manifest: dict) -> str:
     """The base model an adapter was trained on, resolved; a base folder that is gone is a UserError."""
     name = manifest["base_model"]
@@ -235,8 +202,6 @@ def load_adapter_tokenizer(adapter_dir: str):
     """The tokenizer saved with the adapter; it must carry the chat template training used."""
     from transformers import AutoTokenizer
 
-    from .template import require_chat_template
-
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     require_chat_template(tokenizer, adapter_dir)
     return tokenizer
@@ -250,8 +215,6 @@ def load_adapter_model(adapter_dir: str, backend: str = "auto", load_in_4bit: bo
     Returns (model, tokenizer, manifest); manifest["base_model"] is the base loaded. The tokenizer, with its chat
     template, comes from the adapter folder.
     """
-    from .inherit import trained_or_default
-
     manifest = read_adapter_manifest(adapter_dir)
     chosen_base_path(adapter_dir, manifest, base_model)
     manifest["base_model"] = base_model or manifest["base_model"]

@@ -8,7 +8,7 @@ from itertools import islice
 from pathlib import Path
 
 from .cli import UserError
-from .sources import PARQUET_BATCH_ROWS, FileRow, Schema, parquet_columns, shuffle_buffered
+from .row_reading import PARQUET_BATCH_ROWS, FileRow, parquet_columns, shuffle_buffered
 
 
 class ParquetRows:
@@ -19,7 +19,7 @@ class ParquetRows:
     buffer of 10,000, as rows stay in the buffer for long).
     """
 
-    def __init__(self, paths: list[Path], schema: Schema | None, seed: int, buffer_size: int, single_file: bool):
+    def __init__(self, paths: list[Path], schema, seed: int, buffer_size: int, single_file: bool):
         self.paths, self.schema, self.single_file = paths, schema, single_file
         self.seed, self.buffer_size = seed, buffer_size
 

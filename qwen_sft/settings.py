@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import FROM_COMMAND_LINE, UserError, format_value
+from .errors import UserError
 from .inherit import FROM_ADAPTER
+from .values import FROM_COMMAND_LINE, format_value
 
 LARGEST_COUNT = 2**31 - 1  # the tokenizers, torch and C code count in 32-bit signed integers
 LARGEST_SEED = 2**32 - 1  # numpy's seeds (transformers.set_seed seeds numpy too)

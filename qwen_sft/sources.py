@@ -46,7 +46,9 @@ from pathlib import Path
 
 from .cli import UserError
 from .deadline import deadline
+from .parquet_rows import ParquetRows
 from .records import BadJSON, IgnoredFields, iter_json_rows, parse_json, validate_record
+from .row_reading import PARQUET_BATCH_ROWS, RANDOM_SLOTS_PER_DRAW, FileRow, parquet_columns, shuffle_buffered
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 # Names that are plainly files (so a typo gives "file not found", not a failed hub lookup).
@@ -57,8 +59,6 @@ HUB_SPEC = re.compile(
 HUB_CONFIGS = {"qiaojin/PubMedQA": "pqa_labeled"}  # hub datasets that need a config name
 GLOB_CHARS = re.compile(r"[*?[]")
 HUB_BATCH_ROWS = 1000  # hub rows made Python objects at a time (at most SHUFFLE_BUFFER; a lost stream resumes there)
-PARQUET_BATCH_ROWS = 1024  # rows converted to Python objects at a time
-RANDOM_SLOTS_PER_DRAW = 1000  # shuffle-buffer slots drawn at a time, as datasets draws them
 
 
 class WrongSchema(ValueError):
@@ -420,18 +420,6 @@ class Source:
         return f"{self.path}:{number}"
 
 
-@dataclass(frozen=True)
-class FileRow:
-    """Where a row of a several-file source comes from."""
-
-    path: str
-    number: int
-
-    def __str__(self) -> str:
-        parquet = self.path.lower().endswith(".parquet")
-        return f"{self.path} row {self.number}" if parquet else f"{self.path}:{self.number}"
-
-
 def warn(message: str) -> None:
     from tqdm import tqdm
 
@@ -532,7 +520,7 @@ def check_local_file(source: Source) -> None:
     source.files  # noqa: B018  (resolving the files checks them)
 
 
-def _numbered_local_rows(path: str, schema: Schema | None = None):
+def numbered_local_rows(path: str, schema: Schema | None = None):
     """Yield (number, row, None) for each row of a local file, or (number, None, (offset, length)) for a JSONL line,
     whose text is read and parsed only once it is drawn. JSONL and Parquet (only what `schema` reads, if given) are
     read in bounded memory."""
@@ -592,29 +580,13 @@ def _numbered_files_rows(paths: list[Path], schema: Schema | None = None):
     """(FileRow, row, None) for the rows of several local files, one after another."""
     for path in paths:
         with open(path, "rb") as handle:
-            for number, row, span in _numbered_local_rows(path, schema):
+            for number, row, span in numbered_local_rows(path, schema):
                 if span is not None:
                     try:
                         row = parse_json(read_span(handle, span))
                     except BadJSON as error:
                         raise UserError(f"{path}:{number}: {error}") from None
                 yield FileRow(str(path), number), row, None
-
-
-def parquet_columns(parquet, schema: Schema | None) -> list[str] | None:
-    """The Parquet columns to read: only those the schema reads (a missing one stays missing, so the row is
-    reported as before), and of a list of structs only the fields it reads ("answers.list.element.text")."""
-    if schema is None or not schema.columns:
-        return None
-    leaves = [parquet.schema.column(index).path for index in range(len(parquet.schema))]
-    selected = []
-    for name in schema.columns:
-        if name not in parquet.schema_arrow.names:
-            continue
-        wanted = schema.subfields.get(name, ())
-        fields = [leaf for leaf in leaves if leaf.startswith(f"{name}.") and leaf.rpartition(".")[2] in wanted]
-        selected += fields or [name]
-    return selected
 
 
 def _numbered_parquet_rows(path: Path, schema: Schema | None = None):
@@ -641,34 +613,6 @@ def _prefer_jemalloc() -> None:
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         with contextlib.suppress(NotImplementedError):
             pa.set_memory_pool(pa.jemalloc_memory_pool())
-
-
-def _random_slots(rng, buffer_size: int):
-    while True:
-        yield from rng.integers(0, buffer_size, size=RANDOM_SLOTS_PER_DRAW).tolist()
-
-
-def shuffle_buffered(items, seed: int, buffer_size: int):
-    """`items` in the order `datasets.IterableDataset.shuffle(seed=seed, buffer_size=buffer_size)` gives them.
-
-    The same algorithm and the same random draws (a test compares the two), so the output does not change, but a
-    local file no longer imports datasets and torch (about 2.5 CPU s) or pays datasets' per-row overhead. A full
-    buffer yields a random slot and refills it with the next item; at the end the rest of the buffer is shuffled.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    slots = _random_slots(rng, buffer_size)  # drawn only once the buffer is full, as datasets does
-    buffer = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-        else:
-            slot = next(slots)
-            yield buffer[slot]
-            buffer[slot] = item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 # ---------------------------------------------------------------------------------------------------- hub streams
@@ -940,12 +884,10 @@ def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings
     """
     if not source.is_hub:
         if all(path.suffix.lower() == ".parquet" for path in source.files):
-            from .parquet_rows import ParquetRows
-
             _prefer_jemalloc()
             return ParquetRows(source.files, source.schema, seed, buffer_size, single_file=bool(source.path))
         if source.path:
-            rows = _numbered_local_rows(source.path, source.schema)
+            rows = numbered_local_rows(source.path, source.schema)
         else:
             rows = _numbered_files_rows(source.files, source.schema)
         return shuffle_buffered(rows, seed, buffer_size)

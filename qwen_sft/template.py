@@ -9,7 +9,7 @@ closing `<|im_end|>` only.
 
 from __future__ import annotations
 
-from .cli import UserError
+from .errors import UserError
 from .families import family
 
 DEFAULT_SYSTEM_PROMPT = (

@@ -668,7 +668,7 @@ def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_
     travel as Arrow, and decodes only the batches that the rows drawn so far reach."""
     from qwen_sft import parquet_rows
     from qwen_sft.preparation import pack_chunk, unpack_chunk
-    from qwen_sft.sources import _numbered_files_rows, _numbered_local_rows
+    from qwen_sft.sources import _numbered_files_rows, numbered_local_rows
 
     monkeypatch.setattr(parquet_rows, "PARQUET_BATCH_ROWS", 4)
     paths = write_parquet_files(tmp_path, [23, 0, 40])
@@ -685,7 +685,7 @@ def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_
     assert drawn == [(number, row) for number, row, _ in expected]
     single = parquet_rows.ParquetRows(paths[:1], None, 3, 11, single_file=True)
     numbers = [chunk[index][0] for chunk in single.chunks(10) for index in range(len(chunk))]
-    assert numbers == [number for number, _, _ in shuffle_buffered(_numbered_local_rows(paths[0]), 3, 11)]
+    assert numbers == [number for number, _, _ in shuffle_buffered(numbered_local_rows(paths[0]), 3, 11)]
 
 
 @pytest.mark.parametrize("footer_counts", [[30], [30, 10], [20, 10], [20, 11]])
