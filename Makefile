@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ setup: $(VENV)/.installed  ## create .venv with the pinned CPU stack and the tes
 
 demo: setup  ## the whole pipeline on the tiny model, offline, in demo/
 	PYTHON=$(abspath $(PY)) bash scripts/demo_cpu.sh
+
+lint: setup  ## ruff, with the rules in pyproject.toml
+	$(VENV)/bin/ruff check .
 
 test: setup  ## the test suite, offline, on the CPU
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest

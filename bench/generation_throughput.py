@@ -39,7 +39,6 @@ import time
 import traceback
 from pathlib import Path
 
-
 from qwen_sft.cli import UserError, format_value, parse_config, run_stage
 
 PARTS = ["setup", "old", "new", "report"]  # which parts run, in this order (several: each in its own process)

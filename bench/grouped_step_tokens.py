@@ -6,9 +6,6 @@ steps: why the tokens/s line falls within a run (README, Speed). CPU only; the m
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
-
 
 
 def main():

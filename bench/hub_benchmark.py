@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from data_mix_benchmark import reference_loop_seconds
-
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.localhub.replicas import write_pubmedqa, write_slimorca, write_stackexchange
 from qwen_sft.localhub.server import HubServer

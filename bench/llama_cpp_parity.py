@@ -17,7 +17,6 @@ import json
 import subprocess
 from pathlib import Path
 
-
 from qwen_sft.families import family
 
 NEW_TOKENS = 16

@@ -12,9 +12,9 @@ import runpy
 import time
 from pathlib import Path
 
-repo_root = Path(__file__).resolve().parents[1]
-
 from qwen_sft.cli import parse_config, run_stage
+
+repo_root = Path(__file__).resolve().parents[1]
 
 DATA_DIR = "/tmp/hub_benchmark"  # the hub benchmark's replicas
 SEED = 42  # the shuffle seed (data_set_generation.py's default)

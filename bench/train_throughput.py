@@ -31,8 +31,8 @@ whether any run ran out of memory or stepped down, what auto chose, and its esti
 
 import argparse
 import json
-import runpy
 import os
+import runpy
 import subprocess
 import sys
 import time

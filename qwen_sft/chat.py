@@ -33,8 +33,8 @@ from .artifacts import APPEND, Output, append_to_file, claim_outputs
 from .cli import UserError
 from .families import family
 from .fast_generation import generation_path, load_generation_model, warm_up
-from .generation import decoding_settings, stream_reply
 from .formats import tool_specs
+from .generation import decoding_settings, stream_reply
 from .records import validate_record
 from .template import prompt_ids, render_prompt
 

@@ -24,10 +24,9 @@ from .artifacts import (
 )
 from .cli import UserError
 from .families import family
-from .qwen_tokenizer_build import write_portable_tokenizer_config
 from .generation import stop_token_ids
-from .locking import folder_lock
 from .llama_cpp import GGUF_TYPES, LLAMA_CPP_PYTHON, convert, converter_dir, gguf_summary
+from .locking import folder_lock
 from .modeling import (
     ADAPTER_MANIFEST,
     choose_backend,
@@ -36,6 +35,7 @@ from .modeling import (
     load_base_model,
     read_adapter_manifest,
 )
+from .qwen_tokenizer_build import write_portable_tokenizer_config
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

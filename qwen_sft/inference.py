@@ -15,8 +15,8 @@ from pathlib import Path
 from .artifacts import Output, atomic_file, build_manifest, claim_outputs, sha256_file
 from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
-from .generation import decoding_settings, generate_batch, stream_reply
 from .formats import check_format
+from .generation import decoding_settings, generate_batch, stream_reply
 from .modeling import read_adapter_manifest
 from .records import PROMPT_HELP, iter_json_rows, json_line, validate_record
 from .template import build_messages, is_conversation, prompt_ids, reference_answer

@@ -59,8 +59,8 @@ from .rows import (
     REJECTED,
     WRONG_SCHEMA,
     RowRules,
-    convert_row,
     content_byte_budget,
+    convert_row,
     keyword_patterns,
 )
 from .sources import (

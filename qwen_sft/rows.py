@@ -13,7 +13,6 @@ from .families import family
 from .records import BadJSON, parse_json
 from .sources import Cut, Rejected, Schema, WrongSchema, read_span
 
-
 _ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 _ASCII_LOWER_CASE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 

@@ -28,8 +28,20 @@ from .artifacts import (
     write_json_atomic,
     write_workdir_manifest,
 )
-from .batching import (AUTO, BATCH_FLAGS, BatchChoice, BatchShape, Rows, allocated_gpu_gib, choose_batch, free_gpu_gib,
-                       model_size, report_packing, report_padding, step_down)
+from .batching import (
+    AUTO,
+    BATCH_FLAGS,
+    BatchChoice,
+    BatchShape,
+    Rows,
+    allocated_gpu_gib,
+    choose_batch,
+    free_gpu_gib,
+    model_size,
+    report_packing,
+    report_padding,
+    step_down,
+)
 from .cli import UserError, is_main_process, say
 from .data import TokenizedRecords, split_records, tokenize_records
 from .families import family

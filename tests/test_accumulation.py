@@ -11,8 +11,13 @@ import torch
 if torch.cuda.is_available() and importlib.util.find_spec("unsloth"):
     import unsloth  # noqa: F401  (patches transformers and TRL, so it comes before them)
 
-from bench.accumulation_check import (compare_splits, lora_gradients, mean_of_means_gradients, relative_difference,
-                                      rows_of_similar_length)
+from bench.accumulation_check import (
+    compare_splits,
+    lora_gradients,
+    mean_of_means_gradients,
+    relative_difference,
+    rows_of_similar_length,
+)
 from qwen_sft.accumulation import TokenWeightedAccumulation
 from qwen_sft.modeling import load_base_model
 

@@ -7,8 +7,17 @@ import json
 import pytest
 import torch
 
-from qwen_sft.batching import (AUTO, BATCH_FLAGS, MemoryModel, ModelSize, Rows, choose_batch,
-                               model_size, parse_batch_flags, step_down)
+from qwen_sft.batching import (
+    AUTO,
+    BATCH_FLAGS,
+    MemoryModel,
+    ModelSize,
+    Rows,
+    choose_batch,
+    model_size,
+    parse_batch_flags,
+    step_down,
+)
 from qwen_sft.cli import UserError
 from qwen_sft.presets import PRESETS
 
@@ -138,13 +147,12 @@ def _out_of_memory_once(failures: dict):
 
 
 def test_out_of_memory_in_the_first_step_steps_down_once_under_auto(tmp_path, capsys):
-    from test_training import _tiny_config
-
     from qwen_sft.training import train
+    from test_training import _tiny_config
 
     failures = {"left": 1, "micro_batches": []}
     trainer = train(_tiny_config(tmp_path, MAX_STEPS=2, GRADIENT_CHECKPOINTING=AUTO), "Qwen_finetuning.py",
-                    trainer_class=lambda: _out_of_memory_once(failures))
+                    trainer_class=lambda failures=failures: _out_of_memory_once(failures))
     out = capsys.readouterr().out
     assert "batch: auto chose 2 × 4, recomputation: the seed's split (no CUDA GPU)" in out
     assert ("CUDA out of memory in the first step with 2 × 4, recomputation: stepping down to 1 × 8, "
@@ -156,9 +164,8 @@ def test_out_of_memory_in_the_first_step_steps_down_once_under_auto(tmp_path, ca
 
 
 def test_out_of_memory_with_explicit_values_or_twice_is_one_line(tmp_path):
-    from test_training import _tiny_config
-
     from qwen_sft.training import train
+    from test_training import _tiny_config
 
     for name, overrides, left in (("explicit", {"PER_DEVICE_TRAIN_BATCH_SIZE": 2, "GRADIENT_ACCUMULATION_STEPS": 4,
                                                 "GRADIENT_CHECKPOINTING": True}, 1),
@@ -166,7 +173,7 @@ def test_out_of_memory_with_explicit_values_or_twice_is_one_line(tmp_path):
         failures = {"left": left, "micro_batches": []}
         with pytest.raises(UserError, match="^CUDA out of memory at step 0: lower --per_device_train_batch_size"):
             train(_tiny_config(tmp_path / name, MAX_STEPS=2, **overrides), "Qwen_finetuning.py",
-                  trainer_class=lambda: _out_of_memory_once(failures))
+                  trainer_class=lambda failures=failures: _out_of_memory_once(failures))
         assert len(failures["micro_batches"]) == left
 
 
@@ -188,15 +195,14 @@ def test_auto_trains_a_dataset_smaller_than_the_seeds_micro_batch():
 def test_at_one_row_the_step_down_turns_recomputation_on(tmp_path, capsys, monkeypatch):
     """As on a GPU (free memory faked): `auto` drops recomputation for one row per micro-batch, the first step runs
     out of memory, and the stage trains again with recomputation switched on."""
-    from test_training import _tiny_config
-
     from qwen_sft import training
+    from test_training import _tiny_config
 
     monkeypatch.setattr(training, "least_free_gpu_gib", lambda: 1000.0)
     failures = {"left": 1, "micro_batches": []}
     trainer = training.train(_tiny_config(tmp_path, MAX_STEPS=1, PER_DEVICE_TRAIN_BATCH_SIZE=1,
                                           GRADIENT_CHECKPOINTING=AUTO), "Qwen_finetuning.py",
-                             trainer_class=lambda: _out_of_memory_once(failures))
+                             trainer_class=lambda failures=failures: _out_of_memory_once(failures))
     out = capsys.readouterr().out
     assert "batch: auto chose 1 × 8, no recomputation: " in out
     assert "stepping down to 1 × 8, recomputation" in out and trainer.state.global_step == 1

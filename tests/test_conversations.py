@@ -295,7 +295,6 @@ def test_multi_turn_learning_proof_greedy_chat_recalls_the_first_exchange(memori
 @pytest.mark.slow
 def test_evaluation_scores_every_answer_and_generates_the_last(memorised, tmp_path):
     from conftest import run_script
-
     from qwen_sft.data import split_records
 
     adapter, records, dataset = memorised

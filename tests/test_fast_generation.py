@@ -8,8 +8,14 @@ import torch
 
 from conftest import EXACT, FIXTURES, run_script
 from qwen_sft.cli import UserError
-from qwen_sft.fast_generation import (adapter_disabled, choose_fast, dense_model, load_generation_model,
-                                      resolve_fast_generation, warm_up)
+from qwen_sft.fast_generation import (
+    adapter_disabled,
+    choose_fast,
+    dense_model,
+    load_generation_model,
+    resolve_fast_generation,
+    warm_up,
+)
 from qwen_sft.generation import decoding_kwargs, generate_token_ids, stream_reply
 from qwen_sft.modeling import LORA_TARGET_MODULES
 from qwen_sft.records import read_records

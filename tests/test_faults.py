@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT, run_script
 
+from conftest import FIXTURES, ROOT, run_script
 from qwen_sft.artifacts import atomic_directory, manifest_path_for
 from qwen_sft.cli import UserError
 
@@ -165,7 +165,7 @@ def test_a_killed_mix_leaves_the_old_output_and_no_process_and_reruns(tmp_path, 
         assert stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr[-3000:]
         assert "Traceback" not in stderr, stderr[-3000:]
     for worker in workers:  # the pool's workers die with the mix, even when it is SIGKILLed
-        wait_until(lambda: not running(worker), 10, f"worker {worker} to exit")
+        wait_until(lambda worker=worker: not running(worker), 10, f"worker {worker} to exit")
     after = {name: data for name, data in snapshot(output.parent).items() if ".partial-" not in name}
     assert after == before  # no half output at the promised path: the old file and manifest, byte for byte
 

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-
-from conftest import FIXTURES, ROOT, run_script
 from transformers import TrainerCallback
 
+from conftest import FIXTURES, ROOT, run_script
 from qwen_sft.cli import Config, UserError
 from qwen_sft.locking import lock_path
 from qwen_sft.training import find_resume_checkpoint, train

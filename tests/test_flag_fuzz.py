@@ -19,11 +19,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT, run_script, without_flags
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qwen_sft.cli
+from conftest import FIXTURES, ROOT, run_script, without_flags
 from qwen_sft.cli import UserError, parse_config
 from qwen_sft.inherit import TRAINING_DEFAULTS
 
@@ -195,8 +195,8 @@ EDGE_VALUES = st.sampled_from(["0", "1", "1e-9", "0.999", "3", "1e6"])  # valid,
 
 @pytest.mark.slow
 @settings(max_examples=6)
-@example(((("--temperature", "1e-9"), ("--top_p", "1e-9"), ("--repetition_penalty", "1e6"),
-           ("--no_repeat_ngram_size", "1"))))
+@example((("--temperature", "1e-9"), ("--top_p", "1e-9"), ("--repetition_penalty", "1e6"),
+           ("--no_repeat_ngram_size", "1")))
 @given(st.lists(st.sampled_from(["--temperature", "--top_p", "--repetition_penalty", "--no_repeat_ngram_size"]),
                 min_size=1, max_size=4, unique=True).flatmap(
     lambda names: st.tuples(*[st.tuples(st.just(name), st.one_of(EDGE_VALUES, VALUE)) for name in names])))

@@ -6,14 +6,13 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import FIXTURES
 from qwen_sft.cli import UserError
 from qwen_sft.families import family
 from qwen_sft.formats import IgnoredFields
 from qwen_sft.records import read_records, validate_record
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, build_messages, reference_answer, tokenize_example
 from qwen_sft.tiny import tiny_path
-
-from conftest import FIXTURES
 
 LLAMA_FACTORY = FIXTURES / "llamafactory"
 DEMO_FILES = ["alpaca_zh_demo.json", "glaive_toolcall_zh_demo.json", "glaive_toolcall_en_demo.json", "identity.json"]
@@ -214,7 +213,6 @@ def test_data_stage_writes_every_format_in_the_canonical_form(tmp_path, monkeypa
     import sys
 
     from conftest import ROOT
-
     from qwen_sft.records import iter_json_rows
 
     rows = [row for path in ALL_FILES for _, row in iter_json_rows(path)]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from conftest import FIXTURES, run_script
 
 QUICK_TRAINING = ["--preset", "tiny_cpu", "--max_steps", 2, "--eval_ratio", 0, "--per_device_train_batch_size", 2,

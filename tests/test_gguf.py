@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from conftest import run_script
 from qwen_sft.cli import UserError
 from qwen_sft.families import family
-from qwen_sft.llama_cpp import NETWORK_ERRORS, converter_dir
+from qwen_sft.llama_cpp import NETWORK_ERRORS, converter_dir, gguf_package
 
 pytestmark = pytest.mark.slow
 TENSORS_PER_LAYER = {  # GGUF name -> Hugging Face name, for one Qwen2 decoder layer

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT, run_script
-
-
 from qwen_sft.cli import UserError
 from qwen_sft.localhub.replicas import ORCA_FILE, write_pubmedqa, write_slimorca, write_stackexchange
 from qwen_sft.localhub.server import HubServer

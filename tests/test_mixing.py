@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
 
+from conftest import ROOT, run_script
 from qwen_sft.artifacts import sha256_file
 from qwen_sft.cli import UserError
 from qwen_sft.planning import exact_quotas
@@ -208,7 +208,7 @@ def test_local_shuffle_buffer_draws_rows_in_the_order_datasets_does(rows, buffer
 @pytest.mark.parametrize(
     "line",
     [
-        '{"a": [1, -0.0, 2.5e-308, 18446744073709551615, true, null], "b": {"c": "\\u00e9\\n\\"x"}}'.encode(),
+        b'{"a": [1, -0.0, 2.5e-308, 18446744073709551615, true, null], "b": {"c": "\\u00e9\\n\\"x"}}',
         '{"é": "中文", "a": 1, "a": 2}'.encode(),
         b'{"x": NaN, "y": -Infinity}',  # json extensions that orjson refuses
         b'\xef\xbb\xbf{"a": 1}',

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT, run_script
 
+from conftest import FIXTURES, ROOT, run_script
 from qwen_sft import artifacts
 from qwen_sft.artifacts import (
     FILE,

@@ -9,8 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, run_script
 
+from conftest import FIXTURES, run_script
 from qwen_sft import artifacts, export
 from qwen_sft.artifacts import (
     FOLDER,

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, run_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import FIXTURES, run_script
 from qwen_sft.artifacts import (
     APPEND,
     FILE,
@@ -338,7 +338,7 @@ def must_refuse(tree: Tree, before: dict, stage: str, inputs: dict, overwrite: b
     if len(targets) == 2 and (targets[0] == targets[1] or targets[0].startswith(targets[1] + "/")
                               or targets[1].startswith(targets[0] + "/")):
         return "nested outputs"
-    for (_, slot, kind, manifest_name), target in zip(outputs, targets):
+    for (_, _slot, kind, manifest_name), target in zip(outputs, targets):
         entry = before.get(target)
         if entry and (entry[0] == "other" or (entry[0] == "dir") != (kind in (FOLDER, WORKDIR))):
             return "a FIFO, or a file where a folder goes (or the reverse)"

@@ -5,8 +5,8 @@ import json
 import runpy
 
 import pytest
-from conftest import FIXTURES, ROOT, run_script
 
+from conftest import FIXTURES, ROOT, run_script
 from qwen_sft.cli import UserError, parse_config
 from qwen_sft.inherit import inherit_from_adapter
 from qwen_sft.settings import RULES

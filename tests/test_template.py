@@ -5,6 +5,7 @@ import hashlib
 import pytest
 from transformers import AutoTokenizer
 
+from qwen_sft.families import family
 from qwen_sft.template import (
     DEFAULT_SYSTEM_PROMPT,
     build_messages,
@@ -12,7 +13,6 @@ from qwen_sft.template import (
     tokenize_example,
     user_content,
 )
-from qwen_sft.families import family
 from qwen_sft.tiny import tiny_path
 
 # sha256 of Qwen2.5-7B-Instruct's official chat template (tokenizer_config.json "chat_template").

@@ -6,8 +6,8 @@ import os
 import pickle
 
 import pytest
-from conftest import FIXTURES, run_script
 
+from conftest import FIXTURES, run_script
 from qwen_sft.cli import parse_config
 from qwen_sft.mixing import SourceStats, WorkFolder
 from qwen_sft.planning import OPTION_A_REPORT_KEY, plan_mix
