@@ -1,5 +1,5 @@
 """Tokens per optimizer step in the default path's length-grouped order, per 5-step interval of a run's first 30
-steps: why the tokens/s line falls within a run (README, Speed). CPU only; the mix is the data stage's output.
+steps: why the tokens/s line falls within a run (bench/README.md). CPU only; the mix is the data stage's output.
 
   python bench/grouped_step_tokens.py --mix /tmp/h200_run/mix.jsonl
 """

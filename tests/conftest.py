@@ -23,7 +23,7 @@ settings.register_profile(
 )
 settings.load_profile("suite")
 
-# The settings that make the tiny model learn 20 rows exactly (see DESIGN: the learning proof).
+# The settings that make the tiny model learn 20 rows exactly (README, "Tests": the learning proofs).
 LEARNING_FLAGS = [
     "--preset", "tiny_cpu", "--max_steps", "300",
     "--per_device_train_batch_size", "20", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
