@@ -40,6 +40,20 @@ def without_flags(flags: list[str], extra) -> list[str]:
     return [item for flag, value in zip(flags[::2], flags[1::2]) if flag not in given for item in (flag, value)]
 
 
+def one_line_error(result, *fragments, after_progress: bool = False) -> str:
+    """The single `error:` line of a stage that refused its input: exit code 2, no traceback, each fragment in it.
+    `after_progress`: a model's build or load may print progress bars before it."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    if after_progress:
+        lines = [line for line in lines if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def run_script(script: str, *args, cwd=None, input_text=None, timeout=600, env=None):
     """Run a stage script as a user would; returns the CompletedProcess (text mode)."""
     return subprocess.run(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, run_script
+from conftest import FIXTURES, ROOT, one_line_error, run_script
 from qwen_sft.artifacts import atomic_directory, manifest_path_for
 from qwen_sft.cli import UserError
 
@@ -46,14 +46,6 @@ def mix_args(output: Path, orca: Path = ORCA, total: int = 10) -> list:
 def snapshot(folder: Path) -> dict:
     """Every file under `folder` with its bytes (hidden temporary files included)."""
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def assert_one_line_exit_2(result, fragment: str) -> None:
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -233,8 +225,8 @@ def test_a_mix_that_fills_the_disk_leaves_the_old_output_byte_for_byte(small_dis
     assert run_script("data_integration.py", *mix_args(output)).returncode == 0
     before = snapshot(small_disk)
     result = run_script("data_integration.py", *mix_args(output, big_orca, total=20_000))  # about 2 MB
-    assert_one_line_exit_2(result, f"{output}: cannot write (the disk is full); the previous output, if any, is "
-                                    "unchanged")
+    one_line_error(result, f"{output}: cannot write (the disk is full); the previous output, if any, is "
+                       "unchanged")
     assert snapshot(small_disk) == before
 
 
@@ -258,7 +250,7 @@ def test_a_read_only_output_folder_is_one_line_naming_the_real_error(small_disk)
     before = snapshot(small_disk)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     result = run_script("data_integration.py", *mix_args(output, total=12))
-    assert_one_line_exit_2(result, f"{output}: cannot write (the file system is read-only)")
+    one_line_error(result, f"{output}: cannot write (the file system is read-only)")
     assert snapshot(small_disk) == before
 
 
@@ -350,7 +342,7 @@ def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, script, flags
     workdir = make_workdir(tmp_path)
     before = snapshot(workdir)
     result = run_script(script, *flags, cwd=workdir, timeout=120)
-    assert_one_line_exit_2(result, message)
+    one_line_error(result, message)
     assert snapshot(workdir) == before
 
 
@@ -363,7 +355,7 @@ def test_folder_sources_are_inputs_and_checked_whole_with_fatal_bad_rows(tmp_pat
     shutil.copy(ORCA, folder / "b.jsonl")
     into_source = run_script("data_integration.py", *mix_args(folder / "b.jsonl", orca=folder), "--overwrite_output",
                              "true", cwd=tmp_path)
-    assert_one_line_exit_2(into_source, "is the input --sources orca file 2 of 2")
+    one_line_error(into_source, "is the input --sources orca file 2 of 2")
     assert (folder / "b.jsonl").read_bytes() == ORCA.read_bytes()
 
     with open(folder / "b.jsonl", "a", encoding="utf-8") as handle:
@@ -371,7 +363,7 @@ def test_folder_sources_are_inputs_and_checked_whole_with_fatal_bad_rows(tmp_pat
     lines = len((folder / "b.jsonl").read_text(encoding="utf-8").splitlines())
     fatal = run_script("data_integration.py", *mix_args(tmp_path / "mix.jsonl", orca=folder), "--fatal_bad_rows",
                        "true", cwd=tmp_path)
-    assert_one_line_exit_2(fatal, f"orca: {folder / 'b.jsonl'}:{lines}:")
+    one_line_error(fatal, f"orca: {folder / 'b.jsonl'}:{lines}:")
     assert not (tmp_path / "mix.jsonl").exists()
 
 

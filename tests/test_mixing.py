@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, one_line_error, run_script
 from qwen_sft.artifacts import sha256_file
 from qwen_sft.cli import UserError
 from qwen_sft.planning import exact_quotas
@@ -449,14 +449,6 @@ def test_adapters_name_what_is_wrong_with_a_row(schema, row, problem):
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 @pytest.mark.parametrize(
     "flags, fragments",
     [
@@ -470,13 +462,13 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, flags, fragment
     output = tmp_path / "mix.jsonl"
     defaults = {"--my_report_data_path": REPORTS, "--sources": f"orca={ORCA},pubmed={PUBMED}", "--output_file": output}
     result = run_script("data_integration.py", *with_defaults(defaults, flags))
-    assert_one_line_error(result, *fragments)
+    one_line_error(result, *fragments)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_option_b_bad_keyword_json_exits_2(tmp_path):
     result = run_script("data_set_generation.py", "--keywords", '{"ai": ["LLM"', "--output_file", tmp_path / "m.jsonl")
-    assert_one_line_error(result, "--keywords", "invalid JSON")
+    one_line_error(result, "--keywords", "invalid JSON")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, run_script
+from conftest import FIXTURES, ROOT, one_line_error, run_script
 from qwen_sft import artifacts
 from qwen_sft.artifacts import (
     FILE,
@@ -31,16 +31,6 @@ from qwen_sft.records import line_starts, read_records
 HUB = FIXTURES / "hub"
 ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
 ROW = {"instruction": "q", "input": "", "output": "a"}
-
-
-def one_line_error(result, *fragments) -> str:
-    """The single `error:` line of a stage that refused its input with exit code 2."""
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def claim(outputs: list[Output], inputs: dict | None = None, stage: str = "export", overwrite: bool = False) -> dict:

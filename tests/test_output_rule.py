@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, run_script
+from conftest import FIXTURES, one_line_error, run_script
 from qwen_sft import artifacts, export
 from qwen_sft.artifacts import (
     FOLDER,
@@ -32,13 +32,6 @@ from qwen_sft.locking import folder_lock, lock_path
 
 HUB = FIXTURES / "hub"
 ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
-
-
-def one_line_exit_2(result, fragment: str) -> str:
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr[-2000:]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict:
@@ -86,7 +79,7 @@ def test_export_into_a_copy_of_the_adapter_is_refused(tmp_path):
     shutil.copytree(adapter, tmp_path / "copy_of_A")
     before = snapshot(tmp_path)
     result = run_script("export_model.py", "--adapter_dir", "A", "--output_dir", "copy_of_A", cwd=tmp_path)
-    one_line_exit_2(result, "--output_dir copy_of_A: the folder was written by another stage (train, says its "
+    one_line_error(result, "--output_dir copy_of_A: the folder was written by another stage (train, says its "
                             "manifest.json), not by export")
     assert snapshot(tmp_path) == before
 
@@ -96,7 +89,7 @@ def test_training_into_an_export_folder_is_refused(tmp_path):
     before = snapshot(tmp_path)
     result = run_script("Qwen_finetuning.py", "--dataset_path", FIXTURES / "learning_20.jsonl", "--base_model", "tiny",
                         "--tokenizer_dir", merged.name, cwd=tmp_path)
-    one_line_exit_2(result, "--tokenizer_dir Qwen_finetuning_merged: the folder was written by another stage (export")
+    one_line_error(result, "--tokenizer_dir Qwen_finetuning_merged: the folder was written by another stage (export")
     assert snapshot(tmp_path) == before
 
 
@@ -136,7 +129,7 @@ def test_a_mix_never_replaces_a_users_file_named_like_a_manifest(tmp_path):
 
     (tmp_path / "answers.jsonl.manifest.json").write_text("my notes about answers.jsonl")
     refused = run_script("data_integration.py", *mix_args("answers.jsonl"), cwd=tmp_path)
-    one_line_exit_2(refused, "answers.jsonl.manifest.json: this toolkit did not write it about answers.jsonl")
+    one_line_error(refused, "answers.jsonl.manifest.json: this toolkit did not write it about answers.jsonl")
     assert not (tmp_path / "answers.jsonl").exists()
     forced = run_script("data_integration.py", *mix_args("answers.jsonl", "--overwrite_output", "true"), cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-2000:]
@@ -190,7 +183,7 @@ def test_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path):
     assert important.read_text() == "important" and lock_path(tmp_path / "outputs").is_symlink()
     result = run_script("Qwen_finetuning.py", "--dataset_path", FIXTURES / "learning_20.jsonl", "--base_model",
                         "tiny", cwd=tmp_path)
-    one_line_exit_2(result, "is a symbolic link")
+    one_line_error(result, "is a symbolic link")
     assert important.read_text() == "important"
 
 
@@ -325,7 +318,7 @@ def test_an_output_inside_an_input_folder_is_refused(tmp_path):
     before = snapshot(tmp_path)
     result = run_script("inference.py", "--adapter_dir", "a2", "--instruction_file", "prompts.jsonl", "--output_file",
                         "a2/adapter_model.safetensors", "--overwrite_output", "true", cwd=tmp_path)
-    one_line_exit_2(result, "--output_file a2/adapter_model.safetensors is inside the input --adapter_dir a2")
+    one_line_error(result, "--output_file a2/adapter_model.safetensors is inside the input --adapter_dir a2")
     assert snapshot(tmp_path) == before and (adapter / "adapter_model.safetensors").stat().st_size == 256
 
 
@@ -430,7 +423,7 @@ def test_training_keeps_a_users_readme_and_checkpoint_copy_in_output_dir(tmp_pat
     (outputs / "checkpoint-2-good" / "MYNOTES.txt").write_text("keep")
     before = snapshot(outputs)
     second = run_script("Qwen_finetuning.py", *flags, "--max_steps", 3, cwd=tmp_path)
-    one_line_exit_2(second, "outputs holds checkpoint-2-good, which training did not write there")
+    one_line_error(second, "outputs holds checkpoint-2-good, which training did not write there")
     assert snapshot(outputs) == before
 
 
@@ -601,7 +594,7 @@ def test_a_private_output_is_never_readable_while_it_is_written(tmp_path):
 def test_a_name_too_long_is_one_line(tmp_path, length):
     """Defect 11: a name the file system cannot hold (or whose manifest's name it cannot) is refused before work."""
     result = run_script("data_integration.py", *mix_args("a" * length + ".jsonl"), cwd=tmp_path)
-    one_line_exit_2(result, "the name is too long")
+    one_line_error(result, "the name is too long")
     assert list(tmp_path.iterdir()) == []
 
 
