@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, one_line_error, run_script
+from conftest import FIXTURES, ORCA, PUBMED, REPORTS, ROOT, one_line_error, run_script
 from qwen_sft.artifacts import atomic_directory, manifest_path_for
 from qwen_sft.cli import UserError
 
-HUB = FIXTURES / "hub"
-ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
 BIG_ROWS = 60_000  # enough for the mix to prepare rows in worker processes (preparation.PARALLEL_MIN_ROWS)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, ROOT, one_line_error, run_script
+from conftest import ORCA, PUBMED, REPORTS, ROOT, one_line_error, run_script
 from qwen_sft import artifacts
 from qwen_sft.artifacts import (
     FILE,
@@ -28,8 +28,6 @@ from qwen_sft.artifacts import (
 from qwen_sft.cli import UserError, parse_config
 from qwen_sft.records import line_starts, read_records
 
-HUB = FIXTURES / "hub"
-ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
 ROW = {"instruction": "q", "input": "", "output": "a"}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, one_line_error, run_script
+from conftest import FIXTURES, ORCA, PUBMED, REPORTS, one_line_error, run_script
 from qwen_sft import artifacts, export
 from qwen_sft.artifacts import (
     FOLDER,
@@ -29,9 +29,6 @@ from qwen_sft.artifacts import (
 )
 from qwen_sft.cli import Config, UserError
 from qwen_sft.locking import folder_lock, lock_path
-
-HUB = FIXTURES / "hub"
-ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
 
 
 def snapshot(folder: Path) -> dict:

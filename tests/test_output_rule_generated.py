@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FIXTURES, run_script
+from conftest import ORCA, PUBMED, REPORTS, run_script
 from qwen_sft.artifacts import (
     APPEND,
     FILE,
@@ -38,8 +38,6 @@ from qwen_sft.artifacts import (
 )
 from qwen_sft.cli import UserError
 
-HUB = FIXTURES / "hub"
-ORCA, PUBMED, REPORTS = HUB / "slimorca.jsonl", HUB / "pubmedqa_pqa_labeled.jsonl", HUB / "reports.json"
 # stage -> (manifest stage, outputs as (flag, slot, kind, manifest name), inputs as flag -> slot)
 STAGES = {
     "mix": ("data_integration", [("--output_file", "out", FILE, None)], {"--my_report_data_path": "in"}),
