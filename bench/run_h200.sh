@@ -8,7 +8,8 @@
 #                                             # (c_current), --preset h200_fast (c): c/a, loss parity, peak memory
 #   bash bench/run_h200.sh default LOG_DIR    # the default (unpacked) path: the seed's 2 x 4 against auto, with
 #                                             # the whole card and under 24 GB and 16 GB caps: ratios, loss parity
-#                                             # (add --padding_free: also auto with padding-free batches)
+#   bash bench/run_h200.sh padding_free LOG_DIR  # auto with grouped padding against auto with padding-free
+#                                             # batches (TRL's padding_free, unpacked): ratio, loss parity
 #   bash bench/run_h200.sh two_gpus LOG_DIR   # (2 GPUs) the fast stage on 1 vs 2 GPUs: scaling efficiency
 #   bash bench/run_h200.sh grad LOG_DIR       # token-weighted accumulation on the GPU: LoRA gradients of (B, 1)
 #                                             # vs (B/k, k), unpacked and packed (bench/accumulation_check.py)
@@ -19,7 +20,7 @@
 #   bash bench/run_h200.sh generation_old LOG_DIR  # the same in two commands (the machine must stay warm between
 #   bash bench/run_h200.sh generation_new LOG_DIR  # them): setup + the old path, then the new path + the report
 set -uo pipefail
-usage="usage: run_h200.sh pipeline|speed|default|two_gpus|grad|gpu_tests|profile|generation|generation_old|generation_new LOG_DIR"
+usage="usage: run_h200.sh pipeline|speed|default|padding_free|two_gpus|grad|gpu_tests|profile|generation|generation_old|generation_new LOG_DIR"
 part=${1:?$usage}
 logs=${2:?$usage}
 logs=$(mkdir -p "$logs" && cd "$logs" && pwd)
@@ -39,7 +40,7 @@ run() {  # run NAME TIMEOUT COMMAND...: log to LOG_DIR/NAME.log, keep going when
   local started=$SECONDS
   (cd "$work" && timeout "$limit" "$@") > "$logs/$name.log" 2>&1
   echo "=== $name: exit $? after $((SECONDS - started)) s"
-  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|padding:|preset|GPU busy|efficiency|relative difference|passed|^=== |FAILED|^(bs1|eval|peak|agreement)|^batch:|/seed|out-of-memory" | tail -20
+  tr '\r' '\n' < "$logs/$name.log" | grep -E "^step |error|Error|tok/s|real tok|final eval|c/a|ratio|wrote|backend:|packing:|padding:|preset|GPU busy|efficiency|relative difference|passed|^=== |FAILED|^(bs1|eval|peak|agreement)|^batch:|/seed|/auto |out-of-memory" | tail -20
 }
 
 prepare() {  # the random 7B-shaped model, and the data stage's own mix from hub-schema sources of realistic shape
@@ -74,7 +75,12 @@ speed)
 default)
   prepare
   run train_default_path 540 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
-    --default_path --out "$logs/train_default_path.json" "${@:3}"   # e.g. --padding_free
+    --default_path --out "$logs/train_default_path.json"
+  ;;
+padding_free)
+  prepare
+  run train_padding_free 540 python3 "$root/bench/train_throughput.py" --model "$model" --mix mix.jsonl \
+    --default_path --default_runs auto,auto_padding_free --out "$logs/train_padding_free.json"
   ;;
 two_gpus)
   prepare

@@ -27,6 +27,7 @@ whether any run ran out of memory or stepped down, what auto chose, and its esti
   python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl
   python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl --two_gpus
   python bench/train_throughput.py --model /tmp/qwen7b-random --mix mixed_finetune_dataset.jsonl --default_path
+  python bench/train_throughput.py ... --default_path --default_runs auto,auto_padding_free --out padding_free.json
 """
 
 import argparse
@@ -262,18 +263,18 @@ def default_stage(name: str, model_path: str, mix: str, steps: int, extra: list[
     return result
 
 
+DEFAULT_RUNS = {"seed": (SEED_FLAGS, None), "auto": ([], None), **{name: ([], cap) for name, cap in CAPS_GIB.items()},
+                "auto_padding_free": ([], None)}
+
+
 def default_path(args, mix: str, write) -> dict:
-    """The seed's explicit 2 x 4 against `auto`, with the whole card and under the caps; written after each run."""
-    runs = {"seed": (SEED_FLAGS, None), "auto": ([], None), **{name: ([], cap) for name, cap in CAPS_GIB.items()}}
+    """The runs named in --default_runs (the seed's explicit 2 x 4, `auto` with the whole card and under the caps,
+    auto with padding-free batches), in that order; the record is written after each run."""
     results, record = {}, {}
-    for name, (flags, cap) in runs.items():
+    for name in args.default_runs.split(","):
+        flags, cap = DEFAULT_RUNS[name]
         results[name] = default_stage(name, args.model, mix, args.stage_steps, flags, cap,
-                                      Path(f"/tmp/bench_default_{name}"))
-        record = default_summary(results, args.default_tolerance)
-        write(record)
-    if args.padding_free:  # for the record: auto's split with padding-free batches instead of grouped padding
-        results["auto_padding_free"] = default_stage("auto_padding_free", args.model, mix, args.stage_steps, [], None,
-                                                     Path("/tmp/bench_default_padding_free"), padding_free=True)
+                                      Path(f"/tmp/bench_default_{name}"), padding_free=name == "auto_padding_free")
         record = default_summary(results, args.default_tolerance)
         write(record)
     print_default(record)
@@ -281,15 +282,16 @@ def default_path(args, mix: str, write) -> dict:
 
 
 def default_summary(results: dict, tolerance: float) -> dict:
-    """Ratios over the seed, loss parity, and the targets, from the runs done so far."""
-    seed = results["seed"]
+    """Ratios and loss parity of each run against the seed's split, and of padding-free against grouped padding
+    (auto), from the runs done so far; the targets."""
     record = {"results": results, "targets": {"auto_over_seed": 3.0, "auto_24gb_over_seed": 2.5,
                                               "max_relative_loss_difference": tolerance}}
-    for name, run in results.items():
-        if name == "seed" or "real_tokens_per_s" not in run or "real_tokens_per_s" not in seed:
-            continue
-        record[f"ratio_{name}_over_seed"] = round(run["real_tokens_per_s"] / seed["real_tokens_per_s"], 3)
-        record[f"loss_parity_{name}_vs_seed"] = loss_parity(seed, run, tolerance)
+    pairs = [(name, "seed") for name in results if name != "seed"] + [("auto_padding_free", "auto")]
+    for name, reference in pairs:
+        run, base = results.get(name, {}), results.get(reference, {})
+        if "real_tokens_per_s" in run and "real_tokens_per_s" in base:
+            record[f"ratio_{name}_over_{reference}"] = round(run["real_tokens_per_s"] / base["real_tokens_per_s"], 3)
+            record[f"loss_parity_{name}_vs_{reference}"] = loss_parity(base, run, tolerance)
     required = [run for name, run in results.items() if name != "auto_padding_free"]
     record["no_out_of_memory"] = not any(run["out_of_memory"] or run["exit_code"] for run in required)
     record["unsloth_warning_seen"] = any(run["unsloth_could_not_count_warning"] for run in results.values())
@@ -306,10 +308,11 @@ def print_default(record: dict) -> None:
               f"({run['peak_gpu_memory_reserved_gib']} reserved)  cap {run['cap_gib']}  estimate "
               f"{choice.get('need_gib')} GiB of {choice.get('free_gib')} free  {run['batch_line']}"
               f"{'  STEPPED DOWN' if run['stepped_down'] else ''}")
-    for name in ("auto", "auto_24gb", "auto_16gb", "auto_padding_free"):
-        if f"ratio_{name}_over_seed" in record:
-            parity = record[f"loss_parity_{name}_vs_seed"]
-            print(f"{name}/seed = {record[f'ratio_{name}_over_seed']}   loss: max relative difference "
+    for key, ratio in record.items():
+        if key.startswith("ratio_"):
+            name, reference = key.removeprefix("ratio_").split("_over_")
+            parity = record[f"loss_parity_{name}_vs_{reference}"]
+            print(f"{name}/{reference} = {ratio}   loss: max relative difference "
                   f"{parity['max_relative_difference']} over {parity['steps']} logged steps")
     print(f"no out-of-memory: {record['no_out_of_memory']}   Unsloth's 'could not be counted' warning seen: "
           f"{record['unsloth_warning_seen']}", flush=True)
@@ -444,8 +447,9 @@ def main():
     parser.add_argument("--two_gpus", action="store_true", help="measure 1 vs 2 GPUs (data parallel) instead")
     parser.add_argument("--default_path", action="store_true",
                         help="measure the default path instead: the seed's 2 x 4 against auto, whole card and capped")
-    parser.add_argument("--padding_free", action="store_true",
-                        help="--default_path: also auto with padding-free batches (TRL's padding_free, unpacked)")
+    parser.add_argument("--default_runs", default="seed,auto,auto_24gb,auto_16gb",
+                        help="--default_path: the runs, in order, of " + ",".join(DEFAULT_RUNS)
+                        + " (auto_padding_free: auto's split with TRL's padding-free batches, unpacked)")
     parser.add_argument("--default_tolerance", type=float, default=0.01,
                         help="largest relative per-step loss difference of auto vs the seed's split (--default_path)")
     parser.add_argument("--only", choices=["a", "b"], help="internal: run one bare loop and print its JSON")
