@@ -263,8 +263,11 @@ def test_hub_rows_draw_in_the_local_shuffle_order_and_resume_exactly_after_a_los
     in, and a stream lost mid-way continues, in a new HubRows from the saved state, with the very next row."""
     from datasets import IterableDataset
 
-    from qwen_sft.preparation import _chunks
-    from qwen_sft.sources import SCHEMAS, HubRows, HubSettings, Source, StreamLost, shuffle_buffered
+    from qwen_sft.mix.hub import HubRows, HubSettings, StreamLost
+    from qwen_sft.mix.reading import shuffle_buffered
+    from qwen_sft.mix.schemas import SCHEMAS
+    from qwen_sft.mix.sources import Source
+    from qwen_sft.mix.workers import _chunks
 
     drop = {"at": 1700}
 
@@ -279,7 +282,7 @@ def test_hub_rows_draw_in_the_local_shuffle_order_and_resume_exactly_after_a_los
     def hub_rows(state=None):
         stream = IterableDataset.from_generator(generate, gen_kwargs={"shards": list(range(5))})
         source = Source("stackexchange", "owner/name", SCHEMAS["stackexchange"])
-        return HubRows(source, stream, {"endpoint": "test"}, 7, 50, HubSettings(retry_s=0), state)
+        return HubRows(source, stream, {"endpoint": "test"}, 7, 50, HubSettings(timeout_s=30, retry_s=0), state)
 
     expected = [row["n"] for row in shuffle_buffered(({"n": n} for n in range(2500)), 7, 50)]
     first, drawn = hub_rows(), []
