@@ -15,6 +15,7 @@ from conftest import ROOT, one_line_error, run_script
 from qwen_sft.artifacts import sha256_file
 from qwen_sft.cli import UserError
 from qwen_sft.mix.plan import exact_quotas
+from qwen_sft.mix.reading import shuffle_buffered
 from qwen_sft.mix.rows import (
     count_keyword_hits,
     duplicate_key,
@@ -22,7 +23,6 @@ from qwen_sft.mix.rows import (
     mix_line,
     parse_json_line,
 )
-from qwen_sft.mix.reading import shuffle_buffered
 from qwen_sft.mix.schemas import SCHEMAS, StackExchangeSchema, WrongSchema, html_to_text
 
 HUB = Path(__file__).resolve().parent / "fixtures" / "hub"
@@ -368,68 +368,6 @@ def convert_or_why(schema, row):
         return type(error).__name__, str(error)
 
 
-@pytest.mark.parametrize("score_type, selected_type", [("int64", "bool"), ("float64", "string"), ("int32", None)])
-def test_narrowed_answers_convert_as_the_whole_rows_do(score_type, selected_type):
-    """A Parquet batch's answers are cut to the one convert() picks; convert() gives every row the same result
-    (ties, blank and whitespace-only texts, no answers, a sliced batch)."""
-    import random
-
-    import pyarrow as pa
-
-    blanks = ["", " ", "\t\n", "\u3000", "\x1c", "\u200b", "\xa0x"]  # U+200B and "\xa0x" are not blank
-    generator = random.Random(5)
-    fields = [("pm_score", pa.type_for_alias(score_type)), ("text", pa.string())]
-    if selected_type:
-        fields.append(("selected", pa.type_for_alias(selected_type)))
-
-    def random_answer():
-        answer = {"pm_score": generator.choice([-1, 0, 2, 2, 7]), "text": generator.choice(blanks + ["a", "b", "c"])}
-        if selected_type:
-            flag = generator.choice([True, False, None])
-            answer["selected"] = flag if selected_type == "bool" else generator.choice(["true", "True", "no", None])
-        return answer
-
-    rows = [{"question": f"q{n}", "answers": [random_answer() for _ in range(generator.randrange(5))]}
-            for n in range(400)]
-    schema = pa.schema([("question", pa.string()), ("answers", pa.list_(pa.struct(fields)))])
-    batch = pa.RecordBatch.from_pylist(rows, schema=schema).slice(3)
-    narrowed = StackExchangeSchema().narrow_batch(batch)
-    assert narrowed is not batch and narrowed.num_rows == batch.num_rows
-    assert all(len(row["answers"]) <= 1 for row in narrowed.to_pylist())
-    for whole, narrow in zip(batch.to_pylist(), narrowed.to_pylist()):
-        assert convert_or_why(StackExchangeSchema(), narrow) == convert_or_why(StackExchangeSchema(), whole)
-
-
-@pytest.mark.parametrize("answers, kind", [
-    ([{"pm_score": 1, "text": None}], "struct<pm_score: int64, text: string>"),
-    ([{"pm_score": float("nan"), "text": "a"}], "struct<pm_score: double, text: string>"),
-    ([{"pm_score": True, "text": "a"}], "struct<pm_score: bool, text: string>"),
-    ([{"pm_score": 1, "text": "a", "selected": 1}], "struct<pm_score: int64, text: string, selected: int64>"),
-    ([{"text": "a"}], "struct<text: string>"),
-    (None, "struct<pm_score: int64, text: string>"),
-])
-def test_a_batch_convert_could_refuse_or_rank_otherwise_is_left_whole(answers, kind):
-    import pyarrow as pa
-
-    fields = [tuple(field.split(": ")) for field in kind[len("struct<"):-1].split(", ")]
-    struct = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in fields])
-    schema = pa.schema([("question", pa.string()), ("answers", pa.list_(struct))])
-    batch = pa.RecordBatch.from_pylist([{"question": "q", "answers": answers}], schema=schema)
-    assert StackExchangeSchema().narrow_batch(batch) is batch
-
-
-def test_the_blank_text_pattern_is_what_isspace_calls_blank():
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from qwen_sft.mix.schemas import _BLANK_TEXT
-
-    characters = [chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000]
-    blank = pc.match_substring_regex(pa.array(characters), _BLANK_TEXT).to_pylist()
-    assert [character for character, is_blank in zip(characters, blank) if is_blank] == [
-        character for character in characters if character.isspace()]
-
-
 @pytest.mark.parametrize(
     "schema, row, problem",
     [
@@ -661,8 +599,8 @@ def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_
     """A ParquetRows gives the rows and numbers that shuffling the files' rows one by one gives, in chunks that
     travel as Arrow, and decodes only the batches that the rows drawn so far reach."""
     from qwen_sft.mix import parquet
-    from qwen_sft.mix.workers import pack_chunk, unpack_chunk
     from qwen_sft.mix.reading import numbered_files_rows, numbered_local_rows
+    from qwen_sft.mix.workers import pack_chunk, unpack_chunk
 
     monkeypatch.setattr(parquet, "PARQUET_BATCH_ROWS", 4)
     paths = write_parquet_files(tmp_path, [23, 0, 40])
@@ -703,9 +641,9 @@ def test_a_parquet_stackexchange_source_prepared_by_workers_matches_jsonl(tmp_pa
     import pyarrow.parquet as pq
 
     from qwen_sft.mix import stage, workers
-    from qwen_sft.mix.workers import pack_chunk, unpack_chunk
     from qwen_sft.mix.drawing import open_rows
     from qwen_sft.mix.sources import Source
+    from qwen_sft.mix.workers import pack_chunk, unpack_chunk
 
     rows = [json.loads(line) for line in STACKEXCHANGE.read_text(encoding="utf-8").splitlines()]
     parquet_file = tmp_path / "se.parquet"

@@ -79,9 +79,9 @@ def test_atomic_directory_keeps_old_until_complete(tmp_path):
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from qwen_sft.records import iter_json_rows, json_line  # noqa: E402
 from qwen_sft.mix.reading import numbered_files_rows, numbered_jsonl_spans, read_span  # noqa: E402
 from qwen_sft.mix.rows import mix_line, parse_json_line  # noqa: E402
+from qwen_sft.records import iter_json_rows, json_line  # noqa: E402
 
 SEPARATORS = "\u2028\u2029\u0085\r\n\x0b\x0c\x1c\x1d\x1e\"\\"
 # Any Unicode scalar (a lone surrogate is no text: readers refuse it), weighted towards the characters that

@@ -10,8 +10,8 @@ import pytest
 from conftest import FIXTURES, run_script
 from qwen_sft.cli import parse_config
 from qwen_sft.mix.drawing import SourceStats
-from qwen_sft.mix.work_state import WorkFolder
 from qwen_sft.mix.plan import OPTION_A_REPORT_KEY, plan_mix
+from qwen_sft.mix.work_state import WorkFolder
 
 HUB = FIXTURES / "hub"
 MIX_FLAGS = ["--my_report_data_path", HUB / "reports.json", "--sources",

@@ -249,8 +249,7 @@ class HubRows:
                     if table is None:
                         return
                     give_up, attempt = None, 0
-                    narrow = self.source.schema.narrow_batch
-                    yield [row for batch in table.to_batches() for row in narrow(batch).to_pylist()]
+                    yield table.to_pylist()
                     self.state["stream"] = self.stream.state_dict()
             except Exception as error:
                 if not _is_network_error(error):

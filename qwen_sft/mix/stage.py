@@ -39,8 +39,6 @@ from .sources import check_local_file
 from .work_state import WorkFolder
 from .workers import start_worker, worker_count, worker_start_method
 
-WRITE_BLOCK_ROWS = 64  # output rows joined per write: about 70 KB, under glibc's 128 KiB mmap threshold
-
 
 def _shortfalls(plan: MixPlan, stats: dict[str, SourceStats]) -> dict[str, dict]:
     return {
@@ -66,10 +64,9 @@ def _write_shuffled(lines: list[bytes], output_file: Path, seed: int, describe) 
     random.Random(seed).shuffle(lines)
     digest = hashlib.sha256()
     with atomic_file(output_file, "wb", manifest=lambda _: describe(digest.hexdigest())) as handle:
-        for start in range(0, len(lines), WRITE_BLOCK_ROWS):
-            block = b"".join(lines[start : start + WRITE_BLOCK_ROWS])
-            digest.update(block)
-            handle.write(block)
+        for line in lines:
+            digest.update(line)
+            handle.write(line)
         raise_if_interrupted()  # the last chance before the rename (see cli.note_interrupt)
 
 
