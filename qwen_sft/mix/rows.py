@@ -258,5 +258,7 @@ def _prepare_record(rules: RowRules, record: dict) -> PreparedRow:
 
 def mix_line(fields: dict, source: str) -> bytes:
     """A kept row's line in the mix: its fields and the bucket it fills, in UTF-8 with its text left raw (U+2028
-    included, as records.json_line writes it), ended by a newline."""
-    return orjson.dumps({**fields, "source": source}, option=orjson.OPT_APPEND_NEWLINE)
+    included, as records.json_line writes it), ended by a newline. Not OPT_APPEND_NEWLINE: orjson 3.13 then
+    returns the line in its whole work buffer (tens of KB a line, 2.4 GiB for a 240,000-row mix), while `+`
+    copies it to its own size."""
+    return orjson.dumps({**fields, "source": source}) + b"\n"

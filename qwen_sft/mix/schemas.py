@@ -1,7 +1,5 @@
 """Step 3 of the mix: the adapters that turn one raw row of each source into instruction/input/output, a
 conversation ("messages") or a record written as it is. The SOURCES key picks the adapter:
-
-Schemas (the SOURCES key picks the adapter):
 - orca: Open-Orca/SlimOrca, `conversations` = [{from: system|human|gpt, value}]; a chat of several human/gpt
   exchanges becomes a conversation row.
 - pubmed: qiaojin/PubMedQA pqa_labeled, `question, context{contexts, labels, meshes}, long_answer, final_decision`.

@@ -1,5 +1,5 @@
-"""Step 2 of the mix: where its rows come from: local files or streamed hub datasets, and the adapters that turn each hub
-schema into instruction/input/output (or, for a multi-turn conversation, into "messages").
+"""Step 2 of the mix: where its rows come from, local files or streamed hub datasets (Source); reading.py and hub.py
+read them, schemas.py holds each dataset's adapter.
 
 A source is a hub dataset (streamed with `datasets`, never downloaded whole) or local data in that dataset's own
 schema. Both are drawn through the same seeded shuffle buffer (the algorithm of `IterableDataset.shuffle`, replicated

@@ -1,4 +1,4 @@
-"""The mixer of both data stages: it draws each source's rows into the plan's buckets, then writes the mix.
+"""Step 6 of the mix, the whole stage (mix()): it draws each source's rows into the plan's buckets, then writes the mix.
 
 Behind data_integration.py (Option A) and data_set_generation.py (Option B).
 
