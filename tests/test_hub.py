@@ -304,3 +304,20 @@ def test_a_malformed_source_spec_is_one_line_naming_the_syntax(spec, tmp_path, m
     with pytest.raises(UserError) as error:
         namespace["main"]()
     assert str(error.value) == f"orca: {spec}: file not found (nor a hub spec: owner/name[:config][@revision][/path+...])"
+
+
+def test_the_hub_timeouts_are_written_once_in_the_stage_scripts():
+    """HUB_TIMEOUT_SECONDS and NETWORK_RETRY_SECONDS have their defaults in the two stage scripts only: HubSettings
+    has none, and no package module falls back to a number of its own."""
+    import dataclasses
+    import re
+
+    from qwen_sft.mix.hub import HubSettings
+
+    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(HubSettings))
+    for script in ("data_integration.py", "data_set_generation.py"):
+        constants = runpy.run_path(str(ROOT / script))
+        assert (constants["HUB_TIMEOUT_SECONDS"], constants["NETWORK_RETRY_SECONDS"]) == (30, 120)
+    fallback = re.compile(r"""\.get\(\s*["'](HUB_TIMEOUT|NETWORK_RETRY)_SECONDS["']\s*,""")
+    assert [path.name for path in (ROOT / "qwen_sft").rglob("*.py") if fallback.search(path.read_text())] == []
+    assert fallback.search('cfg.get("HUB_TIMEOUT_SECONDS", 30)')  # the pattern finds the old fallback
