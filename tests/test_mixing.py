@@ -368,6 +368,68 @@ def convert_or_why(schema, row):
         return type(error).__name__, str(error)
 
 
+@pytest.mark.parametrize("score_type, selected_type", [("int64", "bool"), ("float64", "string"), ("int32", None)])
+def test_narrowed_answers_convert_as_the_whole_rows_do(score_type, selected_type):
+    """A Parquet batch's answers are cut to the one convert() picks; convert() gives every row the same result
+    (ties, blank and whitespace-only texts, no answers, a sliced batch)."""
+    import random
+
+    import pyarrow as pa
+
+    blanks = ["", " ", "\t\n", "\u3000", "\x1c", "\u200b", "\xa0x"]  # U+200B and "\xa0x" are not blank
+    generator = random.Random(5)
+    fields = [("pm_score", pa.type_for_alias(score_type)), ("text", pa.string())]
+    if selected_type:
+        fields.append(("selected", pa.type_for_alias(selected_type)))
+
+    def random_answer():
+        answer = {"pm_score": generator.choice([-1, 0, 2, 2, 7]), "text": generator.choice(blanks + ["a", "b", "c"])}
+        if selected_type:
+            flag = generator.choice([True, False, None])
+            answer["selected"] = flag if selected_type == "bool" else generator.choice(["true", "True", "no", None])
+        return answer
+
+    rows = [{"question": f"q{n}", "answers": [random_answer() for _ in range(generator.randrange(5))]}
+            for n in range(400)]
+    schema = pa.schema([("question", pa.string()), ("answers", pa.list_(pa.struct(fields)))])
+    batch = pa.RecordBatch.from_pylist(rows, schema=schema).slice(3)
+    narrowed = StackExchangeSchema().narrow_batch(batch)
+    assert narrowed is not batch and narrowed.num_rows == batch.num_rows
+    assert all(len(row["answers"]) <= 1 for row in narrowed.to_pylist())
+    for whole, narrow in zip(batch.to_pylist(), narrowed.to_pylist()):
+        assert convert_or_why(StackExchangeSchema(), narrow) == convert_or_why(StackExchangeSchema(), whole)
+
+
+@pytest.mark.parametrize("answers, kind", [
+    ([{"pm_score": 1, "text": None}], "struct<pm_score: int64, text: string>"),
+    ([{"pm_score": float("nan"), "text": "a"}], "struct<pm_score: double, text: string>"),
+    ([{"pm_score": True, "text": "a"}], "struct<pm_score: bool, text: string>"),
+    ([{"pm_score": 1, "text": "a", "selected": 1}], "struct<pm_score: int64, text: string, selected: int64>"),
+    ([{"text": "a"}], "struct<text: string>"),
+    (None, "struct<pm_score: int64, text: string>"),
+])
+def test_a_batch_convert_could_refuse_or_rank_otherwise_is_left_whole(answers, kind):
+    import pyarrow as pa
+
+    fields = [tuple(field.split(": ")) for field in kind[len("struct<"):-1].split(", ")]
+    struct = pa.struct([(name, pa.type_for_alias(kind)) for name, kind in fields])
+    schema = pa.schema([("question", pa.string()), ("answers", pa.list_(struct))])
+    batch = pa.RecordBatch.from_pylist([{"question": "q", "answers": answers}], schema=schema)
+    assert StackExchangeSchema().narrow_batch(batch) is batch
+
+
+def test_the_blank_text_pattern_is_what_isspace_calls_blank():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from qwen_sft.mix.schemas import _BLANK_TEXT
+
+    characters = [chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000]
+    blank = pc.match_substring_regex(pa.array(characters), _BLANK_TEXT).to_pylist()
+    assert [character for character, is_blank in zip(characters, blank) if is_blank] == [
+        character for character in characters if character.isspace()]
+
+
 @pytest.mark.parametrize(
     "schema, row, problem",
     [

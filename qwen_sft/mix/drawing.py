@@ -31,7 +31,7 @@ from .rows import (
     mix_line,
 )
 from .sources import Source
-from .workers import prepared_chunks, worth_workers
+from .workers import cyclic_gc_paused, prepared_chunks, worth_workers
 
 # Rows read from a source before its hit rates are trusted to predict a shortfall: this many, or 5% of MAX_ROWS_READ.
 ESTIMATE_MIN_ROWS = 5000
@@ -42,7 +42,7 @@ def open_rows(source: Source, seed: int, buffer_size: int, settings: HubSettings
     """The source's rows through a seeded shuffle buffer, as (row number, parsed row or None, (offset, length) of a
     JSONL line or None); the number is the file's line or row for local files (a FileRow for several files) and the
     position in the stream for hub specs (a HubRows, see hub.stream_hub). A source made only of local Parquet files
-    is a ParquetRows instead: the same rows in the same order, drawn a chunk at
+    is a ParquetRows instead: the same rows in the same order, their answers narrowed by the schema, drawn a chunk at
     a time. Nothing is read yet. A local source must have passed check_local_file."""
     if source.is_hub:
         return stream_hub(source, seed, buffer_size, settings, state)
@@ -252,7 +252,9 @@ class Mixer:
         pool = self.pool if worth_workers(remaining) else None
         chunks = prepared_chunks(rules, rows, pool, self.workers)
         bar = tqdm(total=remaining, desc=source.key, unit=" kept", file=sys.stdout, mininterval=0.5)
-        with bar, contextlib.closing(chunks), _timed(stats):
+        # A hub stream's HTTP machinery may make reference cycles, so it keeps the collector.
+        collector_paused = contextlib.nullcontext() if source.is_hub else cyclic_gc_paused()
+        with bar, contextlib.closing(chunks), collector_paused, _timed(stats):
             for chunk, prepared in chunks:
                 if self.max_rows_read:
                     room = self.max_rows_read - stats.read

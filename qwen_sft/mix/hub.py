@@ -249,7 +249,8 @@ class HubRows:
                     if table is None:
                         return
                     give_up, attempt = None, 0
-                    yield table.to_pylist()
+                    narrow = self.source.schema.narrow_batch
+                    yield [row for batch in table.to_batches() for row in narrow(batch).to_pylist()]
                     self.state["stream"] = self.stream.state_dict()
             except Exception as error:
                 if not _is_network_error(error):

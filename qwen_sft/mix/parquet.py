@@ -1,6 +1,6 @@
 """Step 2 of the mix, local Parquet files: a source drawn by row positions: the seeded shuffle orders plain integers, and a chunk of drawn
 rows reaches a worker process as a few Arrow IPC messages, so the process that draws rows never turns a row into
-Python objects (it decodes the Parquet pages once, in file order)."""
+Python objects (it decodes the Parquet pages once, in file order, and narrows them with the schema)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class ParquetRows:
                     start += batch.num_rows
                     if start > end:
                         break
-                    yield start - batch.num_rows, batch
+                    yield start - batch.num_rows, self.schema.narrow_batch(batch) if self.schema else batch
             except (pa.ArrowException, OSError) as error:
                 raise _unreadable(path, error) from None
             if start != end:  # the footers' counts place every later row: a file that differs would shift them

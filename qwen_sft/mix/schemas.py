@@ -97,6 +97,11 @@ class Schema(ABC):
     def finish_output(self, raw_output: str) -> str:
         return raw_output
 
+    def narrow_batch(self, batch):
+        """An Arrow record batch of this schema's rows without what convert() would never use (as convert gives
+        the same result for each row), vectorised, so that fewer Python objects are made; or the batch itself."""
+        return batch
+
 
 class ReportSchema(Schema):
     name = "instruction/input/output"
@@ -241,6 +246,83 @@ class StackExchangeSchema(Schema):
 
     def finish_output(self, raw_output):
         return html_to_text(raw_output)
+
+    def narrow_batch(self, batch):
+        """Each row's answers cut to the one convert() picks: the first non-blank one with the highest (pm_score,
+        selected), or none. Answers are most of a row's bytes. A batch in which convert() could meet a bad answer
+        (see _reducible_answers) is left whole, for convert() to judge."""
+        answers = _reducible_answers(batch)
+        if answers is None:
+            return batch
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        answers, flat = answers
+        parents = pc.list_parent_indices(answers).to_numpy()
+        scores = pc.struct_field(flat, "pm_score").to_numpy()
+        selected = _selected_flags(flat)
+        blank = pc.match_substring_regex(pc.struct_field(flat, "text"), _BLANK_TEXT).to_numpy(zero_copy_only=False)
+        candidates = np.flatnonzero(~blank)
+        parents, scores, selected = parents[candidates], scores[candidates], selected[candidates]
+        # Ascending by row, score, selected, then position reversed: each row's last entry is the first best answer.
+        order = np.lexsort((-candidates, selected, scores, parents))
+        rows = parents[order]
+        last = order[np.append(rows[1:] != rows[:-1], True)] if len(order) else order
+        counts = np.bincount(parents[last], minlength=len(answers))
+        offsets = pa.array(np.concatenate(([0], np.cumsum(counts))), type=answers.offsets.type)
+        narrowed = type(answers).from_arrays(offsets, flat.take(pa.array(candidates[last])), type=answers.type)
+        return batch.set_column(batch.schema.get_field_index("answers"), batch.schema.field("answers"), narrowed)
+
+
+# What str.isspace() calls whitespace (a test checks every code point); a text of only these, or none, is blank.
+_BLANK_TEXT = r"^[\t-\r\x1c- \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]*$"
+
+
+def _reducible_answers(batch):
+    """The batch's "answers" column and its flattened answers if convert() would accept every answer in it (a list
+    of structs with a numeric pm_score, a string text and a bool or string selected, if any; no nulls but in
+    selected), and no score is NaN (convert() accepts one, but ranks it as no sort does), else None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "answers" not in batch.schema.names:
+        return None
+    answers = batch.column("answers")
+    kind = answers.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_struct(kind.value_type):
+        return None
+    fields = {field.name: field.type for field in kind.value_type}
+    score, text, selected = fields.get("pm_score"), fields.get("text"), fields.get("selected", pa.bool_())
+    if score is None or not (pa.types.is_integer(score) or pa.types.is_floating(score)):
+        return None
+    if text is None or not (pa.types.is_string(text) or pa.types.is_large_string(text)):
+        return None
+    if not (pa.types.is_boolean(selected) or pa.types.is_string(selected) or pa.types.is_large_string(selected)):
+        return None
+    flat = answers.flatten()
+    if answers.null_count or flat.null_count:
+        return None
+    scores, texts = pc.struct_field(flat, "pm_score"), pc.struct_field(flat, "text")
+    if scores.null_count or texts.null_count:
+        return None
+    if pa.types.is_floating(score) and pc.any(pc.is_nan(scores)).as_py():
+        return None
+    return answers, flat
+
+
+def _selected_flags(flat):
+    """Each answer's `selected in _SELECTED`, as a numpy bool array (a null is not selected)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "selected" not in [field.name for field in flat.type]:
+        return np.zeros(len(flat), dtype=bool)
+    selected = pc.struct_field(flat, "selected")
+    if not pa.types.is_boolean(selected.type):
+        selected = pc.is_in(selected, pa.array(["true", "True"]))
+    return pc.fill_null(selected, False).to_numpy(zero_copy_only=False)
 
 
 SCHEMAS: dict[str, Schema] = {

@@ -4,6 +4,7 @@ which prepare them (rows.prepare_chunk) and hand them back in order."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -110,11 +111,28 @@ def die_with_parent() -> None:
 def start_worker() -> None:
     """Each worker's initializer. The worker dies with its parent, and leaves Ctrl-C (sent to the whole terminal
     process group) to the parent, which stops the pool. Its imports happen up front, overlapping the main process's
-    work instead of delaying the first chunk."""
+    work instead of delaying the first chunk. The cyclic garbage collector is turned off: prepared rows hold no
+    reference cycles, so reference counting frees them, and the collector's passes over the imported modules cost
+    about 5% of the preparation time."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    gc.disable()
     import pyarrow.compute  # noqa: F401  (keyword matching)
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused():
+    """Turn the cyclic garbage collector off for the block. Drawing rows makes no reference cycles (reference
+    counting frees everything), while the young-generation passes it triggers, mostly as the pool's thread unpickles
+    prepared chunks, cost about 0.5 CPU s in a 240,000-row mix."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def worker_start_method() -> str:
