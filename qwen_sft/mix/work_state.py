@@ -140,7 +140,7 @@ def _state_from_json(body: dict, plan: MixPlan) -> dict:
 
 
 def _check_hub_rows_state(rows: dict) -> None:
-    """A HubRows state as HubRows keeps it (see sources.py), or a TypeError, KeyError or ValueError."""
+    """A HubRows state as HubRows keeps it (see hub.py), or a TypeError, KeyError or ValueError."""
     import numpy as np
 
     hub_keys = {"endpoint": str, "repo_id": str, "commit_sha": str, "revision": str}
