@@ -80,8 +80,8 @@ NETWORK_RETRY_SECONDS = 120  # a lost hub stream is retried this long, then the 
 
 def main():
     cfg = parse_config(globals())
-    from qwen_sft.mixing import mix
-    from qwen_sft.planning import OPTION_B_REPORT_KEY
+    from qwen_sft.mix.plan import OPTION_B_REPORT_KEY
+    from qwen_sft.mix.stage import mix
 
     mix(cfg, report_key=OPTION_B_REPORT_KEY)
 

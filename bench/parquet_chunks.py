@@ -34,8 +34,8 @@ class WholeAnswers:
 
 
 def measure(files, schema, rules, defaults) -> dict:
-    from qwen_sft.parquet_rows import ParquetRows
-    from qwen_sft.preparation import ARROW_CHUNK_ROWS, pack_chunk, prepare_packed
+    from qwen_sft.mix.parquet import ParquetRows
+    from qwen_sft.mix.workers import ARROW_CHUNK_ROWS, pack_chunk, prepare_packed
 
     rows = ParquetRows(files, schema, SEED, defaults["SHUFFLE_BUFFER"], single_file=False)
     packed = [pack_chunk(chunk) for chunk in rows.chunks(ARROW_CHUNK_ROWS)]
@@ -47,8 +47,8 @@ def measure(files, schema, rules, defaults) -> dict:
 
 def main():
     cfg = parse_config(globals())
-    from qwen_sft.rows import RowRules, content_byte_budget, keyword_patterns
-    from qwen_sft.sources import SCHEMAS
+    from qwen_sft.mix.rows import RowRules, content_byte_budget, keyword_patterns
+    from qwen_sft.mix.schemas import SCHEMAS
 
     defaults = runpy.run_path(str(repo_root / "data_set_generation.py"))
     sites = defaults["SOURCES"]["stackexchange"].split("/", 2)[2].split("+")

@@ -3,7 +3,7 @@
 parse_config checks a stage's resolved config against RULES before the stage starts: values from flags, from the
 constants at the top of the script, from a preset, and those inherited from an adapter's manifest alike. A setting
 absent from the table is checked where it is used, before any model loads (SOURCES, RATIOS, KEYWORDS and
-DOMAIN_SOURCES by planning.py, PRESET by presets.py, BACKEND by modeling.py, DTYPE, GGUF and SYSTEM_PROMPT's quotes
+DOMAIN_SOURCES by mix/plan.py, PRESET by presets.py, BACKEND by modeling.py, DTYPE, GGUF and SYSTEM_PROMPT's quotes
 by export.py, RESUME_FROM_CHECKPOINT and MAX_STEPS by training.py, FAST_GENERATION by fast_generation.py,
 BASE_MODEL where it loads), or takes any value of its type (booleans, free text). LORA_TARGET_MODULES is checked
 again against the model's modules right after it loads (modeling.check_target_modules).

@@ -177,7 +177,7 @@ def orca_chat(*turns, system="Be brief."):
 
 
 def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
-    from qwen_sft.sources import SCHEMAS, Cut
+    from qwen_sft.mix.schemas import SCHEMAS, Cut
 
     orca = SCHEMAS["orca"]
     chat = orca_chat(("human", "Pick a number."), ("gpt", "Seven."), ("human", " Which one? "), ("gpt", "Seven, as said."))
@@ -198,12 +198,12 @@ def test_slimorca_chat_of_several_exchanges_becomes_a_conversation_row():
     assert orca.convert(orca_chat(("human", "a"), ("gpt", "b"), ("bot", "c"))) == Cut(first, "broken_turn")
 
 
-def test_conversation_rows_are_written_as_json_dumps_writes_them():
-    from qwen_sft.rows import conversation_duplicate_key, conversation_json_body
+def test_conversation_rows_are_written_as_compact_json_dumps_writes_them():
+    from qwen_sft.mix.rows import conversation_duplicate_key, mix_line
 
     messages = [{"role": "user", "content": '"引号"\n\\ \u2028'}, {"role": "assistant", "content": "\x00 ok"}]
-    expected = json.dumps({"messages": messages, "source": "orca"}, ensure_ascii=False).encode()
-    assert conversation_json_body(messages) + b'"orca"}' == expected
+    expected = json.dumps({"messages": messages, "source": "orca"}, ensure_ascii=False, separators=(",", ":"))
+    assert mix_line({"messages": messages}, "orca") == (expected + "\n").encode()
     shouted = [{"role": "user", "content": '"引号"\n\\ \u2028'.upper() + "  "}, {"role": "assistant", "content": "\x00 OK"}]
     assert conversation_duplicate_key(messages) == conversation_duplicate_key(shouted)
     swapped = [{"role": "assistant", "content": messages[0]["content"]}, {"role": "user", "content": "\x00 ok"}]

@@ -21,7 +21,7 @@ from conftest import FIXTURES, ORCA, PUBMED, REPORTS, ROOT, one_line_error, run_
 from qwen_sft.artifacts import atomic_directory, manifest_path_for
 from qwen_sft.cli import UserError
 
-BIG_ROWS = 60_000  # enough for the mix to prepare rows in worker processes (preparation.PARALLEL_MIN_ROWS)
+BIG_ROWS = 60_000  # enough for the mix to prepare rows in worker processes (mix.workers.PARALLEL_MIN_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
 # while the output is half written.
 SLOW_WRITER = """
 import contextlib, pathlib, runpy, sys, time
-import qwen_sft.mixing as mixing
+import qwen_sft.mix.stage as mixing
 real_atomic_file = mixing.atomic_file
 marker = pathlib.Path(sys.argv[1])
 
@@ -172,7 +172,7 @@ def test_a_killed_mix_leaves_the_old_output_and_no_process_and_reruns(tmp_path, 
 # (as in numpy.random's compiled first import, which calls abc.register and drops its error).
 SWALLOWED_CTRL_C = """
 import os, runpy, signal, sys
-import qwen_sft.mixing as mixing
+import qwen_sft.mix.stage as mixing
 real_take = mixing.Mixer._take
 
 class SendsCtrlC:
@@ -366,7 +366,7 @@ def test_folder_sources_are_inputs_and_checked_whole_with_fatal_bad_rows(tmp_pat
 
 
 def test_an_unreadable_work_state_starts_over_with_a_warning(tmp_path):
-    from qwen_sft.mixing import WorkFolder
+    from qwen_sft.mix.work_state import WorkFolder
 
     work = WorkFolder(tmp_path / "mix.jsonl")
     work.folder.mkdir()

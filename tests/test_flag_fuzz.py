@@ -48,8 +48,8 @@ def stop(*args, **kwargs):
 
 
 MODEL_LOADS = {  # where each stage leaves its checks for the slow part
-    "data_integration.py": "qwen_sft.mixing._draw_in_parallel",
-    "data_set_generation.py": "qwen_sft.mixing._draw_in_parallel",
+    "data_integration.py": "qwen_sft.mix.stage._draw_in_parallel",
+    "data_set_generation.py": "qwen_sft.mix.stage._draw_in_parallel",
     "Qwen_finetuning.py": "qwen_sft.training.load_model",
     "evaluate.py": "qwen_sft.fast_generation.load_generation_model",
     "inference.py": "qwen_sft.inference.load_generation_model",

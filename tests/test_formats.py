@@ -232,10 +232,10 @@ def test_data_stage_writes_every_format_in_the_canonical_form(tmp_path, monkeypa
     expected = [{**_cleaned(record), "source": "reports"} for record in read_records(reports)]
     key = lambda record: json.dumps(record, sort_keys=True, ensure_ascii=False)  # noqa: E731
     assert sorted(map(key, mixed)) == sorted(set(map(key, expected)))  # TRL's two sky rows are one row twice
-    single = next(line for line in written if '"instruction": "hi"' in line)
+    single = next(line for line in written if '"instruction":"hi"' in line)
     assert single == json.dumps({"instruction": "hi", "input": "", "output": rows[90]["output"],
-                                 "source": "reports"}, ensure_ascii=False)
-    assert sum('"tools": [{"type": "function"' in line for line in written) == sum("tools" in r for r in expected)
+                                 "source": "reports"}, ensure_ascii=False, separators=(",", ":"))
+    assert sum('"tools":[{"type":"function"' in line for line in written) == sum("tools" in r for r in expected)
     manifest = json.loads((tmp_path / "mix.jsonl.manifest.json").read_text(encoding="utf-8"))["sources"]["reports"]
     assert manifest["rows_read"] == len(rows) and manifest["duplicates"] == len(expected) - len(mixed) == 2
     assert manifest["formats"] == {"alpaca": 61, "messages": 4, "prompt_completion": 2, "sharegpt": 60, "text": 1}

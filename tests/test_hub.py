@@ -263,8 +263,11 @@ def test_hub_rows_draw_in_the_local_shuffle_order_and_resume_exactly_after_a_los
     in, and a stream lost mid-way continues, in a new HubRows from the saved state, with the very next row."""
     from datasets import IterableDataset
 
-    from qwen_sft.preparation import _chunks
-    from qwen_sft.sources import SCHEMAS, HubRows, HubSettings, Source, StreamLost, shuffle_buffered
+    from qwen_sft.mix.hub import HubRows, HubSettings, StreamLost
+    from qwen_sft.mix.reading import shuffle_buffered
+    from qwen_sft.mix.schemas import SCHEMAS
+    from qwen_sft.mix.sources import Source
+    from qwen_sft.mix.workers import _chunks
 
     drop = {"at": 1700}
 
@@ -279,7 +282,7 @@ def test_hub_rows_draw_in_the_local_shuffle_order_and_resume_exactly_after_a_los
     def hub_rows(state=None):
         stream = IterableDataset.from_generator(generate, gen_kwargs={"shards": list(range(5))})
         source = Source("stackexchange", "owner/name", SCHEMAS["stackexchange"])
-        return HubRows(source, stream, {"endpoint": "test"}, 7, 50, HubSettings(retry_s=0), state)
+        return HubRows(source, stream, {"endpoint": "test"}, 7, 50, HubSettings(timeout_s=30, retry_s=0), state)
 
     expected = [row["n"] for row in shuffle_buffered(({"n": n} for n in range(2500)), 7, 50)]
     first, drawn = hub_rows(), []
@@ -301,3 +304,20 @@ def test_a_malformed_source_spec_is_one_line_naming_the_syntax(spec, tmp_path, m
     with pytest.raises(UserError) as error:
         namespace["main"]()
     assert str(error.value) == f"orca: {spec}: file not found (nor a hub spec: owner/name[:config][@revision][/path+...])"
+
+
+def test_the_hub_timeouts_are_written_once_in_the_stage_scripts():
+    """HUB_TIMEOUT_SECONDS and NETWORK_RETRY_SECONDS have their defaults in the two stage scripts only: HubSettings
+    has none, and no package module falls back to a number of its own."""
+    import dataclasses
+    import re
+
+    from qwen_sft.mix.hub import HubSettings
+
+    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(HubSettings))
+    for script in ("data_integration.py", "data_set_generation.py"):
+        constants = runpy.run_path(str(ROOT / script))
+        assert (constants["HUB_TIMEOUT_SECONDS"], constants["NETWORK_RETRY_SECONDS"]) == (30, 120)
+    fallback = re.compile(r"""\.get\(\s*["'](HUB_TIMEOUT|NETWORK_RETRY)_SECONDS["']\s*,""")
+    assert [path.name for path in (ROOT / "qwen_sft").rglob("*.py") if fallback.search(path.read_text())] == []
+    assert fallback.search('cfg.get("HUB_TIMEOUT_SECONDS", 30)')  # the pattern finds the old fallback

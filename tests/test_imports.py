@@ -80,16 +80,35 @@ def test_no_module_imports_another_modules_private_name():
     assert private == []
 
 
+FORMER_DATA_MODULES = ("mixing", "sources", "rows", "planning", "preparation", "parquet_rows", "row_reading")
+
+
+def test_the_data_stage_is_the_mix_sub_package_that_no_other_module_imports():
+    """The data stage lives in qwen_sft/mix, one module per step; the rest of the package (training, evaluation)
+    never imports it, and none of the former flat data modules is back."""
+    graph, _ = import_graph(PACKAGE)
+    mix_modules = {name for name in graph if name.startswith("qwen_sft.mix.")}
+    assert {"qwen_sft.mix.stage", "qwen_sft.mix.rows", "qwen_sft.mix.sources", "qwen_sft.mix.plan"} <= mix_modules
+    assert "qwen_sft.mix.rows" in graph["qwen_sft.mix.drawing"]  # relative imports inside the sub-package are seen
+    assert [name for name in graph if not name.startswith("qwen_sft.mix") and graph[name] & mix_modules] == []
+    assert [name for name in FORMER_DATA_MODULES if f"qwen_sft.{name}" in graph] == []
+
+
 def test_a_cycle_hidden_in_a_function_and_a_private_import_are_found(tmp_path):
-    """Negative control: the checks above see a function-local import that closes a cycle, and `from .x import _y`."""
+    """Negative control: the checks above see a function-local import that closes a cycle, and `from .x import _y`,
+    also from a sub-package (`from ..x import _y`)."""
     package = tmp_path / "pkg"
-    package.mkdir()
+    (package / "sub").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "low.py").write_text("from .high import _helper\n")
     (package / "high.py").write_text("def load():\n    from pkg import low\n\n\ndef _helper():\n    pass\n")
     (package / "alone.py").write_text("from . import high\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "deep.py").write_text("from ..high import _helper\nfrom . import near\n")
+    (package / "sub" / "near.py").write_text("")
     graph, private = import_graph(package)
     assert find_cycle(graph) in (["pkg.high", "pkg.low", "pkg.high"], ["pkg.low", "pkg.high", "pkg.low"])
-    assert private == ["pkg.low imports pkg.high._helper"]
+    assert sorted(private) == ["pkg.low imports pkg.high._helper", "pkg.sub.deep imports pkg.high._helper"]
+    assert graph["pkg.sub.deep"] == {"pkg.high", "pkg.sub.near"}
     del graph["pkg.high"]
     assert find_cycle(graph) is None

@@ -14,15 +14,16 @@ import pytest
 from conftest import ROOT, one_line_error, run_script
 from qwen_sft.artifacts import sha256_file
 from qwen_sft.cli import UserError
-from qwen_sft.planning import exact_quotas
-from qwen_sft.rows import (
+from qwen_sft.mix.plan import exact_quotas
+from qwen_sft.mix.reading import shuffle_buffered
+from qwen_sft.mix.rows import (
     count_keyword_hits,
     duplicate_key,
-    json_body,
     keyword_patterns,
+    mix_line,
     parse_json_line,
 )
-from qwen_sft.sources import SCHEMAS, StackExchangeSchema, WrongSchema, html_to_text, shuffle_buffered
+from qwen_sft.mix.schemas import SCHEMAS, StackExchangeSchema, WrongSchema, html_to_text
 
 HUB = Path(__file__).resolve().parent / "fixtures" / "hub"
 ORCA = HUB / "slimorca.jsonl"
@@ -181,14 +182,14 @@ def test_jsonl_lines_with_blank_lines_crlf_and_no_final_newline(tmp_path, monkey
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_parallel_preparation_gives_the_same_bytes(tmp_path, monkeypatch, start_method):
-    from qwen_sft import mixing, preparation
+    from qwen_sft.mix import stage, workers
 
     flags = ("--total_samples", 20, "--ratios", "reports=0.25,orca=0.45,pubmed=0.3")
     option_a(tmp_path, monkeypatch, *flags, output="serial.jsonl")
-    monkeypatch.setattr(preparation, "PARALLEL_MIN_ROWS", 1)
-    monkeypatch.setattr(mixing, "worker_start_method", lambda: start_method)
-    monkeypatch.setattr(preparation, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(preparation.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(workers, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(stage, "worker_start_method", lambda: start_method)
+    monkeypatch.setattr(workers, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1})
     option_a(tmp_path, monkeypatch, *flags, output="parallel.jsonl")
     assert (tmp_path / "parallel.jsonl").read_bytes() == (tmp_path / "serial.jsonl").read_bytes()
 
@@ -241,11 +242,12 @@ def _json_refuses(line: bytes) -> bool:
     return False
 
 
-def test_rows_are_written_as_json_dumps_writes_them():
+def test_rows_are_written_as_compact_json_dumps_writes_them():
+    """Every code point is escaped as json.dumps(ensure_ascii=False) escapes it (U+2028 left raw), with no spaces."""
     every_character = "".join(chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000)
-    record = {"instruction": every_character, "input": '"\\\n\t', "output": "\x00\x1f\x7f\u2028", "source": "ai"}
-    body = json_body(record["instruction"], record["input"], record["output"])
-    assert body + b'"ai"}' == json.dumps(record, ensure_ascii=False).encode()
+    fields = {"instruction": every_character, "input": '"\\\n\t', "output": "\x00\x1f\x7f\u2028"}
+    expected = json.dumps({**fields, "source": "ai"}, ensure_ascii=False, separators=(",", ":")) + "\n"
+    assert mix_line(fields, "ai") == expected.encode()
 
 
 def test_duplicate_keys_ignore_case_and_whitespace_in_any_script():
@@ -358,7 +360,7 @@ def test_best_answer_is_highest_pm_score_then_selected():
 
 
 def convert_or_why(schema, row):
-    from qwen_sft.sources import Rejected
+    from qwen_sft.mix.schemas import Rejected
 
     try:
         return schema.convert(row)
@@ -420,7 +422,7 @@ def test_the_blank_text_pattern_is_what_isspace_calls_blank():
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from qwen_sft.sources import _BLANK_TEXT
+    from qwen_sft.mix.schemas import _BLANK_TEXT
 
     characters = [chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000]
     blank = pc.match_substring_regex(pa.array(characters), _BLANK_TEXT).to_pylist()
@@ -609,7 +611,7 @@ def test_manifest_hash_matches_the_file_written(tmp_path, monkeypatch):
 def test_a_longer_system_prompt_lowers_the_byte_budget(tmp_path, monkeypatch):
     """Rows are measured against the system prompt training will use (SYSTEM_PROMPT), not always the default."""
     from qwen_sft.families import family
-    from qwen_sft.rows import content_byte_budget, utf8_length
+    from qwen_sft.mix.rows import content_byte_budget, utf8_length
 
     assert content_byte_budget(2048, "x" * 300) == content_byte_budget(2048, "") - 300
     flags = ("--total_samples", ORCA_UNIQUE_ROWS, "--ratios", "reports=0,orca=1,pubmed=0")
@@ -631,9 +633,9 @@ def test_a_longer_system_prompt_lowers_the_byte_budget(tmp_path, monkeypatch):
 @pytest.mark.parametrize("script, key", [("data_integration.py", "OPTION_A_REPORT_KEY"),
                                          ("data_set_generation.py", "OPTION_B_REPORT_KEY")])
 def test_each_stage_default_ratios_name_its_report_bucket(script, key):
-    from qwen_sft import planning
+    from qwen_sft.mix import plan
 
-    assert getattr(planning, key) in runpy.run_path(str(ROOT / script))["RATIOS"]
+    assert getattr(plan, key) in runpy.run_path(str(ROOT / script))["RATIOS"]
 
 
 def write_parquet_files(folder: Path, sizes: list[int]) -> list[Path]:
@@ -658,14 +660,14 @@ def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_
         tmp_path, monkeypatch):
     """A ParquetRows gives the rows and numbers that shuffling the files' rows one by one gives, in chunks that
     travel as Arrow, and decodes only the batches that the rows drawn so far reach."""
-    from qwen_sft import parquet_rows
-    from qwen_sft.preparation import pack_chunk, unpack_chunk
-    from qwen_sft.sources import _numbered_files_rows, numbered_local_rows
+    from qwen_sft.mix import parquet
+    from qwen_sft.mix.reading import numbered_files_rows, numbered_local_rows
+    from qwen_sft.mix.workers import pack_chunk, unpack_chunk
 
-    monkeypatch.setattr(parquet_rows, "PARQUET_BATCH_ROWS", 4)
+    monkeypatch.setattr(parquet, "PARQUET_BATCH_ROWS", 4)
     paths = write_parquet_files(tmp_path, [23, 0, 40])
-    expected = list(shuffle_buffered(_numbered_files_rows(paths), 3, 11))
-    rows = parquet_rows.ParquetRows(paths, None, 3, 11, single_file=False)
+    expected = list(shuffle_buffered(numbered_files_rows(paths), 3, 11))
+    rows = parquet.ParquetRows(paths, None, 3, 11, single_file=False)
     drawn = []
     for chunk in rows.chunks(10):
         numbers = [chunk[index][0] for index in range(len(chunk))]
@@ -675,7 +677,7 @@ def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_
         assert [number for number, _, _ in (chunk[index] for index in range(len(chunk[:3])))] == numbers[:3]
         assert len(drawn) < 63 or not rows.batches  # every batch is dropped once its rows are packed
     assert drawn == [(number, row) for number, row, _ in expected]
-    single = parquet_rows.ParquetRows(paths[:1], None, 3, 11, single_file=True)
+    single = parquet.ParquetRows(paths[:1], None, 3, 11, single_file=True)
     numbers = [chunk[index][0] for chunk in single.chunks(10) for index in range(len(chunk))]
     assert numbers == [number for number, _, _ in shuffle_buffered(numbered_local_rows(paths[0]), 3, 11)]
 
@@ -683,8 +685,8 @@ def test_parquet_rows_are_drawn_in_the_shuffle_order_with_their_numbers_reading_
 @pytest.mark.parametrize("footer_counts", [[30], [30, 10], [20, 10], [20, 11]])
 def test_a_parquet_file_whose_rows_differ_from_its_footer_is_one_line(tmp_path, monkeypatch, footer_counts):
     """The footers' counts place every row: a file with fewer or more rows (the first of two too) is an error."""
-    from qwen_sft.parquet_rows import ParquetRows
-    from qwen_sft.preparation import pack_chunk
+    from qwen_sft.mix.parquet import ParquetRows
+    from qwen_sft.mix.workers import pack_chunk
 
     paths = write_parquet_files(tmp_path, [23, 10][:len(footer_counts)])
     monkeypatch.setattr(ParquetRows, "_row_count", lambda self, path: footer_counts[paths.index(path)])
@@ -700,22 +702,23 @@ def test_a_parquet_stackexchange_source_prepared_by_workers_matches_jsonl(tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qwen_sft import mixing, preparation
-    from qwen_sft.preparation import pack_chunk, unpack_chunk
-    from qwen_sft.sources import Source, open_rows
+    from qwen_sft.mix import stage, workers
+    from qwen_sft.mix.drawing import open_rows
+    from qwen_sft.mix.sources import Source
+    from qwen_sft.mix.workers import pack_chunk, unpack_chunk
 
     rows = [json.loads(line) for line in STACKEXCHANGE.read_text(encoding="utf-8").splitlines()]
     parquet_file = tmp_path / "se.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet_file, row_group_size=5)
-    source_rows = open_rows(Source("stackexchange", str(parquet_file), SCHEMAS["stackexchange"]), 1, 4)
+    source_rows = open_rows(Source("stackexchange", str(parquet_file), SCHEMAS["stackexchange"]), 1, 4, None)
     drawn = [row for chunk in source_rows.chunks(10) for row, _ in unpack_chunk(pack_chunk(chunk))]
     assert {key for row in drawn for answer in row["answers"] for key in answer} == {"pm_score", "selected", "text"}
     flags = ("--total_samples", 9, "--ratios", "my_reports=0,orca=0.3,bio=0.3,ai=0.2,ic=0.2")
     option_b(tmp_path, monkeypatch, *flags)
     reference = (tmp_path / "mix.jsonl").read_bytes()
-    monkeypatch.setattr(preparation, "PARALLEL_MIN_ROWS", 1)
-    monkeypatch.setattr(mixing, "worker_start_method", lambda: start_method)
-    monkeypatch.setattr(preparation, "CHUNK_ROWS", 3)
-    monkeypatch.setattr(preparation.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(workers, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(stage, "worker_start_method", lambda: start_method)
+    monkeypatch.setattr(workers, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1})
     option_b(tmp_path, monkeypatch, *flags, "--sources", f"orca={ORCA},pubmed={PUBMED},stackexchange={parquet_file}")
     assert (tmp_path / "mix.jsonl").read_bytes() == reference

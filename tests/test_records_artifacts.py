@@ -79,10 +79,9 @@ def test_atomic_directory_keeps_old_until_complete(tmp_path):
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from qwen_sft.mixing import _json_string  # noqa: E402
+from qwen_sft.mix.reading import numbered_files_rows, numbered_jsonl_spans, read_span  # noqa: E402
+from qwen_sft.mix.rows import mix_line, parse_json_line  # noqa: E402
 from qwen_sft.records import iter_json_rows, json_line  # noqa: E402
-from qwen_sft.rows import conversation_json_body, json_body, parse_json_line  # noqa: E402
-from qwen_sft.sources import _numbered_files_rows, _numbered_jsonl_spans, read_span  # noqa: E402
 
 SEPARATORS = "\u2028\u2029\u0085\r\n\x0b\x0c\x1c\x1d\x1e\"\\"
 # Any Unicode scalar (a lone surrogate is no text: readers refuse it), weighted towards the characters that
@@ -100,9 +99,9 @@ def _read_back(path):
     """The rows of `path` as each reader sees them: records.iter_json_rows (training, evaluation, inference, data
     stages), the local-source reader (the report file), and the mixer's JSONL spans parsed in its workers."""
     by_records = [row for _, row in iter_json_rows(path)]
-    by_source = [row for _, row, _ in _numbered_files_rows([path])]
+    by_source = [row for _, row, _ in numbered_files_rows([path])]
     with open(path, "rb") as handle:
-        by_mixer = [parse_json_line(read_span(handle, span)) for _, _, span in _numbered_jsonl_spans(path)]
+        by_mixer = [parse_json_line(read_span(handle, span)) for _, _, span in numbered_jsonl_spans(path)]
     return by_records, by_source, by_mixer
 
 
@@ -111,8 +110,8 @@ def _read_back(path):
 def test_mixer_lines_read_back_equal(tmp_path_factory, rows, conversation):
     path = tmp_path_factory.mktemp("mix") / "mix.jsonl"
     turns = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(conversation)]
-    lines = [json_body(*row[:3]) + f"{_json_string(row[3])}}}\n".encode() for row in rows]
-    lines.append(conversation_json_body(turns) + b'"reports"}\n')
+    lines = [mix_line({"instruction": i, "input": e, "output": o}, s) for i, e, o, s in rows]
+    lines.append(mix_line({"messages": turns}, "reports"))
     path.write_bytes(b"".join(lines))
     expected = [{"instruction": i, "input": e, "output": o, "source": s} for i, e, o, s in rows]
     expected.append({"messages": turns, "source": "reports"})
@@ -168,8 +167,8 @@ def test_a_paired_surrogate_escape_is_read_as_its_character(tmp_path):
     (b'{"conversations": ' + b"9" * 5000 + b"}", "a number with more than 4,300 digits"),
 ])
 def test_the_mixer_counts_an_unreadable_line_as_malformed(line, problem):
-    from qwen_sft.rows import MALFORMED, convert_row
-    from qwen_sft.sources import SlimOrcaSchema
+    from qwen_sft.mix.rows import MALFORMED, convert_source_row
+    from qwen_sft.mix.schemas import SlimOrcaSchema
 
-    (kind, detail, _), cut = convert_row(SlimOrcaSchema(), None, line)
-    assert kind == MALFORMED and detail.startswith(problem)
+    converted = convert_source_row(SlimOrcaSchema(), None, line)
+    assert converted.kind == MALFORMED and converted.content is None and converted.reason.startswith(problem)

@@ -83,8 +83,8 @@ def test_data_stage_length_estimate_is_conservative_on_real_tokens(tokenizer, tm
     """The data stage drops rows by UTF-8 bytes (the family's BYTES_PER_TOKEN, TEMPLATE_TOKENS) before any tokenizer
     loads: on the bundled samples and my_dataset.json its estimate is never below the real Qwen2.5 token count."""
     from conftest import ROOT, run_script
+    from qwen_sft.mix.rows import utf8_length
     from qwen_sft.records import read_records
-    from qwen_sft.rows import utf8_length
     from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, tokenize_example
 
     samples = ROOT / "samples"

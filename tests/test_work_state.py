@@ -9,8 +9,9 @@ import pytest
 
 from conftest import FIXTURES, run_script
 from qwen_sft.cli import parse_config
-from qwen_sft.mixing import SourceStats, WorkFolder
-from qwen_sft.planning import OPTION_A_REPORT_KEY, plan_mix
+from qwen_sft.mix.drawing import SourceStats
+from qwen_sft.mix.plan import OPTION_A_REPORT_KEY, plan_mix
+from qwen_sft.mix.work_state import WorkFolder
 
 HUB = FIXTURES / "hub"
 MIX_FLAGS = ["--my_report_data_path", HUB / "reports.json", "--sources",
@@ -61,7 +62,7 @@ def saved_state(plan, fingerprint: str) -> dict:
             "hub": {"endpoint": "http://127.0.0.1:1", "repo_id": "o/n", "commit_sha": "ab", "revision": "main",
                     "data_files": ["x.parquet"], "config": None, "columns": None, "missing_paths": []}}
     return {"fingerprint": fingerprint, "done": ["reports"], "hub": {"orca": rows["hub"]}, "source": "orca",
-            "rows": rows, "mixer": ([(b'{"x": "\xe2\x80\xa8\xff', b'"orca"}\n')], {b"\x00\x01\xfe"}, stats,
+            "rows": rows, "mixer": ([b'{"x":"\xe2\x80\xa8","source":"orca"}\n'], {b"\x00\x01\xfe"}, stats,
                                     {"orca": 1})}
 
 
@@ -77,21 +78,21 @@ def forged_bodies(plan, fingerprint):
     good = json.loads(WorkFolderBody.of(saved_state(plan, fingerprint)))
     yield "[" * 100_000
     yield '{"done": 5}'
-    yield json.dumps({**good, "lines": [[1, 2]]})
+    yield json.dumps({**good, "lines": [1]})
     yield json.dumps({**good, "kept": {"nope": 1}})
     yield json.dumps({**good, "stats": {}})
     yield json.dumps({**good, "rows": {**good["rows"], "rng": {"bit_generator": "os.system"}}})
     yield json.dumps({**good, "rows": {**good["rows"], "hub": {"repo_id": 5}}})
     yield json.dumps({**good, "seen": [{"\u0000bytes": "!!"}]})
-    yield json.dumps({**good, "lines": [["only one"]]})
-    yield json.dumps({**good, "lines": [["\u4e00", "x"]]})
+    yield json.dumps({**good, "lines": ["one", "too many"]})
+    yield json.dumps({**good, "lines": ["\ud800"]})
     yield json.dumps({**good, "hub": {"orca": {"repo_id": "o/n"}}})
 
 
 class WorkFolderBody:
     @staticmethod
     def of(state) -> str:
-        from qwen_sft.mixing import _state_to_json, _tag_bytes
+        from qwen_sft.mix.work_state import _state_to_json, _tag_bytes
 
         return json.dumps(_state_to_json(state), default=_tag_bytes)
 

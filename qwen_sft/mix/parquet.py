@@ -1,4 +1,4 @@
-"""A local Parquet source drawn by row positions: the seeded shuffle orders plain integers, and a chunk of drawn
+"""Step 2 of the mix, local Parquet files: a source drawn by row positions: the seeded shuffle orders plain integers, and a chunk of drawn
 rows reaches a worker process as a few Arrow IPC messages, so the process that draws rows never turns a row into
 Python objects (it decodes the Parquet pages once, in file order, and narrows them with the schema)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 from itertools import islice
 from pathlib import Path
 
-from .cli import UserError
-from .row_reading import PARQUET_BATCH_ROWS, FileRow, parquet_columns, shuffle_buffered
+from ..cli import UserError
+from .reading import PARQUET_BATCH_ROWS, FileRow, parquet_columns, shuffle_buffered
 
 
 class ParquetRows:

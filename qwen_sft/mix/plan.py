@@ -1,13 +1,14 @@
-"""The mix plan: the checked config's buckets, their exact quotas, the sources that fill them and the reading order."""
+"""Step 1 of the mix, the plan: the checked config's buckets, their exact quotas, the sources that fill them and the reading order."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from .cli import UserError
+from ..cli import UserError
 from .rows import content_byte_budget
-from .sources import REPORTS, SCHEMAS, Source, StackExchangeSchema
+from .schemas import REPORTS, SCHEMAS, StackExchangeSchema
+from .sources import Source
 
 RATIO_TOLERANCE = 1e-6
 # The RATIOS key of the bucket that MY_REPORT_DATA_PATH fills, in each option's stage.

@@ -1,17 +1,20 @@
-"""How one source row becomes a mix line: conversion, cleaning, the length budget, keyword hits and duplicate keys."""
+"""Steps 3-4 of the mix: how one source row becomes a mix line. Its schema converts it (a ConvertedRow), then it is
+cleaned, weighed against the length budget, matched against the keywords and given its duplicate key (a
+PreparedRow, whose `fields` are the mix line less its "source")."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 import xxhash
 
-from .families import family
-from .records import BadJSON, parse_json
-from .sources import Cut, Rejected, Schema, WrongSchema, read_span
+from ..families import family
+from ..records import BadJSON, parse_json
+from .reading import read_span
+from .schemas import Cut, Rejected, Schema, WrongSchema
 
 _ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 _ASCII_LOWER_CASE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
@@ -51,28 +54,6 @@ def content_byte_budget(max_seq_length: int, system_prompt: str) -> int:
     return int((max_seq_length - family.TEMPLATE_TOKENS - system_tokens) * family.BYTES_PER_TOKEN)
 
 
-def json_body(instruction: str, extra: str, output: str) -> bytes:
-    """The record as json.dumps(..., ensure_ascii=False) writes it, in UTF-8, up to the "source" value that closes
-    it (encoded here, in the worker, so the main process only joins bytes).
-
-    orjson escapes a string byte for byte as json does without ensure_ascii (a test checks every code point), ten
-    times faster.
-    """
-    return b"".join((
-        b'{"instruction": ', orjson.dumps(instruction), b', "input": ', orjson.dumps(extra),
-        b', "output": ', orjson.dumps(output), b', "source": ',
-    ))
-
-
-def conversation_json_body(messages: list[dict]) -> bytes:
-    """json_body for a conversation row: {"messages": [{"role": ..., "content": ...}, ...], "source": """
-    turns = b", ".join(
-        b'{"role": ' + orjson.dumps(turn["role"]) + b', "content": ' + orjson.dumps(turn["content"]) + b"}"
-        for turn in messages
-    )
-    return b'{"messages": [' + turns + b'], "source": '
-
-
 def conversation_utf8_length(messages: list[dict]) -> int:
     """What a conversation weighs against content_byte_budget: its contents, plus the template of each exchange
     beyond the first in bytes."""
@@ -108,9 +89,39 @@ def count_keyword_hits(patterns: dict[str, str], texts: list[str]) -> dict[str, 
     }
 
 
-
-# What prepare_rows says about a row: (kind, detail, keyword hits per domain or None).
+# What becomes of a row: usable, or why not (FILTERED and NO_KEYWORD_MATCH rows are well formed but not kept).
 USABLE, FILTERED, NO_KEYWORD_MATCH, REJECTED, WRONG_SCHEMA, MALFORMED = range(6)
+
+
+class Example(NamedTuple):
+    """A single-turn row, its output as the source wrote it (Schema.finish_output cleans it)."""
+
+    instruction: str
+    input: str
+    raw_output: str
+
+
+class ConvertedRow(NamedTuple):
+    """A source row after its schema's convert(): `content` is an Example, a conversation (a list of messages) or a
+    record written as it is (a dict); or None, and `kind` (REJECTED, WRONG_SCHEMA, MALFORMED) and `reason` say why.
+    `cut` says why a kept chat lost turns."""
+
+    content: Example | list | dict | None
+    kind: int = USABLE
+    reason: str | None = None
+    cut: str | None = None
+
+
+class PreparedRow(NamedTuple):
+    """A row judged: a USABLE one has its duplicate `key` and the `fields` of its mix line (all but "source");
+    another says why in `reason`. `hits`: keyword hits per domain, for a source split by KEYWORDS."""
+
+    kind: int
+    reason: str | None = None
+    hits: tuple[int, ...] | None = None
+    key: bytes | None = None
+    fields: dict | None = None
+    cut: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,115 +146,119 @@ def parse_json_line(text: bytes):
         return parse_json(text)
 
 
-def convert_row(schema: Schema, row, text: bytes | None) -> tuple[tuple, str | None]:
-    """(what prepare_rows works on, the turns cut from the row's chat if any): (kind, detail, None) for a row that
-    cannot be used, (instruction, input, raw_output), or (a conversation or a record written as it is,)."""
+def convert_source_row(schema: Schema, row, text: bytes | None) -> ConvertedRow:
+    """The row (or the JSONL line `text`, parsed here) converted by its source's schema."""
     if text is not None:
         try:
             row = parse_json_line(text)
         except BadJSON as error:
-            return (MALFORMED, str(error), None), None
+            return ConvertedRow(None, MALFORMED, str(error))
     try:
         converted = schema.convert(row)
     except WrongSchema as error:
-        return (WRONG_SCHEMA, str(error), None), None
+        return ConvertedRow(None, WRONG_SCHEMA, str(error))
     except Rejected as error:
-        return (REJECTED, error.reason, None), None
+        return ConvertedRow(None, REJECTED, error.reason)
     cut = None
     if isinstance(converted, Cut):
         converted, cut = converted.kept, converted.reason
     if isinstance(converted, (list, dict)):
-        return (converted,), cut  # a conversation, or a record written as it is
-    instruction, extra, raw_output = converted
-    if not instruction:
-        return (REJECTED, "empty_instruction", None), None
-    if not raw_output:
-        return (REJECTED, "empty_output", None), None
-    return (instruction, extra, raw_output), cut
+        return ConvertedRow(converted, cut=cut)
+    example = Example(*converted)
+    if not example.instruction:
+        return ConvertedRow(None, REJECTED, "empty_instruction")
+    if not example.raw_output:
+        return ConvertedRow(None, REJECTED, "empty_output")
+    return ConvertedRow(example, cut=cut)
 
 
-def prepare_rows(rules: RowRules, rows: list[tuple[object, tuple[int, int] | None]]) -> list[tuple]:
+def prepare_chunk(rules: RowRules, rows: list[tuple[object, tuple[int, int] | None]]) -> list[PreparedRow]:
     """Read, parse, convert, clean, filter and key a chunk of (row, JSONL span); the bookkeeping stays with the
     caller.
 
     A keyword-split source has its questions matched in one RE2 pass per domain, and the answers of questions that
     match no domain are never cleaned.
     """
-    schema = rules.schema
     with open(rules.path, "rb") if rules.path else contextlib.nullcontext() as handle:
-        converted, cuts = zip(*[convert_row(schema, row, read_span(handle, span) if span else None)
-                                for row, span in rows]) if rows else ((), ())
-    hits = None
+        converted = [convert_source_row(rules.schema, row, read_span(handle, span) if span else None)
+                     for row, span in rows]
+    hits = [None] * len(converted)
     if rules.keyword_patterns:
-        counts = count_keyword_hits(rules.keyword_patterns, [_question(item) for item in converted])
-        hits = list(zip(*counts.values()))
-    prepared = []
-    for position, item in enumerate(converted):
-        if not isinstance(item[0], (str, list, dict)):
-            prepared.append(item)
-            continue
-        row_hits = hits[position] if hits else None
-        if hits and not any(row_hits):
-            prepared.append((NO_KEYWORD_MATCH, None, row_hits))
-            continue
-        if isinstance(item[0], list):
-            prepared.append((*_prepare_conversation(rules, item[0]), row_hits))
-            continue
-        if isinstance(item[0], dict):
-            prepared.append((*_prepare_record(rules, item[0]), row_hits))
-            continue
-        instruction, extra, raw_output = item
-        output = schema.finish_output(raw_output)
-        if not output:
-            prepared.append((REJECTED, "empty_output", row_hits))
-        elif len(output) < rules.min_output_chars:
-            prepared.append((FILTERED, "too_short", row_hits))
-        elif utf8_length(instruction) + utf8_length(extra) + utf8_length(output) > rules.byte_budget:
-            prepared.append((FILTERED, "too_long", row_hits))
-        else:
-            detail = (duplicate_key(instruction, extra, output), json_body(instruction, extra, output))
-            prepared.append((USABLE, detail, row_hits))
-    # A kept row whose chat was cut carries why, so that the manifest counts it.
-    return [(kind, detail + (cut,), hits) if cut and kind == USABLE else (kind, detail, hits)
-            for (kind, detail, hits), cut in zip(prepared, cuts)]
+        counts = count_keyword_hits(rules.keyword_patterns, [_question(item.content) for item in converted])
+        hits = list(zip(*counts.values())) or hits
+    return [_prepare(rules, item, row_hits) for item, row_hits in zip(converted, hits)]
 
 
-def _question(item: tuple) -> str:
+def _prepare(rules: RowRules, item: ConvertedRow, hits: tuple[int, ...] | None) -> PreparedRow:
+    if item.content is None:
+        return PreparedRow(item.kind, item.reason)
+    if hits is not None and not any(hits):
+        return PreparedRow(NO_KEYWORD_MATCH, None, hits)
+    if isinstance(item.content, list):
+        prepared = _prepare_conversation(rules, item.content)
+    elif isinstance(item.content, dict):
+        prepared = _prepare_record(rules, item.content)
+    else:
+        prepared = _prepare_example(rules, item.content)
+    return prepared._replace(hits=hits, cut=item.cut if prepared.kind == USABLE else None)
+
+
+def _prepare_example(rules: RowRules, example: Example) -> PreparedRow:
+    instruction, extra = example.instruction, example.input
+    output = rules.schema.finish_output(example.raw_output)
+    if not output:
+        return PreparedRow(REJECTED, "empty_output")
+    if len(output) < rules.min_output_chars:
+        return PreparedRow(FILTERED, "too_short")
+    if utf8_length(instruction) + utf8_length(extra) + utf8_length(output) > rules.byte_budget:
+        return PreparedRow(FILTERED, "too_long")
+    fields = {"instruction": instruction, "input": extra, "output": output}
+    return PreparedRow(USABLE, key=duplicate_key(instruction, extra, output), fields=fields)
+
+
+def _question(content) -> str:
     """The text a converted row's keywords are matched in: its instruction, a conversation's first user turn, or a
     text row's text."""
-    if isinstance(item[0], dict):
-        item = (item[0].get("messages"),) if "messages" in item[0] else (item[0]["text"],)
-    if isinstance(item[0], list):
-        return next(turn["content"] for turn in item[0] if turn["role"] == "user")
-    return item[0] if isinstance(item[0], str) else ""
+    if isinstance(content, dict):
+        content = content.get("messages") if "messages" in content else content["text"]
+    if isinstance(content, list):
+        return next(turn["content"] for turn in content if turn["role"] == "user")
+    return content.instruction if isinstance(content, Example) else content or ""
 
 
-def _prepare_conversation(rules: RowRules, messages: list[dict]) -> tuple:
-    """(kind, detail) of a conversation, by the rules of a single-turn row; its last answer is its output."""
+def _prepare_conversation(rules: RowRules, messages: list[dict]) -> PreparedRow:
+    """A conversation, judged by the rules of a single-turn row; its last answer is its output."""
     messages = [
         {"role": "assistant", "content": rules.schema.finish_output(turn["content"])}
         if turn["role"] == "assistant" else turn
         for turn in messages
     ]
     if not all(turn["content"] for turn in messages):
-        return REJECTED, "empty_output" if not messages[-1]["content"] else "empty_turn"
+        return PreparedRow(REJECTED, "empty_output" if not messages[-1]["content"] else "empty_turn")
     if len(messages[-1]["content"]) < rules.min_output_chars:
-        return FILTERED, "too_short"
+        return PreparedRow(FILTERED, "too_short")
     if conversation_utf8_length(messages) > rules.byte_budget:
-        return FILTERED, "too_long"
-    return USABLE, (conversation_duplicate_key(messages), conversation_json_body(messages))
+        return PreparedRow(FILTERED, "too_long")
+    return PreparedRow(USABLE, key=conversation_duplicate_key(messages), fields={"messages": messages})
 
 
+def _prepare_record(rules: RowRules, record: dict) -> PreparedRow:
+    """A record written as it is (a conversation with tools or tool calls, a text row): its JSON, the tool specs
+    included, is what it weighs against the byte budget."""
+    from ..template import reference_answer
 
-def _prepare_record(rules: RowRules, record: dict) -> tuple:
-    """(kind, detail) of a record written as it is (a conversation with tools or tool calls, a text row): its
-    JSON, the tool specs included, is what it weighs against the byte budget."""
-    from .template import reference_answer
-
-    text = json.dumps(record, ensure_ascii=False)
+    text = orjson.dumps(record).decode()
     learned = record["text"] if "text" in record else reference_answer(record)
     if len(learned) < rules.min_output_chars:
-        return FILTERED, "too_short"
+        return PreparedRow(FILTERED, "too_short")
     if utf8_length(text) > rules.byte_budget:
-        return FILTERED, "too_long"
-    return USABLE, (_folded_digest(text), text[:-1].encode() + b', "source": ')
+        return PreparedRow(FILTERED, "too_long")
+    return PreparedRow(USABLE, key=_folded_digest(text), fields=record)
+
+
+def mix_line(fields: dict, source: str) -> bytes:
+    """A kept row's line in the mix: its fields and the bucket it fills, in UTF-8 with its text left raw (U+2028
+    included, as records.json_line writes it), ended by a newline. Not OPT_APPEND_NEWLINE: orjson 3.13 then
+    returns the line in its whole work buffer (tens of KB a line, 2.4 GiB for a 240,000-row mix), while `+`
+    copies it to its own size."""
+    return orjson.dumps({**fields, "source": source}) + b"\n"
