@@ -56,7 +56,7 @@ def main():
     keywords = {domain: defaults["KEYWORDS"][domain] for domain in ("ai", "ic", "bio")}
     budget = content_byte_budget(defaults["MAX_SEQ_LENGTH"], defaults["SYSTEM_PROMPT"])
     for name, schema in (("narrowed", SCHEMAS["stackexchange"]), ("whole", WholeAnswers(SCHEMAS["stackexchange"]))):
-        rules = RowRules(schema, None, budget, defaults["MIN_OUTPUT_CHARS"], keyword_patterns(keywords))
+        rules = RowRules(schema, None, budget, defaults["MIN_OUTPUT_CHARS"], keyword_patterns(keywords), tuple(keywords))
         print(name, measure(files, schema, rules, defaults))
 
 

@@ -59,8 +59,11 @@ NEW_FOLDER_FILES = {"model.safetensors": b"NEW WEIGHTS", "config.json": b"{}"}
 STALE_LOCK = json.dumps({"pid": 999999999, "host": "gone", "started": "x"}).encode()
 
 data = st.binary(min_size=0, max_size=12)
+# A special file outside the tree, made by the test: never the machine's own /dev/null, which a defect in the rule
+# (as root) could replace.
+OUTSIDE_SPECIAL = "../outside.fifo"
 link_targets = st.sampled_from(["out", "out2", "in", "indir", "other", "indir/inner", "out/notes.txt", "nowhere",
-                                "/dev/null", "loop"])
+                                OUTSIDE_SPECIAL, "loop"])
 entries = st.dictionaries(st.sampled_from(ENTRY_NAMES), st.one_of(data, st.just("dir")), max_size=3)
 manifest_records = st.one_of(st.none(), st.just("names"), st.just("wrong sha256"))
 folders = st.fixed_dictionaries({
@@ -156,7 +159,9 @@ def build(root: Path, layout: dict, manifest_squatter: str, lock_squatters: dict
             os.mkfifo(path)
         elif spec["kind"] == "symlink":
             target = spec["to"]
-            path.symlink_to(slot if target == "loop" else target if target.startswith("/") else root / target)
+            if target == OUTSIDE_SPECIAL and not (root / target).exists():
+                os.mkfifo(root / target)
+            path.symlink_to(slot if target == "loop" else root / target)
         elif spec["kind"] == "folder":
             build_folder(tree, slot, spec)
     for slot in SLOTS:  # hard links last, to the files made above
@@ -245,7 +250,7 @@ def utf8(data: bytes) -> bool:
 
 
 def relative_target(root: Path, slot: str) -> str | None:
-    """The slot's path after links, relative to the root; None outside it (/dev/null) or for a loop."""
+    """The slot's path after links, relative to the root; None outside it (OUTSIDE_SPECIAL) or for a loop."""
     try:
         target = (root / slot).resolve()
     except RuntimeError:
@@ -329,7 +334,7 @@ def nothing_in_the_way(tree: Tree, before: dict, layout, stage, lock_squatters, 
 def must_refuse(tree: Tree, before: dict, stage: str, inputs: dict, overwrite: bool) -> str | None:
     """Why the rule must refuse this tree, or None: the spec, written apart from the code under test."""
     manifest_stage, outputs, _ = STAGES[stage]
-    sources = [relative_target(tree.root, path) for path in inputs.values()]  # None: a loop, or /dev/null
+    sources = [relative_target(tree.root, path) for path in inputs.values()]  # None: a loop, or OUTSIDE_SPECIAL
     targets = [relative_target(tree.root, slot) for _, slot, _, _ in outputs]
     if None in targets:
         return "a loop of links or a device"

@@ -28,7 +28,6 @@ from .rows import (
     content_byte_budget,
     convert_source_row,
     keyword_patterns,
-    mix_line,
 )
 from .sources import Source
 from .workers import cyclic_gc_paused, prepared_chunks, worth_workers
@@ -203,7 +202,7 @@ class Mixer:
                 stats.duplicates += 1
             else:
                 seen.add(row.key)
-                lines.append(mix_line(row.fields, bucket.key))
+                lines.append(row.lines[bucket.key])
                 if row.cut:
                     stats.cut[row.cut] += 1
                 bucket.kept += 1
@@ -247,7 +246,8 @@ class Mixer:
         # A keyword-split source's hits come in KEYWORDS order.
         domains = [key for key in self.plan.keywords if key in fed] if source.key in self.plan.keyword_split else []
         patterns = keyword_patterns({domain: self.plan.keywords[domain] for domain in domains}) if domains else None
-        rules = RowRules(source.schema, source.path, self.byte_budget, self.min_output_chars, patterns)
+        rules = RowRules(source.schema, source.path, self.byte_budget, self.min_output_chars, patterns,
+                         tuple(domains or fed))
         route = self._router(source, domains)
         pool = self.pool if worth_workers(remaining) else None
         chunks = prepared_chunks(rules, rows, pool, self.workers)

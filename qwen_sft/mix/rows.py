@@ -113,15 +113,23 @@ class ConvertedRow(NamedTuple):
 
 
 class PreparedRow(NamedTuple):
-    """A row judged: a USABLE one has its duplicate `key` and the `fields` of its mix line (all but "source");
-    another says why in `reason`. `hits`: keyword hits per domain, for a source split by KEYWORDS."""
+    """A row judged: a USABLE one has its duplicate `key` and its mix `lines`, one per bucket it may fill (the
+    worker encodes them; which one is written, the drawing decides); another says why in `reason`. `hits`: keyword
+    hits per domain, for a source split by KEYWORDS."""
 
     kind: int
     reason: str | None = None
     hits: tuple[int, ...] | None = None
     key: bytes | None = None
-    fields: dict | None = None
+    lines: dict[str, bytes] | None = None
     cut: str | None = None
+
+
+class Usable(NamedTuple):
+    """A row fit for the mix, before its lines are made: its duplicate key and the fields of its line."""
+
+    key: bytes
+    fields: dict
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,7 @@ class RowRules:
     byte_budget: int
     min_output_chars: int
     keyword_patterns: dict[str, str] | None  # domain -> RE2 pattern, for a source split by KEYWORDS
+    buckets: tuple[str, ...]  # the buckets the source fills (its domains, for a source split by KEYWORDS)
 
 
 def parse_json_line(text: bytes):
@@ -200,10 +209,14 @@ def _prepare(rules: RowRules, item: ConvertedRow, hits: tuple[int, ...] | None) 
         prepared = _prepare_record(rules, item.content)
     else:
         prepared = _prepare_example(rules, item.content)
-    return prepared._replace(hits=hits, cut=item.cut if prepared.kind == USABLE else None)
+    if isinstance(prepared, PreparedRow):  # not kept, and why
+        return prepared._replace(hits=hits)
+    buckets = [bucket for bucket, count in zip(rules.buckets, hits) if count] if hits else rules.buckets
+    lines = {bucket: mix_line(prepared.fields, bucket) for bucket in buckets}
+    return PreparedRow(USABLE, hits=hits, key=prepared.key, lines=lines, cut=item.cut)
 
 
-def _prepare_example(rules: RowRules, example: Example) -> PreparedRow:
+def _prepare_example(rules: RowRules, example: Example) -> PreparedRow | Usable:
     instruction, extra = example.instruction, example.input
     output = rules.schema.finish_output(example.raw_output)
     if not output:
@@ -213,7 +226,7 @@ def _prepare_example(rules: RowRules, example: Example) -> PreparedRow:
     if utf8_length(instruction) + utf8_length(extra) + utf8_length(output) > rules.byte_budget:
         return PreparedRow(FILTERED, "too_long")
     fields = {"instruction": instruction, "input": extra, "output": output}
-    return PreparedRow(USABLE, key=duplicate_key(instruction, extra, output), fields=fields)
+    return Usable(duplicate_key(instruction, extra, output), fields)
 
 
 def _question(content) -> str:
@@ -226,7 +239,7 @@ def _question(content) -> str:
     return content.instruction if isinstance(content, Example) else content or ""
 
 
-def _prepare_conversation(rules: RowRules, messages: list[dict]) -> PreparedRow:
+def _prepare_conversation(rules: RowRules, messages: list[dict]) -> PreparedRow | Usable:
     """A conversation, judged by the rules of a single-turn row; its last answer is its output."""
     messages = [
         {"role": "assistant", "content": rules.schema.finish_output(turn["content"])}
@@ -239,10 +252,10 @@ def _prepare_conversation(rules: RowRules, messages: list[dict]) -> PreparedRow:
         return PreparedRow(FILTERED, "too_short")
     if conversation_utf8_length(messages) > rules.byte_budget:
         return PreparedRow(FILTERED, "too_long")
-    return PreparedRow(USABLE, key=conversation_duplicate_key(messages), fields={"messages": messages})
+    return Usable(conversation_duplicate_key(messages), {"messages": messages})
 
 
-def _prepare_record(rules: RowRules, record: dict) -> PreparedRow:
+def _prepare_record(rules: RowRules, record: dict) -> PreparedRow | Usable:
     """A record written as it is (a conversation with tools or tool calls, a text row): its JSON, the tool specs
     included, is what it weighs against the byte budget."""
     from ..template import reference_answer
@@ -253,7 +266,7 @@ def _prepare_record(rules: RowRules, record: dict) -> PreparedRow:
         return PreparedRow(FILTERED, "too_short")
     if utf8_length(text) > rules.byte_budget:
         return PreparedRow(FILTERED, "too_long")
-    return PreparedRow(USABLE, key=_folded_digest(text), fields=record)
+    return Usable(_folded_digest(text), record)
 
 
 def mix_line(fields: dict, source: str) -> bytes:
