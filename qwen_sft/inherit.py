@@ -3,17 +3,22 @@ export_model.py takes the value recorded in the adapter's manifest.json; an expl
 it differs from training's.
 
 `inherit_from_adapter` is the hook those stages pass to `parse_config`, so the printed config says which values
-came from the adapter. The model loaders resolve a setting they are not given through `trained_or_default`.
+came from the adapter. It is the only place `auto` is settled: it keeps the manifest it read as
+`cfg.adapter_manifest`, and the model loaders take every setting as an explicit value.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .adapter_manifest import ADAPTER_MANIFEST, read_adapter_manifest
 from .errors import UserError
 from .template import DEFAULT_SYSTEM_PROMPT
 from .values import format_value, parse_value
+
+if TYPE_CHECKING:  # cli imports this module (through settings.py) to check the values it settles
+    from .cli import Config
 
 AUTO = "auto"
 # Qwen_finetuning.py's defaults: what a manifest written before training recorded a setting stands for.
@@ -42,12 +47,6 @@ def trained_value(manifest: dict, name: str):
         return manifest.get(TOP_LEVEL[name])
     config = manifest.get("config")
     return config.get(name) if isinstance(config, dict) else None
-
-
-def trained_or_default(manifest: dict, name: str):
-    """trained_value, or today's default where the manifest does not record it."""
-    value = trained_value(manifest, name)
-    return TRAINING_DEFAULTS[name] if value is None else value
 
 
 def _checked(value, name: str, manifest_file: Path):
@@ -85,13 +84,13 @@ def overrides(manifest: dict, values: dict) -> list[str]:
     return lines
 
 
-def inherit_from_adapter(values: dict, notes: dict) -> list[str]:
+def inherit_from_adapter(values: Config, notes: dict) -> list[str]:
     """parse_config's hook for the stages after training: resolve each `auto` setting training fixed from
-    values["ADAPTER_DIR"]'s manifest, parse explicit ones with the type training's default has, and note where each
-    came from in `notes`. Returns the lines to print under the config: overrides, and settings an older manifest
-    does not record (they take today's defaults)."""
+    values["ADAPTER_DIR"]'s manifest (kept as values.adapter_manifest), parse explicit ones with the type training's
+    default has, and note where each came from in `notes`. Returns the lines to print under the config: overrides,
+    and settings an older manifest does not record (they take today's defaults)."""
     adapter_dir = values["ADAPTER_DIR"]
-    manifest = read_adapter_manifest(adapter_dir)
+    manifest = values.adapter_manifest = read_adapter_manifest(adapter_dir)
     manifest_file = Path(adapter_dir) / ADAPTER_MANIFEST
     has_manifest = manifest_file.is_file()
     unrecorded, missing = [], []
