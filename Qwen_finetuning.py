@@ -10,6 +10,7 @@ manifest to ADAPTER_DIR (and the tokenizer again to TOKENIZER_DIR).
 """
 
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.mix_check import check_against_mix
 from qwen_sft.modeling import LORA_TARGET_MODULES
 from qwen_sft.presets import with_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
@@ -55,7 +56,7 @@ OVERWRITE_OUTPUT = False  # write into folders this toolkit did not create (your
 
 
 def main():
-    cfg = parse_config(globals(), resolve=with_preset("training"))
+    cfg = parse_config(globals(), resolve=with_preset("training", then=check_against_mix))
     from qwen_sft.training import train
 
     train(cfg, script_name=__file__)

@@ -38,7 +38,7 @@ TOP_LEVEL = {"BASE_MODEL": "base_model", "LOAD_IN_4BIT": "load_in_4bit"}
 TRAINED_AS = {"MAX_CONTEXT_TOKENS": "MAX_SEQ_LENGTH"}
 FROM_ADAPTER = "from the adapter"
 FALLBACK = "today's default: the adapter's manifest does not record it"
-SHOWN_CHARACTERS = 40  # a long value (a system prompt) is shortened in the override line
+SHOWN_CHARACTERS = 40  # a long value (a system prompt) is shortened in an override line
 
 
 def trained_value(manifest: dict, name: str):
@@ -62,7 +62,8 @@ def _checked(value, name: str, manifest_file: Path):
     return value
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A setting's value as an override line shows it (a long text shortened)."""
     if not isinstance(value, str):
         return format_value(value)
     return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "…")
@@ -79,7 +80,7 @@ def overrides(manifest: dict, values: dict) -> list[str]:
     for name, trained_name in inherited_settings(values).items():
         recorded = trained_value(manifest, trained_name)
         if recorded is not None and values[name] != recorded:
-            lines.append(f"--{name.lower()} {_shown(values[name])} differs from the {_shown(recorded)} the adapter "
+            lines.append(f"--{name.lower()} {shown(values[name])} differs from the {shown(recorded)} the adapter "
                          f"was trained with ({trained_name}); pass --{name.lower()} auto to inherit it")
     return lines
 
