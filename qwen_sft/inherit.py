@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import defaults
 from .adapter_manifest import ADAPTER_MANIFEST, read_adapter_manifest
 from .errors import UserError
 from .template import DEFAULT_SYSTEM_PROMPT
@@ -23,13 +24,13 @@ if TYPE_CHECKING:  # cli imports this module (through settings.py) to check the 
 AUTO = "auto"
 # Qwen_finetuning.py's defaults: what a manifest written before training recorded a setting stands for.
 TRAINING_DEFAULTS = {
-    "BASE_MODEL": "Qwen/Qwen2.5-7B-Instruct",
-    "DATASET_PATH": "mixed_finetune_dataset.jsonl",
+    "BASE_MODEL": defaults.BASE_MODEL,
+    "DATASET_PATH": defaults.MIX_FILE,
     "SYSTEM_PROMPT": DEFAULT_SYSTEM_PROMPT,
-    "MAX_SEQ_LENGTH": 2048,
-    "LOAD_IN_4BIT": True,
-    "EVAL_RATIO": 0.1,
-    "SPLIT_SEED": 42,
+    "MAX_SEQ_LENGTH": defaults.MAX_SEQ_LENGTH,
+    "LOAD_IN_4BIT": defaults.LOAD_IN_4BIT,
+    "EVAL_RATIO": defaults.EVAL_RATIO,
+    "SPLIT_SEED": defaults.SPLIT_SEED,
 }
 # Training records these at the top of the manifest (an adapter without a manifest names its base in
 # adapter_config.json); the rest under "config".
