@@ -10,16 +10,12 @@ came from the adapter. It is the only place `auto` is settled: it keeps the mani
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import defaults
 from .adapter_manifest import ADAPTER_MANIFEST, read_adapter_manifest
 from .errors import UserError
 from .template import DEFAULT_SYSTEM_PROMPT
 from .values import format_value, parse_value
-
-if TYPE_CHECKING:  # cli imports this module (through settings.py) to check the values it settles
-    from .cli import Config
 
 AUTO = "auto"
 # Qwen_finetuning.py's defaults: what a manifest written before training recorded a setting stands for.
@@ -86,11 +82,11 @@ def overrides(manifest: dict, values: dict) -> list[str]:
     return lines
 
 
-def inherit_from_adapter(values: Config, notes: dict) -> list[str]:
-    """parse_config's hook for the stages after training: resolve each `auto` setting training fixed from
-    values["ADAPTER_DIR"]'s manifest (kept as values.adapter_manifest), parse explicit ones with the type training's
-    default has, and note where each came from in `notes`. Returns the lines to print under the config: overrides,
-    and settings an older manifest does not record (they take today's defaults)."""
+def inherit_from_adapter(values, notes: dict) -> list[str]:
+    """parse_config's hook for the stages after training: resolve each `auto` setting training fixed in `values`
+    (parse_config's Config) from values["ADAPTER_DIR"]'s manifest, kept as values.adapter_manifest; parse explicit
+    ones with the type training's default has, and note where each came from in `notes`. Returns the lines to print
+    under the config: overrides, and settings an older manifest does not record (they take today's defaults)."""
     adapter_dir = values["ADAPTER_DIR"]
     manifest = values.adapter_manifest = read_adapter_manifest(adapter_dir)
     manifest_file = Path(adapter_dir) / ADAPTER_MANIFEST
