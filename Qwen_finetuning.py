@@ -9,17 +9,19 @@ manifest to ADAPTER_DIR (and the tokenizer again to TOKENIZER_DIR).
   python Qwen_finetuning.py --preset h200_fast                # fastest on a 48 GB+ GPU (gpu24 for 24 GB)
 """
 
+from qwen_sft import defaults
 from qwen_sft.cli import parse_config, run_stage
+from qwen_sft.mix_check import check_against_mix
 from qwen_sft.modeling import LORA_TARGET_MODULES
 from qwen_sft.presets import with_preset
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
-BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"  # hub id, local model folder, or `tiny` (built offline)
-DATASET_PATH = "mixed_finetune_dataset.jsonl"  # JSONL or JSON array of rows in any format of README "Data format"
+BASE_MODEL = defaults.BASE_MODEL  # hub id, local model folder, or `tiny` (built offline)
+DATASET_PATH = defaults.MIX_FILE  # JSONL or JSON array of rows in any format of README "Data format"
 DATASET_FORMAT = "auto"  # auto (each row by its keys), alpaca, sharegpt, messages, prompt_completion or text (README: "Data format")
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # system message of every example
-MAX_SEQ_LENGTH = 2048  # tokens per example; longer prompts are cut from the left, never the answer
-LOAD_IN_4BIT = True  # load the base model in NF4 4-bit (bitsandbytes)
+MAX_SEQ_LENGTH = defaults.MAX_SEQ_LENGTH  # tokens per example; longer prompts are cut from the left, never the answer
+LOAD_IN_4BIT = defaults.LOAD_IN_4BIT  # load the base model in NF4 4-bit (bitsandbytes)
 BACKEND = "auto"  # auto (Unsloth when CUDA and unsloth are present), unsloth, or hf (transformers + PEFT)
 LORA_R = 16  # LoRA rank
 LORA_ALPHA = 32  # LoRA scaling numerator (alpha / r)
@@ -45,17 +47,17 @@ PACKING = False  # pack rows padding-free into MAX_SEQ_LENGTH rows (Unsloth on C
 GROUP_BY_LENGTH = True  # unpacked: batch rows of similar length (less padding); batches still come in random order
 PRESET = "none"  # none, h200_fast (fastest, 48 GB+ GPU), gpu24 (fits 24 GB), tiny or tiny_cpu; flags given still win
 SEED = 3407  # training seed (LoRA init, data order, dropout)
-SPLIT_SEED = 42  # seed of the 90/10 train/eval split (evaluate.py uses the same)
-EVAL_RATIO = 0.1  # share of rows held out for evaluation; 0 = no eval split
+SPLIT_SEED = defaults.SPLIT_SEED  # seed of the 90/10 train/eval split (evaluate.py uses the same)
+EVAL_RATIO = defaults.EVAL_RATIO  # share of rows held out for evaluation; 0 = no eval split
 RESUME_FROM_CHECKPOINT = "false"  # false, a checkpoint folder, or auto (latest complete one in OUTPUT_DIR)
 OUTPUT_DIR = "outputs"  # checkpoints and TensorBoard logs
-ADAPTER_DIR = "Qwen_finetuning_model"  # final adapter + tokenizer + manifest + loss curve
+ADAPTER_DIR = defaults.ADAPTER_FOLDER  # final adapter + tokenizer + manifest + loss curve
 TOKENIZER_DIR = "Qwen_finetuning_tokenizer"  # tokenizer copy, as the seed project had it
 OVERWRITE_OUTPUT = False  # write into folders this toolkit did not create (your files kept; OUTPUT_DIR in place)
 
 
 def main():
-    cfg = parse_config(globals(), resolve=with_preset("training"))
+    cfg = parse_config(globals(), resolve=with_preset("training", then=check_against_mix))
     from qwen_sft.training import train
 
     train(cfg, script_name=__file__)

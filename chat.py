@@ -9,17 +9,18 @@ leave. Ctrl-C stops the reply being written and keeps the conversation; at the p
   printf '你好\\n/save chats.jsonl\\n' | python chat.py  # scripted, from a pipe
 """
 
+from qwen_sft import defaults
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.inherit import inherit_from_adapter
 from qwen_sft.presets import with_preset
 
-ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
+ADAPTER_DIR = defaults.ADAPTER_FOLDER  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 SYSTEM_PROMPT = "auto"  # system message at the start of the conversation (/system changes it); auto = as trained
-MAX_NEW_TOKENS = 512  # length limit of each reply
-TEMPERATURE = 0.8  # sampling temperature; 0 = greedy
-TOP_P = 0.9  # nucleus sampling share (only when TEMPERATURE > 0)
-REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the conversation
-NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
+MAX_NEW_TOKENS = defaults.MAX_NEW_TOKENS  # length limit of each reply
+TEMPERATURE = defaults.TEMPERATURE  # sampling temperature; 0 = greedy
+TOP_P = defaults.TOP_P  # nucleus sampling share (only when TEMPERATURE > 0)
+REPETITION_PENALTY = defaults.REPETITION_PENALTY  # >1 discourages repeating tokens already in the conversation
+NO_REPEAT_NGRAM_SIZE = defaults.NO_REPEAT_NGRAM_SIZE  # never repeat an n-gram of this size; 0 = off
 MAX_CONTEXT_TOKENS = "auto"  # prompt + reply budget, oldest exchanges dropped to fit; auto = training's MAX_SEQ_LENGTH
 HISTORY_FILE = "~/.qwen_sft_chat_history"  # readline input history kept across sessions; empty = none
 SHOW_PROMPT = False  # print the full rendered prompt (system, history, message) before each reply

@@ -10,27 +10,28 @@ TOTAL_SAMPLES, and the manifest next to the output accounts for every row read.
   python data_integration.py --ratios reports=0.2,orca=0.5,pubmed=0.3 --seed 7
 """
 
+from qwen_sft import defaults
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT
 
-MY_REPORT_DATA_PATH = "my_dataset.json"  # your own rows: JSON array or JSONL of instruction/input/output or "messages"
+MY_REPORT_DATA_PATH = defaults.MY_REPORT_DATA_PATH  # your rows: JSON array or JSONL, alpaca or "messages"
 SOURCES = {
     "orca": "Open-Orca/SlimOrca",
     "pubmed": "qiaojin/PubMedQA:pqa_labeled",
 }  # hub spec owner/name[:config][@revision][/folder+glob...] or local files/folder (README: "Sources")
 TOTAL_SAMPLES = 2000  # rows in the mix (fewer only when a source falls short)
 RATIOS = {"reports": 0.1, "orca": 0.6, "pubmed": 0.3}  # share of TOTAL_SAMPLES per source; must sum to 1
-OUTPUT_FILE = "mixed_finetune_dataset.jsonl"  # the mix; its manifest is written next to it
+OUTPUT_FILE = defaults.MIX_FILE  # the mix; its manifest is written next to it
 OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
-SEED = 42  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
-MAX_SEQ_LENGTH = 2048  # training sequence length; rows estimated to exceed it are dropped
+SEED = defaults.MIX_SEED  # shuffle-buffer and final-shuffle seed: same seed and inputs give a byte-identical file
+MAX_SEQ_LENGTH = defaults.MAX_SEQ_LENGTH  # training sequence length; rows estimated to exceed it are dropped
 SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT  # the system message training will use (rows are measured with it)
-MIN_OUTPUT_CHARS = 2  # drop rows whose answer is shorter than this many characters
-SHUFFLE_BUFFER = 10000  # rows each source's seeded shuffle buffer holds (bounds memory)
+MIN_OUTPUT_CHARS = defaults.MIN_OUTPUT_CHARS  # drop rows whose answer is shorter than this many characters
+SHUFFLE_BUFFER = defaults.SHUFFLE_BUFFER  # rows each source's seeded shuffle buffer holds (bounds memory)
 SHORTFALL_IS_ERROR = False  # exit 2 when a source cannot supply its share, instead of reporting it
 FATAL_BAD_ROWS = False  # exit 2 at the first row in the wrong schema, instead of skipping it
-BAD_ROW_REPORT_LIMIT = 10  # wrong-schema rows printed per source; later ones are only counted
-MAX_ROWS_READ = 1000000  # rows read per source at most (its buckets may then fall short); 0 = no bound
+BAD_ROW_REPORT_LIMIT = defaults.BAD_ROW_REPORT_LIMIT  # wrong-schema rows printed per source; the rest only counted
+MAX_ROWS_READ = defaults.MAX_ROWS_READ  # rows read per source at most (its buckets may then fall short); 0 = no bound
 HUB_TIMEOUT_SECONDS = 30  # a hub request with no answer in this time fails (a route that hangs: use HF_ENDPOINT)
 NETWORK_RETRY_SECONDS = 120  # a lost hub stream is retried this long, then the run stops and keeps its work
 

@@ -10,11 +10,12 @@ per-source breakdown, config and versions) and OUTPUT_DIR/predictions.jsonl, the
   python evaluate.py --compare_base false              # the adapter alone
 """
 
+from qwen_sft import defaults
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.inherit import inherit_from_adapter
 from qwen_sft.presets import with_preset
 
-ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
+ADAPTER_DIR = defaults.ADAPTER_FOLDER  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 BASE_MODEL = "auto"  # base model the adapter is applied to: auto (as trained), a hub id, a local folder, or tiny
 DATASET_PATH = "auto"  # the dataset whose eval split is evaluated; auto = the one training used
 DATASET_FORMAT = "auto"  # auto (each row by its keys), alpaca, sharegpt, messages, prompt_completion or text (README: "Data format")
@@ -26,7 +27,7 @@ EVAL_RATIO = "auto"  # share of rows held out; auto = as trained (the same seede
 SPLIT_SEED = "auto"  # seed of the train/eval split; auto = as trained
 GENERATION_SEED = 42  # picks the MAX_GEN_SAMPLES rows, and seeds sampling (TEMPERATURE > 0)
 EVAL_BATCH_SIZE = 8  # rows per teacher-forced forward pass
-MAX_NEW_TOKENS = 512  # length limit of each generated answer
+MAX_NEW_TOKENS = defaults.MAX_NEW_TOKENS  # length limit of each generated answer
 GEN_BATCH_SIZE = 64  # rows per generate() call, left-padded; lower it if the GPU runs out of memory
 MAX_GEN_SAMPLES = 0  # eval rows to generate answers for (a seeded choice); 0 or -1 = all
 TEMPERATURE = 0.0  # 0 = greedy (reproducible); above 0 samples

@@ -12,11 +12,12 @@ a manifest beside it.
   cat questions.jsonl | python inference.py --instruction_file -
 """
 
+from qwen_sft import defaults
 from qwen_sft.cli import parse_config, run_stage
 from qwen_sft.inherit import inherit_from_adapter
 from qwen_sft.presets import with_preset
 
-ADAPTER_DIR = "Qwen_finetuning_model"  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
+ADAPTER_DIR = defaults.ADAPTER_FOLDER  # adapter folder from Qwen_finetuning.py; `auto` below = as its manifest records
 INSTRUCTION = "请解释什么是LoRA微调，并说明它为什么能降低显存占用。"  # the question (ignored with INSTRUCTION_FILE)
 INPUT = ""  # extra context for INSTRUCTION, shown under 补充信息; empty = none
 SYSTEM_PROMPT = "auto"  # system message; auto = as trained
@@ -25,11 +26,11 @@ DATASET_FORMAT = "auto"  # auto (each row by its keys), alpaca, sharegpt, messag
 OUTPUT_FILE = "inference_results.jsonl"  # answers for INSTRUCTION_FILE, one row per prompt row
 OVERWRITE_OUTPUT = False  # replace an OUTPUT_FILE this toolkit did not write (or that was changed since)
 BATCH_SIZE = 32  # prompts per generate() call with INSTRUCTION_FILE; lower it if the GPU runs out of memory
-MAX_NEW_TOKENS = 512  # length limit of each answer
-TEMPERATURE = 0.8  # sampling temperature; 0 = greedy
-TOP_P = 0.9  # nucleus sampling share (only when TEMPERATURE > 0)
-REPETITION_PENALTY = 1.3  # >1 discourages repeating tokens already in the prompt or answer
-NO_REPEAT_NGRAM_SIZE = 3  # never repeat an n-gram of this size; 0 = off
+MAX_NEW_TOKENS = defaults.MAX_NEW_TOKENS  # length limit of each answer
+TEMPERATURE = defaults.TEMPERATURE  # sampling temperature; 0 = greedy
+TOP_P = defaults.TOP_P  # nucleus sampling share (only when TEMPERATURE > 0)
+REPETITION_PENALTY = defaults.REPETITION_PENALTY  # >1 discourages repeating tokens already in the prompt or answer
+NO_REPEAT_NGRAM_SIZE = defaults.NO_REPEAT_NGRAM_SIZE  # never repeat an n-gram of this size; 0 = off
 BASE_MODEL = "auto"  # base model the adapter is applied to: auto (as trained), a hub id, a local folder, or tiny
 LOAD_IN_4BIT = "auto"  # load the base model in NF4 4-bit: auto (as trained), true or false
 MAX_SEQ_LENGTH = "auto"  # sequence length Unsloth loads the model for; auto = as trained

@@ -314,7 +314,8 @@ def load_path(cfg, fast: bool, holder: dict) -> dict:
 
     started = time.perf_counter()
     loaded = load_generation_model(
-        cfg.adapter_dir, "hf" if fast else cfg.old_backend, "true" if fast else "false",
+        cfg.adapter_dir, base_model=base_model_dir(cfg)[0], backend="hf" if fast else cfg.old_backend,
+        fast_generation="true" if fast else "false", load_in_4bit=cfg.load_in_4bit,
         max_seq_length=cfg.prompt_tokens[1] + cfg.new_tokens, keep_base=fast,
         max_cache_len=max(cfg.prompt_tokens[1], cfg.bs1_prompt_tokens) + max(cfg.new_tokens, cfg.bs1_new_tokens),
     )

@@ -13,6 +13,8 @@ import os
 import random
 from pathlib import Path
 
+from qwen_sft import defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")  # the check needs logits, not only Unsloth's fused loss
 
@@ -98,9 +100,9 @@ def padded_and_packed_losses(model, padded, packed, lengths: list[int]) -> tuple
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/qwen7b-random")
-    parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"))
+    parser.add_argument("--mix", default=str(ROOT / defaults.MIX_FILE))
     parser.add_argument("--examples", type=int, default=8, help="at most this many examples, together within max_seq_length")
-    parser.add_argument("--max_seq_length", type=int, default=2048)
+    parser.add_argument("--max_seq_length", type=int, default=defaults.MAX_SEQ_LENGTH)
     parser.add_argument("--tolerance", type=float, default=0.02, help="largest allowed |loss difference| (bf16)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "packing_check.json"))
     args = parser.parse_args()

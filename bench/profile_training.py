@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwen_sft import defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -126,7 +128,7 @@ def profile_stage(stage_flags: list[str], start: int, count: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/qwen7b-random", help="model folder; built (random 7B) if missing")
-    parser.add_argument("--mix", default=str(ROOT / "mixed_finetune_dataset.jsonl"), help="the data stage's output")
+    parser.add_argument("--mix", default=str(ROOT / defaults.MIX_FILE), help="the data stage's output")
     parser.add_argument("--start", type=int, default=21, help="first profiled micro-batch (after warm-up)")
     parser.add_argument("--count", type=int, default=4, help="profiled micro-batches")
     parser.add_argument("--stage_flags", default="--per_device_train_batch_size 2 --gradient_accumulation_steps 4",

@@ -35,6 +35,7 @@ from .families import family
 from .fast_generation import generation_path, load_generation_model, warm_up
 from .formats import tool_specs
 from .generation import decoding_settings, stream_reply
+from .modeling import chosen_base_path
 from .records import validate_record
 from .template import prompt_ids, render_prompt
 
@@ -322,17 +323,19 @@ def run_chat(cfg) -> None:
             f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in --max_context_tokens "
             f"{cfg.max_context_tokens}; raise --max_context_tokens or lower --max_new_tokens"
         )
-    model, tokenizer, manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation,
-                                                       cfg.load_in_4bit, max_seq_length=cfg.max_context_tokens,
-                                                       max_cache_len=cfg.max_context_tokens,
-                                                       base_model=cfg.base_model)
+    chosen_base_path(cfg.adapter_dir, cfg.adapter_manifest, cfg.base_model)  # a trained base that is gone: one line
+    model, tokenizer, loaded = load_generation_model(cfg.adapter_dir, base_model=cfg.base_model, backend=cfg.backend,
+                                                     fast_generation=cfg.fast_generation,
+                                                     load_in_4bit=cfg.load_in_4bit,
+                                                     max_seq_length=cfg.max_context_tokens,
+                                                     max_cache_len=cfg.max_context_tokens)
     warm_up_seconds = warm_up(model, tokenizer)
     session = ChatSession(tokenizer, cfg.system_prompt, cfg.max_context_tokens, cfg.max_new_tokens,
                           inputs={"--adapter_dir": cfg.adapter_dir})
     if sys.stdin.isatty():
         enable_line_editing(cfg.history_file)
-    print(f"chatting with {cfg.adapter_dir} (base model {manifest['base_model']}, "
-          f"backend {manifest['backend_loaded']}; {generation_path(manifest, warm_up_seconds)}); "
+    print(f"chatting with {cfg.adapter_dir} (base model {loaded['base_model']}, "
+          f"backend {loaded['backend_loaded']}; {generation_path(loaded, warm_up_seconds)}); "
           "/help lists the commands, exit or Ctrl-D leaves")
     chat_loop(model, tokenizer, session, decoding_settings(cfg), cfg.show_prompt)
 

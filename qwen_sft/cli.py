@@ -99,15 +99,18 @@ def say(message: str) -> None:
 
 
 class Config(dict):
-    """The resolved constants, keyed by their UPPER_CASE names and readable as lower-case attributes."""
+    """The resolved constants, keyed by their UPPER_CASE names and readable as lower-case attributes.
+
+    `adapter_manifest` is the adapter manifest a later stage settled its `auto` settings from (inherit.py sets it at
+    parse time), so that the stage reads it once."""
+
+    adapter_manifest: dict | None = None
 
     def __getattr__(self, name: str):
         try:
             return self[name.upper()]
         except KeyError:
             raise AttributeError(name) from None
-
-
 
 
 def _constant_comments(source: str) -> dict[str, str]:
@@ -138,8 +141,8 @@ def _help_text(doc: str, defaults: dict, comments: dict[str, str]) -> str:
 def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: bool = False, resolve=None) -> Config:
     """Resolve the script's UPPER_CASE constants against `--lower_name value` flags and print the result.
 
-    `resolve(values, notes)`, when given, settles values further (e.g. `auto` from the adapter's manifest), notes
-    where they came from, and returns lines to print under the config.
+    `resolve(values, notes)`, when given, settles the Config `values` further (e.g. `auto` from the adapter's
+    manifest), notes where they came from, and returns lines to print under the config.
     """
     argv = sys.argv[1:] if argv is None else argv
     source = Path(script_globals["__file__"]).read_text(encoding="utf-8")
@@ -150,6 +153,7 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
         sys.exit(0)
 
     values, overridden = _flag_values(argv, defaults)
+    values = Config(values)
     notes = dict.fromkeys(overridden, FROM_COMMAND_LINE)
     lines = resolve(values, notes) if resolve is not None else []
     check_settings(values, notes)
@@ -160,7 +164,7 @@ def parse_config(script_globals: dict, argv: list[str] | None = None, quiet: boo
         ))
         for line in lines:
             say(line)
-    return Config(values)
+    return values
 
 
 def _flag_values(argv: list[str], defaults: dict) -> tuple[dict, set]:

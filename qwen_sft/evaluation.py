@@ -426,21 +426,22 @@ def evaluate(cfg) -> dict:
 
 def _evaluate(cfg, output_dir: Path) -> dict:
     from .fast_generation import generation_path, load_generation_model
-    from .modeling import read_adapter_manifest
+    from .modeling import chosen_base_path
 
     scorer = rouge_scorer() if cfg.rouge else None
-    adapter_manifest = read_adapter_manifest(cfg.adapter_dir)
     records, eval_records = evaluation_split(cfg)
     dataset_sha256 = sha256_file(cfg.dataset_path)
-    warnings = split_warnings(adapter_manifest, cfg, dataset_sha256)
+    warnings = split_warnings(cfg.adapter_manifest, cfg, dataset_sha256)
 
-    model, tokenizer, adapter_manifest = load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation,
-                                                               cfg.load_in_4bit, cfg.max_seq_length,
-                                                               keep_base=cfg.compare_base, base_model=cfg.base_model)
-    backend = adapter_manifest["backend_loaded"]
+    chosen_base_path(cfg.adapter_dir, cfg.adapter_manifest, cfg.base_model)  # a trained base that is gone: one line
+    model, tokenizer, loaded = load_generation_model(cfg.adapter_dir, base_model=cfg.base_model, backend=cfg.backend,
+                                                     fast_generation=cfg.fast_generation,
+                                                     load_in_4bit=cfg.load_in_4bit, max_seq_length=cfg.max_seq_length,
+                                                     keep_base=cfg.compare_base)
+    backend = loaded["backend_loaded"]
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
-    print(f"backend: {backend} (base model {adapter_manifest['base_model']}, 4-bit {four_bit}); "
-          f"{len(eval_records)} eval rows of {len(records)}; {generation_path(adapter_manifest)}")
+    print(f"backend: {backend} (base model {loaded['base_model']}, 4-bit {four_bit}); "
+          f"{len(eval_records)} eval rows of {len(records)}; {generation_path(loaded)}")
     if cfg.temperature > 0:
         from transformers import set_seed
 
@@ -451,10 +452,10 @@ def _evaluate(cfg, output_dir: Path) -> dict:
     metrics = build_manifest(
         "evaluate",
         dict(cfg),
-        adapter={"path": str(cfg.adapter_dir), "base_model": adapter_manifest["base_model"]},
+        adapter={"path": str(cfg.adapter_dir), "base_model": loaded["base_model"]},
         backend=backend,
         load_in_4bit=four_bit,
-        fast_generation=adapter_manifest["fast_generation"],
+        fast_generation=loaded["fast_generation"],
         dataset={"path": str(cfg.dataset_path), "sha256": dataset_sha256, "rows": len(records),
                  "eval_rows": len(eval_records), "generated_rows": len(rows.generation_rows)},
         warnings=warnings,

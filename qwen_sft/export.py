@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .adapter_manifest import read_adapter_manifest
 from .artifacts import (
     FOLDER,
     Output,
@@ -33,7 +34,6 @@ from .modeling import (
     chosen_base_path,
     load_adapter_tokenizer,
     load_base_model,
-    read_adapter_manifest,
 )
 from .qwen_tokenizer_build import write_portable_tokenizer_config
 
@@ -135,8 +135,8 @@ def check_export_flags(cfg) -> None:
 
 def export_merged(cfg) -> None:
     check_export_flags(cfg)
-    # The adapter is locked shared before its manifest is read: a training run cannot replace it meanwhile or during
-    # the merge (nor start into it).
+    # The adapter is locked shared before its manifest is read again (parse time read it unlocked): a training run
+    # cannot replace it meanwhile or during the merge (nor start into it).
     with folder_lock(cfg.adapter_dir, "--adapter_dir", shared=True):
         manifest = read_adapter_manifest(cfg.adapter_dir)
         base_path = chosen_base_path(cfg.adapter_dir, manifest, cfg.base_model)

@@ -184,46 +184,46 @@ def set_static_cache(model, max_cache_len: int | None) -> None:
     model.generation_config.max_cache_len = max_cache_len
 
 
-def load_generation_model(adapter_dir: str, backend: str = "auto", fast_generation: str = "auto",
-                          load_in_4bit: bool | None = None, max_seq_length: int | None = None,
-                          keep_base: bool = False, max_cache_len: int | None = None, base_model: str | None = None):
+def load_generation_model(adapter_dir: str, *, base_model: str, backend: str, fast_generation: str,
+                          load_in_4bit: bool, max_seq_length: int, keep_base: bool = False,
+                          max_cache_len: int | None = None):
     """Load the adapter for chat, inference or evaluation on the fast path when chosen, else as before.
 
-    Settings left None are as the adapter was trained (load_adapter_model). `max_cache_len` fixes the static
+    The settings are as load_adapter_model takes them (settled at parse time). `max_cache_len` fixes the static
     cache's size (chat: its context budget, so every reply reuses the compiled step); None sizes it by the first
     generate() call, and it grows when a later call needs more (recompiling).
-    Returns (model, tokenizer, manifest); manifest["fast_generation"] says which path and why. The fast path
+    Returns (model, tokenizer, loaded); loaded["fast_generation"] says which path and why. The fast path
     loads through transformers + PEFT (Unsloth patches transformers' model classes in place, which the dense
     model must not inherit), merges, and frees the 4-bit model.
     """
     import torch
 
-    from .modeling import chosen_base_path, compute_dtype, load_adapter_model, read_adapter_manifest
+    from .modeling import compute_dtype, load_adapter_model, resolve_model_path
 
     resolve_fast_generation(fast_generation)
-    base_path = chosen_base_path(adapter_dir, read_adapter_manifest(adapter_dir), base_model)
-    fast, reason = choose_fast(fast_generation, base_path, 2 if keep_base else 1)
+    fast, reason = choose_fast(fast_generation, resolve_model_path(base_model), 2 if keep_base else 1)
+    settings = {"base_model": base_model, "load_in_4bit": load_in_4bit, "max_seq_length": max_seq_length}
     if not fast:
-        model, tokenizer, manifest = load_adapter_model(adapter_dir, backend, load_in_4bit, max_seq_length, base_model)
-        manifest["fast_generation"] = {"used": False, "reason": reason}
-        return model, tokenizer, manifest
-    peft_model, tokenizer, manifest = load_adapter_model(adapter_dir, "hf", load_in_4bit, max_seq_length, base_model)
+        model, tokenizer, loaded = load_adapter_model(adapter_dir, backend=backend, **settings)
+        loaded["fast_generation"] = {"used": False, "reason": reason}
+        return model, tokenizer, loaded
+    peft_model, tokenizer, loaded = load_adapter_model(adapter_dir, backend="hf", **settings)
     model = dense_model(peft_model, compute_dtype(), keep_base)
     del peft_model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     set_static_cache(model, max_cache_len)
-    manifest["fast_generation"] = {
+    loaded["fast_generation"] = {
         "used": True, "reason": reason, "dtype": str(compute_dtype()).removeprefix("torch."),
         "compiled": model.device.type == "cuda",
     }
-    return model, tokenizer, manifest
+    return model, tokenizer, loaded
 
 
-def generation_path(manifest: dict, warm_up_seconds: float = 0.0) -> str:
+def generation_path(loaded: dict, warm_up_seconds: float = 0.0) -> str:
     """One line on the generation path that was chosen, for the stage's start-up message."""
-    chosen = manifest["fast_generation"]
+    chosen = loaded["fast_generation"]
     if not chosen["used"]:
         return f"fast generation off: {chosen['reason']}"
     compiled = "compiled" if chosen["compiled"] else "not compiled off CUDA"

@@ -17,7 +17,7 @@ from .cli import UserError
 from .fast_generation import generation_path, load_generation_model, resolve_fast_generation
 from .formats import check_format
 from .generation import decoding_settings, generate_batch, stream_reply
-from .modeling import read_adapter_manifest
+from .modeling import chosen_base_path
 from .records import PROMPT_HELP, iter_json_rows, json_line, validate_record
 from .template import build_messages, is_conversation, prompt_ids, reference_answer
 
@@ -74,17 +74,19 @@ def answer_row(item: dict, result: dict) -> dict:
 
 
 def load_model(cfg):
-    return load_generation_model(cfg.adapter_dir, cfg.backend, cfg.fast_generation, cfg.load_in_4bit,
-                                 cfg.max_seq_length, base_model=cfg.base_model)
+    chosen_base_path(cfg.adapter_dir, cfg.adapter_manifest, cfg.base_model)  # a trained base that is gone: one line
+    return load_generation_model(cfg.adapter_dir, base_model=cfg.base_model, backend=cfg.backend,
+                                 fast_generation=cfg.fast_generation, load_in_4bit=cfg.load_in_4bit,
+                                 max_seq_length=cfg.max_seq_length)
 
 
 def answer_one(cfg) -> None:
     """Stream the answer to INSTRUCTION (+ INPUT) to stdout."""
     if not cfg.instruction.strip():
         raise UserError("--instruction is empty; give a question (or --instruction_file PATH, - for stdin)")
-    model, tokenizer, manifest = load_model(cfg)
-    print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}, adapter {cfg.adapter_dir}); "
-          f"{generation_path(manifest)}")
+    model, tokenizer, loaded = load_model(cfg)
+    print(f"backend: {loaded['backend_loaded']} (base model {loaded['base_model']}, adapter {cfg.adapter_dir}); "
+          f"{generation_path(loaded)}")
     messages = build_messages({"instruction": cfg.instruction, "input": cfg.input}, cfg.system_prompt)
     decoding = decoding_settings(cfg)
     decoding["max_new_tokens"] = fit_context([len(prompt_ids(tokenizer, messages))], cfg.max_new_tokens,
@@ -102,7 +104,6 @@ def answer_one(cfg) -> None:
 
 def answer_file(cfg) -> None:
     """Answer every row of INSTRUCTION_FILE in batches and write OUTPUT_FILE (+ its manifest) atomically."""
-    read_adapter_manifest(cfg.adapter_dir)  # a missing adapter is reported before stdin is read
     inputs = {"--adapter_dir": cfg.adapter_dir, "--instruction_file": "" if cfg.instruction_file == "-" else
               cfg.instruction_file}
     with claim_outputs(inputs, [Output("--output_file", cfg.output_file)], "inference", cfg.overwrite_output) as \
@@ -114,9 +115,9 @@ def _answer_file(cfg, output_file: Path) -> None:
     where = "<stdin>" if cfg.instruction_file == "-" else cfg.instruction_file
     numbered = read_prompt_rows(cfg.instruction_file, cfg.dataset_format)
     rows = [row for _, row in numbered]
-    model, tokenizer, manifest = load_model(cfg)
-    print(f"backend: {manifest['backend_loaded']} (base model {manifest['base_model']}); {len(rows)} prompts "
-          f"from {cfg.instruction_file}, batches of {cfg.batch_size}; {generation_path(manifest)}")
+    model, tokenizer, loaded = load_model(cfg)
+    print(f"backend: {loaded['backend_loaded']} (base model {loaded['base_model']}); {len(rows)} prompts "
+          f"from {cfg.instruction_file}, batches of {cfg.batch_size}; {generation_path(loaded)}")
     conversations = [build_messages(row["record"], cfg.system_prompt) for row in rows]
     tools = [row["record"].get("tools") for row in rows]
     decoding = decoding_settings(cfg)
@@ -134,8 +135,8 @@ def _answer_file(cfg, output_file: Path) -> None:
 
     def describe(written):
         return build_manifest(
-            "inference", cfg, adapter_dir=cfg.adapter_dir, base_model=manifest["base_model"],
-            backend=manifest["backend_loaded"], fast_generation=manifest["fast_generation"],
+            "inference", cfg, adapter_dir=cfg.adapter_dir, base_model=loaded["base_model"],
+            backend=loaded["backend_loaded"], fast_generation=loaded["fast_generation"],
             instruction_file=source, rows=len(rows), cut_at_max_new_tokens=cut,
             output={"path": str(cfg.output_file), "rows": len(rows), "sha256": sha256_file(written)},
             wall_time_s=round(time.time() - started, 2),

@@ -3,13 +3,15 @@ export_model.py takes the value recorded in the adapter's manifest.json; an expl
 it differs from training's.
 
 `inherit_from_adapter` is the hook those stages pass to `parse_config`, so the printed config says which values
-came from the adapter. The model loaders resolve a setting they are not given through `trained_or_default`.
+came from the adapter. It is the only place `auto` is settled: it keeps the manifest it read as
+`cfg.adapter_manifest`, and the model loaders take every setting as an explicit value.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import defaults
 from .adapter_manifest import ADAPTER_MANIFEST, read_adapter_manifest
 from .errors import UserError
 from .template import DEFAULT_SYSTEM_PROMPT
@@ -18,13 +20,13 @@ from .values import format_value, parse_value
 AUTO = "auto"
 # Qwen_finetuning.py's defaults: what a manifest written before training recorded a setting stands for.
 TRAINING_DEFAULTS = {
-    "BASE_MODEL": "Qwen/Qwen2.5-7B-Instruct",
-    "DATASET_PATH": "mixed_finetune_dataset.jsonl",
+    "BASE_MODEL": defaults.BASE_MODEL,
+    "DATASET_PATH": defaults.MIX_FILE,
     "SYSTEM_PROMPT": DEFAULT_SYSTEM_PROMPT,
-    "MAX_SEQ_LENGTH": 2048,
-    "LOAD_IN_4BIT": True,
-    "EVAL_RATIO": 0.1,
-    "SPLIT_SEED": 42,
+    "MAX_SEQ_LENGTH": defaults.MAX_SEQ_LENGTH,
+    "LOAD_IN_4BIT": defaults.LOAD_IN_4BIT,
+    "EVAL_RATIO": defaults.EVAL_RATIO,
+    "SPLIT_SEED": defaults.SPLIT_SEED,
 }
 # Training records these at the top of the manifest (an adapter without a manifest names its base in
 # adapter_config.json); the rest under "config".
@@ -33,7 +35,7 @@ TOP_LEVEL = {"BASE_MODEL": "base_model", "LOAD_IN_4BIT": "load_in_4bit"}
 TRAINED_AS = {"MAX_CONTEXT_TOKENS": "MAX_SEQ_LENGTH"}
 FROM_ADAPTER = "from the adapter"
 FALLBACK = "today's default: the adapter's manifest does not record it"
-SHOWN_CHARACTERS = 40  # a long value (a system prompt) is shortened in the override line
+SHOWN_CHARACTERS = 40  # a long value (a system prompt) is shortened in an override line
 
 
 def trained_value(manifest: dict, name: str):
@@ -42,12 +44,6 @@ def trained_value(manifest: dict, name: str):
         return manifest.get(TOP_LEVEL[name])
     config = manifest.get("config")
     return config.get(name) if isinstance(config, dict) else None
-
-
-def trained_or_default(manifest: dict, name: str):
-    """trained_value, or today's default where the manifest does not record it."""
-    value = trained_value(manifest, name)
-    return TRAINING_DEFAULTS[name] if value is None else value
 
 
 def _checked(value, name: str, manifest_file: Path):
@@ -63,7 +59,8 @@ def _checked(value, name: str, manifest_file: Path):
     return value
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A setting's value as an override line shows it (a long text shortened)."""
     if not isinstance(value, str):
         return format_value(value)
     return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "…")
@@ -80,18 +77,18 @@ def overrides(manifest: dict, values: dict) -> list[str]:
     for name, trained_name in inherited_settings(values).items():
         recorded = trained_value(manifest, trained_name)
         if recorded is not None and values[name] != recorded:
-            lines.append(f"--{name.lower()} {_shown(values[name])} differs from the {_shown(recorded)} the adapter "
+            lines.append(f"--{name.lower()} {shown(values[name])} differs from the {shown(recorded)} the adapter "
                          f"was trained with ({trained_name}); pass --{name.lower()} auto to inherit it")
     return lines
 
 
-def inherit_from_adapter(values: dict, notes: dict) -> list[str]:
-    """parse_config's hook for the stages after training: resolve each `auto` setting training fixed from
-    values["ADAPTER_DIR"]'s manifest, parse explicit ones with the type training's default has, and note where each
-    came from in `notes`. Returns the lines to print under the config: overrides, and settings an older manifest
-    does not record (they take today's defaults)."""
+def inherit_from_adapter(values, notes: dict) -> list[str]:
+    """parse_config's hook for the stages after training: resolve each `auto` setting training fixed in `values`
+    (parse_config's Config) from values["ADAPTER_DIR"]'s manifest, kept as values.adapter_manifest; parse explicit
+    ones with the type training's default has, and note where each came from in `notes`. Returns the lines to print
+    under the config: overrides, and settings an older manifest does not record (they take today's defaults)."""
     adapter_dir = values["ADAPTER_DIR"]
-    manifest = read_adapter_manifest(adapter_dir)
+    manifest = values.adapter_manifest = read_adapter_manifest(adapter_dir)
     manifest_file = Path(adapter_dir) / ADAPTER_MANIFEST
     has_manifest = manifest_file.is_file()
     unrecorded, missing = [], []

@@ -11,9 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .adapter_manifest import ADAPTER_MANIFEST, read_adapter_manifest
+from .adapter_manifest import ADAPTER_MANIFEST
 from .cli import UserError
-from .inherit import trained_or_default
 from .template import require_chat_template
 from .tiny import TINY_NAME, tiny_path
 
@@ -191,9 +190,9 @@ def adapter_base_path(adapter_dir: str, manifest: dict) -> str:
         ) from None
 
 
-def chosen_base_path(adapter_dir: str, manifest: dict, base_model: str | None) -> str:
-    """The base model to load, resolved: `base_model`, or (None) the one the adapter was trained on."""
-    if base_model is None or base_model == manifest["base_model"]:
+def chosen_base_path(adapter_dir: str, manifest: dict, base_model: str) -> str:
+    """The base model to load, resolved; the one the adapter was trained on gets adapter_base_path's line."""
+    if base_model == manifest["base_model"]:
         return adapter_base_path(adapter_dir, manifest)
     return resolve_model_path(base_model)
 
@@ -207,24 +206,18 @@ def load_adapter_tokenizer(adapter_dir: str):
     return tokenizer
 
 
-def load_adapter_model(adapter_dir: str, backend: str = "auto", load_in_4bit: bool | None = None,
-                       max_seq_length: int | None = None, base_model: str | None = None):
-    """Load base + adapter for evaluation, inference or chat. A setting left None is as the adapter was trained
-    (its manifest names the base model).
+def load_adapter_model(adapter_dir: str, *, base_model: str, backend: str, load_in_4bit: bool, max_seq_length: int):
+    """Load base + adapter for evaluation, inference or chat, with the settings given (the stages settle `auto`
+    ones from the adapter's manifest at parse time: inherit.py).
 
-    Returns (model, tokenizer, manifest); manifest["base_model"] is the base loaded. The tokenizer, with its chat
-    template, comes from the adapter folder.
+    Returns (model, tokenizer, loaded): loaded["base_model"] is the base loaded, loaded["backend_loaded"] the
+    backend. The tokenizer, with its chat template, comes from the adapter folder.
     """
-    manifest = read_adapter_manifest(adapter_dir)
-    chosen_base_path(adapter_dir, manifest, base_model)
-    manifest["base_model"] = base_model or manifest["base_model"]
     backend = choose_backend(backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (it patches transformers, so it is imported before the tokenizer loads)
     tokenizer = load_adapter_tokenizer(adapter_dir)  # checked before the slow base-model load
-    four_bit = trained_or_default(manifest, "LOAD_IN_4BIT") if load_in_4bit is None else load_in_4bit
-    max_seq_length = trained_or_default(manifest, "MAX_SEQ_LENGTH") if max_seq_length is None else max_seq_length
-    model, _ = load_base_model(manifest["base_model"], backend, four_bit, max_seq_length)
+    model, _ = load_base_model(base_model, backend, load_in_4bit, max_seq_length)
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, adapter_dir)
@@ -233,5 +226,4 @@ def load_adapter_model(adapter_dir: str, backend: str = "auto", load_in_4bit: bo
         from unsloth import FastLanguageModel
 
         FastLanguageModel.for_inference(model)
-    manifest["backend_loaded"] = backend
-    return model, tokenizer, manifest
+    return model, tokenizer, {"base_model": base_model, "backend_loaded": backend}

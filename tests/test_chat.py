@@ -205,7 +205,8 @@ def test_piped_chat_multi_turn_commands_and_exit(adapter, tmp_path):
 
 def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapter, monkeypatch, capsys):
     """The loop chat.py runs, in this process: three messages, one too long to send, then end of input."""
-    model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
+    model, tokenizer, _ = load_adapter_model(str(adapter),
+                                             base_model="tiny", backend="hf", load_in_4bit=False, max_seq_length=2048)
     def prompt_tokens(*turns):
         messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
         messages += [{"role": role, "content": text} for role, text in zip(("user", "assistant") * 3, turns)]

@@ -277,7 +277,8 @@ def test_multi_turn_learning_proof_greedy_chat_recalls_the_first_exchange(memori
     from qwen_sft.modeling import load_adapter_model
 
     adapter, records, _ = memorised
-    model, tokenizer, _ = load_adapter_model(str(adapter), "hf")
+    model, tokenizer, _ = load_adapter_model(str(adapter),
+                                             base_model="tiny", backend="hf", load_in_4bit=False, max_seq_length=2048)
     chats = [record["messages"] for record in records if "messages" in record]
     assert len({messages[2]["content"] for messages in chats}) == 1 and len(chats) == 8
     script = [line for messages in chats for line in (messages[0]["content"], messages[2]["content"], "/reset")]

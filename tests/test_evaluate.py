@@ -91,7 +91,8 @@ def test_delta_and_generation_row_choice():
 
 @pytest.fixture(scope="module")
 def tuned(learned_adapter):
-    model, tokenizer, _ = load_adapter_model(str(learned_adapter / "Qwen_finetuning_model"), "hf", False)
+    model, tokenizer, _ = load_adapter_model(str(learned_adapter / "Qwen_finetuning_model"),
+                                             base_model="tiny", backend="hf", load_in_4bit=False, max_seq_length=2048)
     return model, tokenizer
 
 

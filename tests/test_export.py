@@ -79,7 +79,8 @@ def test_merged_model_answers_like_base_plus_adapter(exported, adapter):
     assert all(end_of_turn in row.tolist() for row in new_tokens)  # every answer stopped at <|im_end|>
     merged_answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
 
-    peft_model, peft_tokenizer, _ = load_adapter_model(str(adapter), "hf")
+    peft_model, peft_tokenizer, _ = load_adapter_model(str(adapter), base_model="tiny", backend="hf",
+                                                       load_in_4bit=False, max_seq_length=2048)
     unmerged = generate_batch(peft_model, peft_tokenizer, [build_messages(row) for row in ROWS], max_new_tokens=40)
     assert merged_answers == [answer["text"] for answer in unmerged] == [row["output"] for row in ROWS]
 

@@ -91,6 +91,9 @@ def test_flag_values_and_auto_without_cuda():
     assert choose_fast("true", str(tiny_path()), 2) == (True, "--fast_generation true")
 
 
+AS_TRAINED = {"base_model": "tiny", "backend": "hf", "load_in_4bit": False, "max_seq_length": 2048}  # the adapter's
+
+
 @pytest.fixture(scope="module")
 def adapter(learned_adapter):
     return str(learned_adapter / "Qwen_finetuning_model")
@@ -99,8 +102,9 @@ def adapter(learned_adapter):
 @pytest.fixture(scope="module")
 def both_paths(adapter):
     """The current path (PEFT on the base) and the fast path (merged, static cache) of the trained tiny adapter."""
-    current, tokenizer, manifest = load_generation_model(adapter, "hf", "false")
-    fast, _, fast_manifest = load_generation_model(adapter, "hf", "true", keep_base=True, max_cache_len=256)
+    current, tokenizer, manifest = load_generation_model(adapter, fast_generation="false", **AS_TRAINED)
+    fast, _, fast_manifest = load_generation_model(adapter, fast_generation="true", **AS_TRAINED, keep_base=True,
+                                                   max_cache_len=256)
     assert not manifest["fast_generation"]["used"] and fast_manifest["fast_generation"]["used"]
     assert fast.generation_config.cache_implementation == "static" and hasattr(current, "peft_config")
     return current, fast, tokenizer
@@ -193,7 +197,8 @@ def test_compiled_fast_path_on_gpu_first_token_within_half_a_second(adapter):
     the compiled answers equal the uncompiled ones."""
     import time
 
-    fast, tokenizer, manifest = load_generation_model(adapter, "hf", "true", max_cache_len=512)
+    fast, tokenizer, manifest = load_generation_model(adapter, fast_generation="true", **AS_TRAINED,
+                                                      max_cache_len=512)
     assert manifest["fast_generation"]["compiled"]
     warm_up(fast, tokenizer)
     filler = " ".join(["report"] * 190)

@@ -388,7 +388,8 @@ def test_tool_call_learning_proof_in_chat(tool_adapter, monkeypatch, capsys, tmp
     from qwen_sft.chat import ChatSession, chat_loop
     from qwen_sft.modeling import load_adapter_model
 
-    model, tokenizer, _ = load_adapter_model(str(tool_adapter), "hf")
+    model, tokenizer, _ = load_adapter_model(str(tool_adapter),
+                                             base_model="tiny", backend="hf", load_in_4bit=False, max_seq_length=2048)
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps(read_records(FIXTURES / "tool_calls_2.jsonl")[0]["tools"]), encoding="utf-8")
     script = [f"/tools {tools}", "北京天气？", "21", "/reset", "北京天气？", "9", "/save " + str(tmp_path / "saved.jsonl")]

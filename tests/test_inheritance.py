@@ -2,6 +2,8 @@
 that differs from training's prints one line, an older manifest falls back to today's defaults with a line, and
 `auto` without a manifest is one line with exit code 2."""
 
+import inspect
+import io
 import json
 import runpy
 import sys
@@ -94,6 +96,54 @@ def test_explicit_values_need_no_manifest(tmp_path):
     cfg = stage_config("export_model.py", ["--adapter_dir", str(adapter), "--system_prompt", SYSTEM,
                                            "--max_seq_length", "512"])
     assert (cfg.system_prompt, cfg.max_seq_length, cfg.base_model) == (SYSTEM, 512, "tiny")  # base: adapter_config
+
+
+def test_the_loaders_take_every_setting_explicitly():
+    """`auto` is settled at parse time only: a loader has no default to settle again from the manifest."""
+    from qwen_sft.fast_generation import load_generation_model
+    from qwen_sft.modeling import load_adapter_model
+
+    for loader in (load_adapter_model, load_generation_model):
+        parameters = inspect.signature(loader).parameters
+        for name in ("base_model", "backend", "load_in_4bit", "max_seq_length"):
+            assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, (loader.__name__, name)
+            assert parameters[name].default is inspect.Parameter.empty, (loader.__name__, name)
+
+
+@pytest.fixture
+def untrained_adapter(tmp_path):
+    """A LoRA on the tiny model, saved as training saves one (adapter, tokenizer with its template, manifest)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwen_sft.tiny import tiny_path
+
+    folder = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path()),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_path()).save_pretrained(folder)
+    manifest = {"stage": "train", "base_model": "tiny", "load_in_4bit": False,
+                "config": {**TRAINING_DEFAULTS, "SYSTEM_PROMPT": SYSTEM, "MAX_SEQ_LENGTH": LENGTH}}
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("script", ["inference.py", "chat.py"])
+def test_a_stage_reads_the_adapters_manifest_once(script, untrained_adapter, tmp_path, monkeypatch):
+    """Parse time reads it and settles `auto`; the stage and the loaders use what it read."""
+    import qwen_sft.adapter_manifest as adapter_manifest
+
+    reads, read = [], adapter_manifest._read_json_object
+    monkeypatch.setattr(adapter_manifest, "_read_json_object", lambda path: reads.append(path.name) or read(path))
+    (tmp_path / "prompts.jsonl").write_text('{"instruction": "hi"}\n', encoding="utf-8")
+    flags = {"inference.py": ["--instruction_file", "prompts.jsonl", "--output_file", "answers.jsonl"],
+             "chat.py": ["--history_file", ""]}[script]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # chat: end of input at once
+    monkeypatch.setattr(sys, "argv", [script, "--adapter_dir", str(untrained_adapter), "--max_new_tokens", "2",
+                                      "--backend", "hf", *flags])
+    runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert reads == ["manifest.json"]
 
 
 FLAGS = "--system_prompt, --load_in_4bit, --max_seq_length"
@@ -198,7 +248,7 @@ def test_inference_with_no_flags_uses_x_and_1024(trained, monkeypatch, capsys):
                                       "--output_file", "answers.jsonl"])
     runpy.run_path(str(ROOT / "inference.py"), run_name="__main__")
     args, kwargs = seen["load"]
-    assert args[3:5] == (False, LENGTH) and kwargs["base_model"] == "tiny"  # 4-bit, max_seq_length: as trained
+    assert (kwargs["load_in_4bit"], kwargs["max_seq_length"], kwargs["base_model"]) == (False, LENGTH, "tiny")
     assert seen["conversations"][0][0] == {"role": "system", "content": SYSTEM}
     assert f"SYSTEM_PROMPT = {SYSTEM}   (from the adapter)" in capsys.readouterr().out
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, ROOT, run_script
+from qwen_sft.adapter_manifest import read_adapter_manifest
 from qwen_sft.cli import Config
 from qwen_sft.generation import generate_batch
 from qwen_sft.modeling import load_adapter_model
@@ -31,11 +32,14 @@ RESUME_FLAGS = [
 
 def test_learning_proof(learned_adapter):
     """Trained on 20 rows, the tiny model reproduces every answer greedily and stops at <|im_end|>."""
-    model, tokenizer, manifest = load_adapter_model(str(learned_adapter / "Qwen_finetuning_model"))
+    adapter = str(learned_adapter / "Qwen_finetuning_model")
+    model, tokenizer, _ = load_adapter_model(adapter, base_model="tiny", backend="hf", load_in_4bit=False,
+                                             max_seq_length=2048)
     records = read_records(FIXTURES / "learning_20.jsonl")
     answers = generate_batch(model, tokenizer, [build_messages(r) for r in records], max_new_tokens=48)
     assert [a["text"] for a in answers] == [r["output"] for r in records]
     assert all(a["stopped"] for a in answers)
+    manifest = read_adapter_manifest(adapter)
     assert manifest["base_model"] == "tiny" and manifest["backend"] == "hf"
 
 
