@@ -32,8 +32,8 @@ SHORTFALL_IS_ERROR = False  # exit 2 when a source cannot supply its share, inst
 FATAL_BAD_ROWS = False  # exit 2 at the first row in the wrong schema, instead of skipping it
 BAD_ROW_REPORT_LIMIT = defaults.BAD_ROW_REPORT_LIMIT  # wrong-schema rows printed per source; the rest only counted
 MAX_ROWS_READ = defaults.MAX_ROWS_READ  # rows read per source at most (its buckets may then fall short); 0 = no bound
-HUB_TIMEOUT_SECONDS = 30  # a hub request with no answer in this time fails (a route that hangs: use HF_ENDPOINT)
-NETWORK_RETRY_SECONDS = 120  # a lost hub stream is retried this long, then the run stops and keeps its work
+HUB_TIMEOUT_SECONDS = defaults.HUB_TIMEOUT_SECONDS  # a hub request with no answer in this time fails (a route that hangs: use HF_ENDPOINT)
+NETWORK_RETRY_SECONDS = defaults.NETWORK_RETRY_SECONDS  # a lost hub stream is retried this long, then the run stops and keeps its work
 
 
 def main():

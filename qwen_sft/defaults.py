@@ -23,6 +23,8 @@ MIN_OUTPUT_CHARS = 2
 SHUFFLE_BUFFER = 10000
 BAD_ROW_REPORT_LIMIT = 10
 MAX_ROWS_READ = 1_000_000
+HUB_TIMEOUT_SECONDS = 30
+NETWORK_RETRY_SECONDS = 120
 
 # Decoding: the seed's sampling in inference.py and chat.py, and in export_model.py's Ollama Modelfile
 MAX_NEW_TOKENS = 512

@@ -12,8 +12,6 @@ STAGE_SCRIPTS = ("data_integration.py", "data_set_generation.py", "Qwen_finetuni
                  "inference.py", "chat.py", "export_model.py")
 # Values that say "off" or "decide later" rather than choose something, so they are not shared defaults
 NEUTRAL = {False, True, "auto", "none", ""}
-# The data stages' hub settings: another change settles where they are written
-ELSEWHERE = {"HUB_TIMEOUT_SECONDS", "NETWORK_RETRY_SECONDS"}
 
 
 def literal_constants(script: str) -> dict[str, object]:
@@ -32,7 +30,7 @@ def test_no_two_stage_scripts_write_the_same_default():
     writers = defaultdict(list)
     for script in STAGE_SCRIPTS:
         for name, value in literal_constants(script).items():
-            if name not in ELSEWHERE and not (isinstance(value, (bool, str)) and value in NEUTRAL):
+            if not (isinstance(value, (bool, str)) and value in NEUTRAL):
                 writers[(name, repr(value))].append(script)
     shared = {key: scripts for key, scripts in writers.items() if len(scripts) > 1}
     assert shared == {}, "name these in qwen_sft/defaults.py and import them"

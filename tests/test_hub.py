@@ -306,9 +306,9 @@ def test_a_malformed_source_spec_is_one_line_naming_the_syntax(spec, tmp_path, m
     assert str(error.value) == f"orca: {spec}: file not found (nor a hub spec: owner/name[:config][@revision][/path+...])"
 
 
-def test_the_hub_timeouts_are_written_once_in_the_stage_scripts():
-    """HUB_TIMEOUT_SECONDS and NETWORK_RETRY_SECONDS have their defaults in the two stage scripts only: HubSettings
-    has none, and no package module falls back to a number of its own."""
+def test_the_hub_timeouts_are_written_once():
+    """HUB_TIMEOUT_SECONDS and NETWORK_RETRY_SECONDS have their defaults in qwen_sft/defaults.py only, which both
+    stage scripts name: HubSettings has none, and no package module falls back to a number of its own."""
     import dataclasses
     import re
 

@@ -20,7 +20,7 @@ HUB_BATCH_ROWS = 1000  # hub rows made Python objects at a time (at most SHUFFLE
 
 @dataclass(frozen=True)
 class HubSettings:
-    """The stage's HUB_TIMEOUT_SECONDS and NETWORK_RETRY_SECONDS (written once, in the stage scripts)."""
+    """The stage's HUB_TIMEOUT_SECONDS and NETWORK_RETRY_SECONDS (their defaults are in defaults.py)."""
 
     timeout_s: float  # a hub request with no answer in this time fails
     retry_s: float  # how long a stream that lost its connection is retried before the run stops
