@@ -1,6 +1,7 @@
 """Shared test setup: offline hub, a private tiny-model cache, and one trained tiny adapter for the later stages."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,27 @@ def run_script(script: str, *args, cwd=None, input_text=None, timeout=600, env=N
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs(size)` mounts a tmpfs of `size` (e.g. "4m") in tmp_path and returns it: a disk that fills up.
+    Mounting needs root, as CI runs; the test is skipped where it is not allowed."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode:
+            pytest.skip("mounting a tmpfs is not allowed here")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture(scope="session")

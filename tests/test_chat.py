@@ -125,6 +125,26 @@ def test_save_appends_conversation_rows_of_what_the_model_saw(tokenizer, tmp_pat
     ]
 
 
+def test_a_failed_tools_or_save_command_is_one_notice_and_the_chat_goes_on(tokenizer, tmp_path, monkeypatch,
+                                                                          capsys):
+    from qwen_sft.chat import run_command
+
+    session = ChatSession(tokenizer, "S", 4096, 64)
+    session.add("q", "a", complete=True)
+    run_command(session, f"/tools {tmp_path / 'none.json'}")
+    run_command(session, f"/save {tmp_path}")
+    monkeypatch.setattr(ChatSession, "save", lambda self, path: (_ for _ in ()).throw(
+        OSError(28, "No space left on device", path)))
+    run_command(session, f"/save {tmp_path / 'chats.jsonl'}")
+    assert capsys.readouterr().out.splitlines() == [
+        f"[could not read tools: {tmp_path / 'none.json'}: No such file or directory]",
+        f"[could not save: /save {tmp_path}: is a folder, not a regular file; outputs are written only as regular "
+        "files and folders: choose another name]",
+        f"[could not save: {tmp_path / 'chats.jsonl'}: No space left on device]",
+    ]
+    assert session.tools is None and len(session.unsaved) == 1  # nothing changed: the exchange can still be saved
+
+
 def test_exchanges_with_different_contexts_get_their_own_rows(tokenizer, tmp_path):
     session = ChatSession(tokenizer, "SYS", 4096, 512)
     session.add("q1", "a1", complete=True)
