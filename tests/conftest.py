@@ -19,6 +19,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("QWEN_SFT_CACHE", str(ROOT / ".pytest_cache" / "qwen_sft"))
+# Under pytest-xdist (`make test` runs 2 workers on 2 cores), torch in each worker and in the stages it starts runs
+# one thread: two workers of two threads each spin-wait for each other's cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+# The stages the tests start keep freed memory instead of giving it back: a training step's logits over the real
+# vocabulary are GBs that glibc would otherwise map and unmap every step (a quarter of a tiny run's CPU time in
+# page faults).
+os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
 
 # Generated cases are derandomized: the same cases on every run, so a generated test can never flake in CI.
 settings.register_profile(
@@ -109,9 +118,19 @@ def learned_adapter(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    if config.pluginmanager.hasplugin("xdist"):
+        group_for_workers(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def group_for_workers(items) -> None:
+    """pytest-xdist's `--dist loadgroup` groups: a file's tests run on one worker, so its module fixtures run once, and
+    the files that use `learned_adapter` share one worker, so the 20-row model is trained once."""
+    learned = {item.path for item in items if "learned_adapter" in item.fixturenames}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("learned_adapter" if item.path in learned else item.path.name))
