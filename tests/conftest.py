@@ -1,5 +1,6 @@
 """Shared test setup: offline hub, a private tiny-model cache, and one trained tiny adapter for the later stages."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -19,8 +20,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("QWEN_SFT_CACHE", str(ROOT / ".pytest_cache" / "qwen_sft"))
-# Under pytest-xdist (`make test` runs 2 workers on 2 cores), torch in each worker and in the stages it starts runs
-# one thread: two workers of two threads each spin-wait for each other's cores.
+# Under pytest-xdist (`make test`: 2 workers on 2 cores, a file's tests on one worker), torch in each worker and in
+# the stages it starts runs one thread: two workers of two threads each spin-wait for each other's cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 # The stages the tests start keep freed memory instead of giving it back: a training step's logits over the real
@@ -105,21 +106,27 @@ def tmpfs(tmp_path):
 def learned_adapter(tmp_path_factory):
     """The tiny model trained on tests/fixtures/learning_20.jsonl until it reproduces every answer.
 
-    Returns the folder that holds `Qwen_finetuning_model/` (and the rest of the run's outputs).
+    Returns the folder that holds `Qwen_finetuning_model/` (and the rest of the run's outputs). Under pytest-xdist
+    the workers share it: the first to need it trains it, in their common folder, while the other waits.
     """
-    workdir = tmp_path_factory.mktemp("learned")
-    result = run_script(
-        "Qwen_finetuning.py", *LEARNING_FLAGS, "--dataset_path", FIXTURES / "learning_20.jsonl", cwd=workdir
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above each worker's own
+    workdir = shared / "learned"
+    with open(shared / "learned.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "Qwen_finetuning_model" / "manifest.json").is_file():
+            workdir.mkdir(exist_ok=True)
+            result = run_script(
+                "Qwen_finetuning.py", *LEARNING_FLAGS, "--dataset_path", FIXTURES / "learning_20.jsonl", cwd=workdir
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if config.pluginmanager.hasplugin("xdist"):
-        group_for_workers(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -127,10 +134,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-
-def group_for_workers(items) -> None:
-    """pytest-xdist's `--dist loadgroup` groups: a file's tests run on one worker, so its module fixtures run once, and
-    the files that use `learned_adapter` share one worker, so the 20-row model is trained once."""
-    learned = {item.path for item in items if "learned_adapter" in item.fixturenames}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("learned_adapter" if item.path in learned else item.path.name))
