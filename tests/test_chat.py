@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from conftest import EXACT, FIXTURES, ROOT, run_script
 from qwen_sft.chat import STOPPED, ChatSession, chat_loop
 from qwen_sft.cli import UserError
+from qwen_sft.generation import stream_reply
 from qwen_sft.modeling import load_adapter_model, load_adapter_tokenizer
 from qwen_sft.records import read_records
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, prompt_ids
@@ -231,14 +232,19 @@ def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapte
         messages += [{"role": role, "content": text} for role, text in zip(("user", "assistant") * 3, turns)]
         return len(prompt_ids(tokenizer, messages))
 
+    max_new_tokens = 32
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0}
+    # The reply to Q2 asked after the first exchange: a context never trained on, so not always ROWS[2]'s answer
+    second = stream_reply(model, tokenizer, [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *(
+        {"role": role, "content": text} for role, text in zip(("user", "assistant", "user"), (Q0, A0, Q2)))],
+        **greedy).text
     # A prompt budget one token short of two earlier exchanges: it holds one earlier exchange, not two.
-    budget, max_new_tokens = prompt_tokens(Q0, A0, Q2, ROWS[2]["output"], Q4) - 1, 32
-    assert prompt_tokens(Q0, A0, Q2) <= budget and prompt_tokens(Q2, ROWS[2]["output"], Q4) <= budget
+    budget = prompt_tokens(Q0, A0, Q2, second, Q4) - 1
+    assert prompt_tokens(Q0, A0, Q2) <= budget and prompt_tokens(Q2, second, Q4) <= budget
     session = ChatSession(tokenizer, DEFAULT_SYSTEM_PROMPT, budget + max_new_tokens, max_new_tokens)
     too_long = "晶圆" * 200
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([Q0, Q2, Q4, too_long]) + "\n"))
-    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
-              "no_repeat_ngram_size": 0}
     chat_loop(model, tokenizer, session, greedy, show_prompt=True)  # returns at end of input
 
     stdout = capsys.readouterr().out
