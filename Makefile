@@ -21,8 +21,8 @@ demo: setup  ## the whole pipeline on the tiny model, offline, in demo/
 lint: setup  ## ruff, with the rules in pyproject.toml
 	$(VENV)/bin/ruff check .
 
-test: setup  ## the test suite, offline, on the CPU
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+test: setup  ## the test suite, offline, on the CPU, in 2 workers, a file's tests on one (module fixtures run once)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf demo .pytest_cache

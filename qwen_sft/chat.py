@@ -216,6 +216,17 @@ def is_command(text: str) -> bool:
     return text.split()[0] in COMMANDS
 
 
+def attempted(action, failed: str):
+    """`action()`'s result, or None after the notice `failed: why`: a command that fails leaves the chat going."""
+    try:
+        return action()
+    except OSError as error:
+        notice(f"{failed}: {error.filename}: {error.strerror}" if error.filename else f"{failed}: {error}")
+    except UserError as error:
+        notice(f"{failed}: {error}")
+    return None
+
+
 def run_command(session: ChatSession, line: str) -> None:
     name, *rest = line.split(maxsplit=1)  # split as is_command does: a tab after the command counts too
     argument = rest[0].strip() if rest else ""
@@ -230,23 +241,16 @@ def run_command(session: ChatSession, line: str) -> None:
     elif name == "/system":
         notice(f"system prompt: {session.system_prompt}")
     elif name == "/tools" and argument:
-        try:
-            names = session.load_tools(argument)
-        except UserError as error:
-            notice(f"could not read tools: {error}")
+        names = attempted(lambda: session.load_tools(argument), "could not read tools")
+        if names is None:
             return
         notice(f"tools offered from the next message on: {', '.join(names) or 'none'}")
     elif name == "/tools":
         names = [tool["function"]["name"] for tool in session.tools or []]
         notice(f"tools offered: {', '.join(names)}" if names else "no tools offered; /tools FILE offers some")
     elif name == "/save" and argument:
-        try:
-            saved = session.save(argument)
-        except OSError as error:
-            notice(f"could not write {argument}: {error.strerror or error}")
-            return
-        except UserError as error:
-            notice(f"could not save: {error}")
+        saved = attempted(lambda: session.save(argument), "could not save")
+        if saved is None:
             return
         extra = f"; {saved.cut} reply(ies) cut at max_new_tokens (or empty) left out" if saved.cut else ""
         if saved.after_cut:

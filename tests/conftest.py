@@ -1,6 +1,8 @@
 """Shared test setup: offline hub, a private tiny-model cache, and one trained tiny adapter for the later stages."""
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("QWEN_SFT_CACHE", str(ROOT / ".pytest_cache" / "qwen_sft"))
+# Under pytest-xdist (`make test`: 2 workers on 2 cores, a file's tests on one worker), torch in each worker and in
+# the stages it starts runs one thread: two workers of two threads each spin-wait for each other's cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+# The stages the tests start keep freed memory instead of giving it back: a training step's logits over the real
+# vocabulary are GBs that glibc would otherwise map and unmap every step (a quarter of a tiny run's CPU time in
+# page faults).
+os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
 
 # Generated cases are derandomized: the same cases on every run, so a generated test can never flake in CI.
 settings.register_profile(
@@ -70,17 +81,46 @@ def run_script(script: str, *args, cwd=None, input_text=None, timeout=600, env=N
     )
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs(size)` mounts a tmpfs of `size` (e.g. "4m") in tmp_path and returns it: a disk that fills up.
+    Mounting needs root, as CI runs; the test is skipped where it is not allowed."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode:
+            pytest.skip("mounting a tmpfs is not allowed here")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 @pytest.fixture(scope="session")
 def learned_adapter(tmp_path_factory):
     """The tiny model trained on tests/fixtures/learning_20.jsonl until it reproduces every answer.
 
-    Returns the folder that holds `Qwen_finetuning_model/` (and the rest of the run's outputs).
+    Returns the folder that holds `Qwen_finetuning_model/` (and the rest of the run's outputs). Under pytest-xdist
+    the workers share it: the first to need it trains it, in their common folder, while the other waits.
     """
-    workdir = tmp_path_factory.mktemp("learned")
-    result = run_script(
-        "Qwen_finetuning.py", *LEARNING_FLAGS, "--dataset_path", FIXTURES / "learning_20.jsonl", cwd=workdir
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above each worker's own
+    workdir = shared / "learned"
+    with open(shared / "learned.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "Qwen_finetuning_model" / "manifest.json").is_file():
+            workdir.mkdir(exist_ok=True)
+            result = run_script(
+                "Qwen_finetuning.py", *LEARNING_FLAGS, "--dataset_path", FIXTURES / "learning_20.jsonl", cwd=workdir
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 

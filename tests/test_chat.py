@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from conftest import EXACT, FIXTURES, ROOT, run_script
 from qwen_sft.chat import STOPPED, ChatSession, chat_loop
 from qwen_sft.cli import UserError
+from qwen_sft.generation import stream_reply
 from qwen_sft.modeling import load_adapter_model, load_adapter_tokenizer
 from qwen_sft.records import read_records
 from qwen_sft.template import DEFAULT_SYSTEM_PROMPT, prompt_ids
@@ -125,6 +126,26 @@ def test_save_appends_conversation_rows_of_what_the_model_saw(tokenizer, tmp_pat
     ]
 
 
+def test_a_failed_tools_or_save_command_is_one_notice_and_the_chat_goes_on(tokenizer, tmp_path, monkeypatch,
+                                                                          capsys):
+    from qwen_sft.chat import run_command
+
+    session = ChatSession(tokenizer, "S", 4096, 64)
+    session.add("q", "a", complete=True)
+    run_command(session, f"/tools {tmp_path / 'none.json'}")
+    run_command(session, f"/save {tmp_path}")
+    monkeypatch.setattr(ChatSession, "save", lambda self, path: (_ for _ in ()).throw(
+        OSError(28, "No space left on device", path)))
+    run_command(session, f"/save {tmp_path / 'chats.jsonl'}")
+    assert capsys.readouterr().out.splitlines() == [
+        f"[could not read tools: {tmp_path / 'none.json'}: No such file or directory]",
+        f"[could not save: /save {tmp_path}: is a folder, not a regular file; outputs are written only as regular "
+        "files and folders: choose another name]",
+        f"[could not save: {tmp_path / 'chats.jsonl'}: No space left on device]",
+    ]
+    assert session.tools is None and len(session.unsaved) == 1  # nothing changed: the exchange can still be saved
+
+
 def test_exchanges_with_different_contexts_get_their_own_rows(tokenizer, tmp_path):
     session = ChatSession(tokenizer, "SYS", 4096, 512)
     session.add("q1", "a1", complete=True)
@@ -212,14 +233,19 @@ def test_history_is_trimmed_to_max_context_tokens_and_end_of_input_leaves(adapte
         messages += [{"role": role, "content": text} for role, text in zip(("user", "assistant") * 3, turns)]
         return len(prompt_ids(tokenizer, messages))
 
+    max_new_tokens = 32
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0}
+    # The reply to Q2 asked after the first exchange: a context never trained on, so not always ROWS[2]'s answer
+    second = stream_reply(model, tokenizer, [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *(
+        {"role": role, "content": text} for role, text in zip(("user", "assistant", "user"), (Q0, A0, Q2)))],
+        **greedy).text
     # A prompt budget one token short of two earlier exchanges: it holds one earlier exchange, not two.
-    budget, max_new_tokens = prompt_tokens(Q0, A0, Q2, ROWS[2]["output"], Q4) - 1, 32
-    assert prompt_tokens(Q0, A0, Q2) <= budget and prompt_tokens(Q2, ROWS[2]["output"], Q4) <= budget
+    budget = prompt_tokens(Q0, A0, Q2, second, Q4) - 1
+    assert prompt_tokens(Q0, A0, Q2) <= budget and prompt_tokens(Q2, second, Q4) <= budget
     session = ChatSession(tokenizer, DEFAULT_SYSTEM_PROMPT, budget + max_new_tokens, max_new_tokens)
     too_long = "晶圆" * 200
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([Q0, Q2, Q4, too_long]) + "\n"))
-    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0,
-              "no_repeat_ngram_size": 0}
     chat_loop(model, tokenizer, session, greedy, show_prompt=True)  # returns at end of input
 
     stdout = capsys.readouterr().out
