@@ -102,6 +102,15 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_built():
+    """The tiny model built before the first test, not by whichever stage a test runs first (which would then print
+    the build's progress bars under its one-line error, as a fresh clone's first export did)."""
+    from qwen_sft.tiny import tiny_path
+
+    tiny_path()
+
+
 @pytest.fixture(scope="session")
 def learned_adapter(tmp_path_factory):
     """The tiny model trained on tests/fixtures/learning_20.jsonl until it reproduces every answer.
