@@ -3,6 +3,8 @@ values inherited from an adapter's manifest alike, with one line and exit code 2
 
 import json
 import runpy
+import subprocess
+import sys
 
 import pytest
 
@@ -98,3 +100,17 @@ def test_an_output_folder_manifest_with_a_malformed_file_list_claims_nothing(tmp
             (folder / "manifest.json").write_text('{"stage": "export"}', encoding="utf-8")
     assert (merged / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert (merged / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_the_common_names_are_valid_and_spare_the_library_import():
+    """Each rule's common names are among its library's own, and the training defaults parse without importing
+    transformers (4-5 s), so that a bad dataset is refused at once."""
+    ruled = [rule for rule in RULES.values() if rule.common]
+    assert ruled  # OPTIM and LR_SCHEDULER_TYPE
+    for rule in ruled:
+        assert set(rule.common) <= set(rule.choices())
+    probe = ("import runpy, sys; from qwen_sft.cli import parse_config; "
+             f"parse_config(runpy.run_path({str(ROOT / 'Qwen_finetuning.py')!r}), [], quiet=True); "
+             "print('transformers' in sys.modules)")
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "False"
