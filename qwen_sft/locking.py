@@ -88,6 +88,19 @@ def _open(path: Path, flag: str) -> tuple[int, bool]:
     return fd, False
 
 
+def _temporary_name(path: Path, fd: int, owner: dict | None) -> Path | None:
+    """The name `_create` wrote the lock under, where its owner was killed between linking it into place and
+    unlinking that name (so the lock still has two)."""
+    if owner is None:
+        return None
+    try:
+        temporary = path.with_name(f"{path.name}.partial-{owner['pid']}")
+        here, held = os.stat(temporary, follow_symlinks=False), os.fstat(fd)
+    except (OSError, ValueError):  # no such name, or a forged pid that is no file name
+        return None
+    return temporary if (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino) else None
+
+
 def _still_at(path: Path, fd: int) -> bool:
     """Whether `fd` is still the file at `path` (not one its owner unlinked while we waited for it)."""
     try:
@@ -122,12 +135,15 @@ def _acquire(path: Path, flag: str, folder: Path, shared: bool) -> int:
         if not exclusive:
             return fd  # shared with other readers: the first of them wrote the file
         if not created:  # held by nobody: left by a run that is gone
-            owner = _owner(fd) if os.fstat(fd).st_nlink == 1 else None  # ours have one name once in place
-            if owner is None:
+            owner = _owner(fd)
+            temporary = _temporary_name(path, fd, owner)
+            if owner is None or os.fstat(fd).st_nlink != 1 + (temporary is not None):  # ours have one name in place
                 os.close(fd)
                 raise UserError(f"{path}: the lock path of {flag} holds a file that is not a lock of this toolkit; "
                                 "move it away or choose another folder")
             say(f"taking over the lock {path} left by a run that is gone ({_describe(owner)})")
+            if temporary is not None:
+                os.unlink(temporary)
             os.unlink(path)  # never written into: a hard link to another file keeps that file's bytes
             os.close(fd)
             continue

@@ -209,6 +209,18 @@ def test_a_lock_file_hard_linked_elsewhere_is_never_written_into_nor_removed(tmp
     assert other.read_text() == stale and lock_path(tmp_path / "outputs").stat().st_nlink == 2
 
 
+def test_a_lock_whose_owner_was_killed_before_unlinking_its_temporary_name_is_taken_over(tmp_path):
+    """SIGKILL between linking the lock into place and unlinking the name it was written under leaves a lock with
+    two names; the next run takes it over and removes both (it refused it, as a user's hard link, before)."""
+    lock = lock_path(tmp_path / "outputs")
+    temporary = lock.with_name(f"{lock.name}.partial-999999999")
+    temporary.write_text(json.dumps({"pid": 999999999, "host": "gone", "started": "x"}))
+    os.link(temporary, lock)
+    with folder_lock(tmp_path / "outputs", "--output_dir"):
+        assert not temporary.exists() and json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
 def test_shared_readers_keep_writers_out_and_the_last_one_removes_the_lock(tmp_path):
     with folder_lock(tmp_path / "A", "--adapter_dir", shared=True):
         with folder_lock(tmp_path / "A", "--adapter_dir", shared=True):  # a second export of the same adapter
