@@ -1,6 +1,6 @@
 """Steps 3-4 of the mix: how one source row becomes a mix line. Its schema converts it (a ConvertedRow), then it is
 cleaned, weighed against the length budget, matched against the keywords and given its duplicate key (a
-PreparedRow, whose `fields` are the mix line less its "source")."""
+PreparedRow, holding its mix line for each bucket it may fill, encoded here in the worker)."""
 
 from __future__ import annotations
 
